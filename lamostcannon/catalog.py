@@ -1,0 +1,1212 @@
+"""Catalogue inference at survey scale: labels for millions of LAMOST observations (paper section 5.1).
+
+The driver streams the spectra store in chunks of observations, labels each chunk with the dwarf or
+the giant model (paper eq. 1 on the LAMOST pipeline's teff/logg), and writes one Parquet part file
+per chunk. Parts are written to a temporary name and renamed, so *a chunk is done iff its part file
+exists*: a run killed at any moment (even ``kill -9``) and started again labels only the missing
+chunks, and the assembled table is identical to that of an uninterrupted run.
+
+Execution
+    ``n_workers=1`` (and no Dask client): the chunks run in this process, one after another, with
+    one BLAS thread (no Dask overhead). ``n_workers>1``: a Dask ``LocalCluster`` of that many
+    single-threaded worker processes. ``client=`` or ``scheduler_address=``: any Dask cluster; the
+    workers must be able to read the store path and the driver writes the parts. Either way a task
+    is one chunk, so the memory of a worker is bounded by the chunk size (about
+    ``chunk_size * 3909 * 4 * 2`` bytes of float32 spectra plus the test step's workspace).
+
+Model choice per observation
+    Observations with finite LAMOST ``teff`` and ``logg`` use the model chosen by eq. 1
+    (:func:`lamostcannon.labels.is_giant`). Observations without LASP labels (NaN teff or logg, as
+    for many hot or low-S/N spectra) are labelled with *both* models and keep the fit with the lower
+    reduced chi2 (chi2 / n_pixels); they carry the :data:`FLAG_NO_LASP` bit.
+
+Flags (per-observation ``flag`` bitmask; per star the OR over the combined observations)
+    :data:`FLAG_NO_PIXELS` fewer than ``min_pixels`` usable pixels (not fitted, labels NaN);
+    :data:`FLAG_NOT_CONVERGED` the test step did not converge; :data:`FLAG_NO_LASP` model chosen by
+    chi2; :data:`FLAG_NONFINITE` the fit returned non-finite labels. The Cannon's own bitmask is kept
+    as ``cannon_flag``. Extrapolation flags (``kiel_extrap`` on teff/logg and ``<label>_extrap``)
+    come from the KDE boundaries of :mod:`lamostcannon.validation` beside each model.
+
+Repeats (:func:`combine_repeats`)
+    Observations are grouped by LAMOST ``designation``. A star's model is the one whose usable
+    observations carry the larger total S/N(z); its labels are the S/N(z)-weighted means over the
+    usable observations made with that model (observations flagged ``FLAG_NO_PIXELS`` or
+    ``FLAG_NOT_CONVERGED`` are used only when a star has nothing else). Boolean flags are OR-ed over
+    the combined observations ("for any observation", Table 1).
+
+Products (``processed/``): ``labels_per_observation.parquet``, ``catalog.parquet`` and
+``catalog.fits`` (paper Table 1 with units and descriptions). Part files live in
+``interim/catalog_parts/``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from . import labels as labelsets
+from . import paths
+
+log = logging.getLogger(__name__)
+
+# --------------------------------------------------------------------------------------------
+# Label sets and flags
+# --------------------------------------------------------------------------------------------
+
+#: Union of the two models' labels, in catalogue order (stellar parameters first).
+ALL_LABELS = tuple(dict.fromkeys(labelsets.DWARF_LABELS + labelsets.GIANT_LABELS))
+#: The abundance-ratio labels of the union (``<x>_fe``), each with a ``chi2_<x>_fe`` window chi2.
+ABUNDANCE_LABELS = tuple(name for name in ALL_LABELS if name.endswith("_fe"))
+
+FLAG_NO_PIXELS = 1
+FLAG_NOT_CONVERGED = 2
+FLAG_NO_LASP = 4
+FLAG_NONFINITE = 8
+#: Every flag bit, with its meaning (written into the table metadata).
+FLAG_BITS = {
+    FLAG_NO_PIXELS: "fewer than min_pixels usable pixels; not fitted",
+    FLAG_NOT_CONVERGED: "test step did not converge",
+    FLAG_NO_LASP: "no LAMOST teff/logg; model chosen by the lower reduced chi2",
+    FLAG_NONFINITE: "test step returned non-finite labels",
+}
+#: Flags that make an observation unusable for the combination when the star has better ones.
+BAD_FLAGS = FLAG_NO_PIXELS | FLAG_NOT_CONVERGED | FLAG_NONFINITE
+
+#: Sentinel ``source_id`` of stars without a Gaia match within the radius.
+NO_SOURCE_ID = -1
+
+PART_PATTERN = "part-{:06d}.parquet"
+RUN_FILE = "run.json"
+
+
+def extrap_columns() -> list[str]:
+    """Boolean extrapolation columns: ``kiel_extrap``, then ``<label>_extrap`` for fe_h and abundances."""
+    return ["kiel_extrap"] + [f"{name}_extrap" for name in ("fe_h",) + ABUNDANCE_LABELS]
+
+
+def observation_columns() -> dict[str, str]:
+    """Columns of the per-observation table and their numpy dtypes (the same for every part)."""
+    cols = {"obsid": "int64", "designation": "str", "row": "int64", "giantmodel": "bool"}
+    cols.update({name: "float64" for name in ALL_LABELS})
+    cols.update({f"e_{name}": "float64" for name in ALL_LABELS})
+    cols["chi2"] = "float64"
+    cols.update({f"chi2_{name}": "float64" for name in ABUNDANCE_LABELS})
+    cols.update({"n_pixels": "int32", "n_iter": "int32", "converged": "bool", "cannon_flag": "int64",
+                 "flag": "int32"})
+    cols.update({name: "bool" for name in extrap_columns()})
+    cols.update({name: "float64" for name in ("snr_z", "ra", "dec", "rv", "teff_lasp", "logg_lasp")})
+    return cols
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs: models, windows, boundaries, the store and the LAMOST catalogue
+# --------------------------------------------------------------------------------------------
+
+def element_windows(wavelength, label_names) -> dict[str, np.ndarray]:
+    """Boolean pixel masks of the GALAH line windows (paper Table 2) for a model's abundance labels.
+
+    A thin wrapper of :func:`lamostcannon.cleaning.label_windows` (derived labels get the union of
+    their elements' windows: alpha = Mg, Si, Ca, Ti; s = Ba, Y).
+
+    Parameters
+    ----------
+    wavelength : array (P,)
+        Vacuum rest-frame wavelengths of the common grid, Angstrom.
+    label_names : sequence of str
+        A model's labels.
+
+    Returns
+    -------
+    dict
+        ``{"<x>_fe": bool (P,)}`` in label order, the ``windows`` argument of ``CannonModel.test``.
+    """
+    from . import cleaning
+
+    windows = cleaning.label_windows(np.asarray(wavelength, dtype=float), label_names)
+    for name, mask in windows.items():
+        if not mask.any():
+            log.warning("no pixel of the grid falls in the %s windows", name)
+    return windows
+
+
+@dataclass
+class LabelContext:
+    """What a worker needs to label a chunk: the two models, their windows and boundaries.
+
+    Small (a few MB); shipped once to each Dask worker.
+    """
+
+    dwarf: object
+    giant: object
+    windows: dict = field(default_factory=dict)      # {"dwarf"|"giant": {label: bool (P,)}}
+    boundaries: dict = field(default_factory=dict)   # {"dwarf"|"giant": boundaries or None}
+    min_pixels: int = 100
+    #: Keyword arguments of ``CannonModel.test`` (256 spectra per batch is fastest on 1 thread).
+    test_kwargs: dict = field(default_factory=lambda: {"chunk_size": 256})
+
+    def model(self, giant: bool):
+        return self.giant if giant else self.dwarf
+
+    def fingerprint(self) -> dict:
+        """What must not change between a run and its resumption."""
+        def model_id(model):
+            return getattr(model, "training_hash", None) or _hash_arrays(model.theta)
+
+        return {
+            "dwarf": str(model_id(self.dwarf)), "giant": str(model_id(self.giant)),
+            "windows": _hash_arrays(*[w for g in sorted(self.windows) for _, w in
+                                      sorted(self.windows[g].items())]),
+            "boundaries": hashlib.sha256(json.dumps(self.boundaries, sort_keys=True, default=str)
+                                         .encode()).hexdigest()[:16],
+            "min_pixels": int(self.min_pixels),
+            "test_kwargs": json.dumps(self.test_kwargs, sort_keys=True, default=str),
+        }
+
+    @classmethod
+    def from_models(cls, dwarf, giant, boundaries=None, min_pixels: int = 100) -> "LabelContext":
+        """Build the context: windows from each model's labels and wavelength grid."""
+        windows = {}
+        for group, model in (("dwarf", dwarf), ("giant", giant)):
+            wavelength = getattr(model, "wavelength", None)
+            if wavelength is None:
+                from .spectra import common_wavelength
+
+                wavelength = common_wavelength()
+            windows[group] = element_windows(wavelength, model.label_names)
+        return cls(dwarf=dwarf, giant=giant, windows=windows, boundaries=dict(boundaries or {}),
+                   min_pixels=min_pixels)
+
+
+def _hash_arrays(*arrays) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(str(a.dtype).encode() + str(a.shape).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()[:16]
+
+
+def _model_path(group: str, directory: Path) -> Path:
+    candidates = sorted(directory.glob(f"model_{group}.*"))
+    if not candidates:
+        raise FileNotFoundError(f"no model_{group}.* in {directory}; run notebook 03 (training) first")
+    return candidates[0]
+
+
+def load_context(directory: Path | None = None, min_pixels: int = 100) -> LabelContext:
+    """Read ``model_dwarf.*``, ``model_giant.*`` and ``extrapolation_<group>.json`` from ``directory``.
+
+    ``directory`` defaults to :func:`lamostcannon.paths.processed_dir`. Missing extrapolation
+    boundaries are allowed (the ``_extrap`` columns are then False) and logged.
+    """
+    from .cannon import CannonModel
+
+    directory = Path(directory or paths.processed_dir())
+    models, boundaries = {}, {}
+    for group in ("dwarf", "giant"):
+        models[group] = CannonModel.read(_model_path(group, directory))
+        boundaries[group] = _read_boundaries(directory, group)
+    return LabelContext.from_models(models["dwarf"], models["giant"], boundaries, min_pixels)
+
+
+def _read_boundaries(directory: Path, group: str):
+    """KDE extrapolation boundaries ``{label: (low, high)}`` of a group, or None when missing."""
+    from . import validation
+
+    path = directory / validation.boundaries_path(group).name
+    if not path.exists():
+        log.warning("no %s: the %s extrapolation flags will be False", path, group)
+        return None
+    return validation.read_boundaries(path)
+
+
+class StoreReader:
+    """Row slices of a :class:`lamostcannon.spectra.SpectraStore`, opened lazily (read-only).
+
+    Picklable: only the path travels to Dask workers, which open the store themselves.
+    """
+
+    def __init__(self, path):
+        self.path = str(path)
+        self._store = None
+
+    def __getstate__(self):
+        return {"path": self.path, "_store": None}
+
+    @property
+    def store(self):
+        if self._store is None:
+            from .spectra import SpectraStore
+
+            self._store = SpectraStore(self.path, mode="r")
+        return self._store
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def metadata(self) -> pd.DataFrame:
+        """The store's metadata table (``obsid, designation, ra, dec, snrz, ...``), in row order."""
+        return self.store.meta
+
+    def read(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """flux, ivar (stop-start, P) float32 of rows [start, stop)."""
+        return self.store.read(slice(start, stop))
+
+
+_READERS: dict[str, StoreReader] = {}
+
+
+def _reader(path: str, min_rows: int = 0) -> StoreReader:
+    """One open reader per store path and process (workers reuse it across chunks); reopened when
+    the store has grown since (``min_rows``: rows the caller needs)."""
+    reader = _READERS.get(path)
+    if reader is None or len(reader) < min_rows:
+        reader = _READERS[path] = StoreReader(path)
+    return reader
+
+
+LAMOST_COLUMNS = ("obsid", "designation", "ra", "dec", "snrz", "rv", "teff", "logg")
+
+
+def observation_metadata(store: StoreReader, lamost_catalog=None) -> pd.DataFrame:
+    """Per-row metadata of the store joined with the LAMOST catalogue on ``obsid``.
+
+    Returns a DataFrame in store row order with ``obsid, designation, ra, dec, snr_z, rv,
+    teff_lasp, logg_lasp``. Catalogue values win; store values fill observations missing from the
+    catalogue; an observation in neither gets ``designation = "obsid<obsid>"`` and NaN.
+    """
+    meta = store.metadata()
+    out = pd.DataFrame({"obsid": meta["obsid"].to_numpy(np.int64)})
+    known = out["obsid"] >= 0  # -1: a file without an OBSID card (kept, but never joined)
+    if out["obsid"][known].duplicated().any():
+        raise ValueError(f"spectra store {store.path} has duplicated obsids; ingest with "
+                         "deduplicate=True")
+    renames = {"snrz": "snr_z", "teff": "teff_lasp", "logg": "logg_lasp"}
+    if lamost_catalog is not None:
+        cat = _as_frame(lamost_catalog, [c for c in LAMOST_COLUMNS])
+        cat = cat[cat["obsid"] >= 0].drop_duplicates("obsid").rename(columns=renames)
+        out = out.merge(cat, on="obsid", how="left", validate="many_to_one")
+    for name in ("designation", "ra", "dec", "snrz", "rv", "teff", "logg"):
+        target = renames.get(name, name)
+        if target not in out:
+            out[target] = meta[name].to_numpy() if name in meta else (
+                None if name == "designation" else np.nan)
+        elif name in meta:
+            out[target] = out[target].where(out[target].notna(), meta[name].to_numpy())
+    out["designation"] = out["designation"].astype(object).where(
+        out["designation"].notna() & (out["designation"].astype(str).str.strip() != ""),
+        "obsid" + out["obsid"].astype(str)).astype(str).str.strip()
+    for name in ("ra", "dec", "snr_z", "rv", "teff_lasp", "logg_lasp"):
+        out[name] = pd.to_numeric(out[name], errors="coerce").astype("float64")
+    return out
+
+
+def _as_frame(table, columns=None) -> pd.DataFrame:
+    """A DataFrame of ``columns`` (those present) from an astropy Table, a DataFrame or a path."""
+    if isinstance(table, (str, Path)):
+        from astropy.table import Table
+
+        table = Table.read(table)
+    if isinstance(table, pd.DataFrame):
+        df = table
+    else:
+        names = [c for c in (columns or table.colnames) if c in table.colnames]
+        df = pd.DataFrame({c: _plain(table[c]) for c in names})
+    if columns is not None:
+        df = df[[c for c in columns if c in df.columns]].copy()
+    for c in df.columns:
+        if df[c].dtype.kind in "SO":
+            df[c] = df[c].map(lambda v: v.decode() if isinstance(v, bytes) else v).astype(str).str.strip()
+    return df
+
+
+def _plain(column) -> np.ndarray:
+    """A column as a plain numpy array (masked values -> NaN, or '' for strings)."""
+    data = np.ma.asarray(column)
+    if data.dtype.kind in "fc":
+        return np.ma.filled(data.astype(float), np.nan)
+    if data.dtype.kind in "SU":
+        return np.ma.filled(data, "")
+    data = np.ma.getdata(data)
+    return data.astype(data.dtype.newbyteorder("="), copy=False)  # FITS columns are big-endian
+
+
+# --------------------------------------------------------------------------------------------
+# One chunk: choose the model, run the test step, flags
+# --------------------------------------------------------------------------------------------
+
+def choose_model(teff, logg) -> tuple[np.ndarray, np.ndarray]:
+    """Model choice from LAMOST pipeline labels (paper eq. 1).
+
+    Returns
+    -------
+    giant : bool array
+        True where eq. 1 says giant.
+    known : bool array
+        True where both teff and logg are finite; elsewhere both models are tried.
+    """
+    teff = np.asarray(teff, dtype=float)
+    logg = np.asarray(logg, dtype=float)
+    known = np.isfinite(teff) & np.isfinite(logg)
+    return np.asarray(labelsets.is_giant(teff, logg), dtype=bool) & known, known
+
+
+def _empty_columns(n: int) -> dict[str, np.ndarray]:
+    """Per-observation columns of ``n`` rows: NaN, False, 0 or ""."""
+    data = {}
+    for name, dtype in observation_columns().items():
+        if dtype == "float64":
+            data[name] = np.full(n, np.nan)
+        elif dtype == "bool":
+            data[name] = np.zeros(n, dtype=bool)
+        elif dtype == "str":
+            data[name] = np.full(n, "", dtype=object)
+        else:
+            data[name] = np.zeros(n, dtype=dtype)
+    return data
+
+
+def _empty_frame(n: int) -> pd.DataFrame:
+    return pd.DataFrame(_empty_columns(n)).astype(observation_columns())
+
+
+def _fit(model, flux, ivar, windows, test_kwargs):
+    """Run the batched test step; returns a dict of per-observation arrays in the model's labels."""
+    n = flux.shape[0]
+    L = len(model.label_names)
+    if n == 0:
+        return None
+    result = model.test(flux, ivar, windows=windows, **test_kwargs)
+    cov = np.asarray(result.cov, dtype=float).reshape(n, L, L)
+    return {
+        "labels": np.asarray(result.labels, dtype=float).reshape(n, L),
+        "err": np.sqrt(np.clip(np.diagonal(cov, axis1=1, axis2=2), 0, None)),
+        "chi2": np.asarray(result.chi2, dtype=float),
+        "chi2_windows": {k: np.asarray(v, dtype=float) for k, v in dict(result.chi2_windows).items()},
+        "n_pixels": np.asarray(result.n_pixels).astype(np.int32),
+        "n_iter": np.asarray(result.n_iter).astype(np.int32),
+        "converged": np.asarray(result.converged, dtype=bool),
+        "cannon_flag": np.asarray(result.flag).astype(np.int64),
+    }
+
+
+def _extrapolation(values: pd.DataFrame, label_names, boundaries) -> dict[str, np.ndarray]:
+    """``kiel_extrap`` and ``<label>_extrap`` for one model's rows, from its KDE boundaries."""
+    if boundaries is None or len(values) == 0:
+        return {}
+    from . import validation
+
+    flags = validation.extrapolation_flags(values[list(label_names)], boundaries)
+    flags = {k: np.asarray(v, dtype=bool) for k, v in dict(flags).items()}
+    out = {}
+    for key, value in flags.items():
+        name = key if key.endswith("_extrap") else f"{key}_extrap"
+        if name in ("teff_extrap", "logg_extrap", "kiel_extrap"):
+            out["kiel_extrap"] = out.get("kiel_extrap", np.zeros(len(values), bool)) | value
+        else:
+            out[name] = value
+    return out
+
+
+def label_chunk(flux, ivar, meta: pd.DataFrame, ctx: LabelContext, rows=None) -> pd.DataFrame:
+    """Labels for one chunk of observations (no I/O; deterministic).
+
+    Parameters
+    ----------
+    flux, ivar : array (S, P)
+        Continuum-normalised flux and inverse variance on the common grid.
+    meta : DataFrame (S rows)
+        ``obsid, designation, ra, dec, snr_z, rv, teff_lasp, logg_lasp`` (see
+        :func:`observation_metadata`).
+    ctx : LabelContext
+    rows : array (S,), optional
+        Store row numbers (kept in the ``row`` column).
+
+    Returns
+    -------
+    DataFrame
+        One row per observation with the columns of :func:`observation_columns`; labels a model
+        does not estimate are NaN.
+    """
+    flux = np.asarray(flux, dtype=np.float32)
+    ivar = np.asarray(ivar, dtype=np.float32)
+    n = flux.shape[0]
+    if flux.shape != ivar.shape or flux.ndim != 2:
+        raise ValueError(f"flux {flux.shape} and ivar {ivar.shape} must both be (S, P)")
+    if len(meta) != n:
+        raise ValueError(f"meta has {len(meta)} rows for {n} spectra")
+    meta = meta.reset_index(drop=True)
+    bad = ~np.isfinite(flux) | ~np.isfinite(ivar) | (ivar < 0)
+    if bad.any():
+        flux = np.where(bad, 1.0, flux).astype(np.float32)
+        ivar = np.where(bad, 0.0, ivar).astype(np.float32)
+
+    out = _empty_columns(n)
+    for name in ("obsid", "designation", "snr_z", "ra", "dec", "rv", "teff_lasp", "logg_lasp"):
+        out[name] = meta[name].to_numpy()
+    out["row"] = np.arange(n, dtype=np.int64) if rows is None else np.asarray(rows, np.int64)
+
+    giant, known = choose_model(meta["teff_lasp"], meta["logg_lasp"])
+    fits = {}
+    for group, is_giant in (("dwarf", False), ("giant", True)):
+        model = ctx.model(is_giant)
+        pixel_ok = np.asarray(getattr(model, "pixel_ok", np.ones(flux.shape[1], bool)), dtype=bool)
+        usable = ((ivar > 0) & pixel_ok).sum(axis=1) >= ctx.min_pixels
+        idx = np.flatnonzero(((giant == is_giant) | ~known) & usable)
+        fits[group] = (idx, _fit(model, flux[idx], ivar[idx], ctx.windows.get(group),
+                                 ctx.test_kwargs), usable)
+
+    # Observations without LASP labels: the model with the lower reduced chi2 (dwarf on ties).
+    choose_giant = giant.copy()
+    unknown = ~known
+    if unknown.any():
+        rchi2 = {}
+        for group, (idx, fit, _) in fits.items():
+            r = np.full(n, np.inf)
+            if fit is not None:
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    r[idx] = fit["chi2"] / fit["n_pixels"]
+            rchi2[group] = np.where(np.isfinite(r), r, np.inf)
+        choose_giant[unknown] = (rchi2["giant"] < rchi2["dwarf"])[unknown]
+    out["giantmodel"] = choose_giant
+    flag = np.where(known, 0, FLAG_NO_LASP).astype(np.int32)
+
+    for group, is_giant in (("dwarf", False), ("giant", True)):
+        idx, fit, usable = fits[group]
+        mine = choose_giant == is_giant
+        flag[mine & ~usable] |= FLAG_NO_PIXELS
+        if fit is None:
+            continue
+        keep = mine[idx]
+        rows_ = idx[keep]
+        if rows_.size == 0:
+            continue
+        names = list(ctx.model(is_giant).label_names)
+        values = fit["labels"][keep]
+        for j, name in enumerate(names):
+            out[name][rows_] = values[:, j]
+            out[f"e_{name}"][rows_] = fit["err"][keep, j]
+        out["chi2"][rows_] = fit["chi2"][keep]
+        for name, chi2w in fit["chi2_windows"].items():
+            if f"chi2_{name}" in out:
+                out[f"chi2_{name}"][rows_] = chi2w[keep]
+        for name in ("n_pixels", "n_iter", "converged", "cannon_flag"):
+            out[name][rows_] = fit[name][keep]
+        flag[rows_] |= np.where(fit["converged"][keep], 0, FLAG_NOT_CONVERGED).astype(np.int32)
+        flag[rows_] |= np.where(np.isfinite(values).all(axis=1), 0, FLAG_NONFINITE).astype(np.int32)
+        extrap = _extrapolation(pd.DataFrame(values, columns=names), names,
+                                ctx.boundaries.get(group))
+        for name, value in extrap.items():
+            if name in out:
+                out[name][rows_] = value
+    out["flag"] = flag
+    return pd.DataFrame(out).astype(observation_columns())
+
+
+# --------------------------------------------------------------------------------------------
+# Part files and resumption
+# --------------------------------------------------------------------------------------------
+
+def plan_chunks(n_obs: int, chunk_size: int) -> list[tuple[int, int, int]]:
+    """``[(chunk_index, start, stop), ...]`` covering rows ``0..n_obs-1`` in order."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    return [(i, start, min(start + chunk_size, n_obs))
+            for i, start in enumerate(range(0, n_obs, chunk_size))]
+
+
+def part_path(parts_dir: Path, chunk: int) -> Path:
+    """The part file of chunk ``chunk``."""
+    return Path(parts_dir) / PART_PATTERN.format(chunk)
+
+
+def done_chunks(parts_dir: Path) -> set[int]:
+    """Chunks whose part file exists (the definition of *done*)."""
+    parts_dir = Path(parts_dir)
+    if not parts_dir.is_dir():
+        return set()
+    return {int(p.name[5:11]) for p in parts_dir.glob("part-[0-9][0-9][0-9][0-9][0-9][0-9].parquet")}
+
+
+def write_part(df: pd.DataFrame, parts_dir: Path, chunk: int) -> Path:
+    """Write one chunk's rows to a temporary file and rename it into place (atomic)."""
+    target = part_path(parts_dir, chunk)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    df.to_parquet(tmp, index=False, engine="pyarrow")
+    os.replace(tmp, target)
+    return target
+
+
+def _atomic_write_text(path: Path, text: str):
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _prepare_parts_dir(parts_dir: Path, run_info: dict, overwrite: bool) -> None:
+    """Create the parts folder, check that a resumed run is the same run, clear stale temp files."""
+    parts_dir = paths.ensure(Path(parts_dir))
+    run_file = parts_dir / RUN_FILE
+    if overwrite:
+        for p in parts_dir.glob("part-*.parquet"):
+            p.unlink()
+        run_file.unlink(missing_ok=True)
+    for p in parts_dir.glob(".*.tmp"):
+        p.unlink(missing_ok=True)  # a temp file left by a killed run; its chunk is not done
+    if run_file.exists():
+        previous = json.loads(run_file.read_text())
+        if previous != run_info:
+            changed = sorted(k for k in set(previous) | set(run_info)
+                             if previous.get(k) != run_info.get(k))
+            raise ValueError(
+                f"{parts_dir} holds parts of a different run (changed: {changed}); pass "
+                "overwrite=True to start again, or another parts_dir")
+    else:
+        if any(parts_dir.glob("part-*.parquet")):
+            raise ValueError(f"{parts_dir} holds part files but no {RUN_FILE}; pass overwrite=True")
+        _atomic_write_text(run_file, json.dumps(run_info, indent=1, sort_keys=True))
+
+
+def read_parts(parts_dir: Path, n_chunks: int | None = None) -> pd.DataFrame:
+    """Concatenate the part files in chunk order. With ``n_chunks``, every chunk must be done."""
+    parts_dir = Path(parts_dir)
+    done = sorted(done_chunks(parts_dir))
+    if n_chunks is not None:
+        missing = sorted(set(range(n_chunks)) - set(done))
+        if missing:
+            raise RuntimeError(f"{len(missing)} of {n_chunks} chunks are not done (first: {missing[:5]})")
+        done = list(range(n_chunks))
+    if not done:
+        return _empty_frame(0)
+    return pd.concat([pd.read_parquet(part_path(parts_dir, i)) for i in done], ignore_index=True)
+
+
+# --------------------------------------------------------------------------------------------
+# The driver
+# --------------------------------------------------------------------------------------------
+
+def _label_store_chunk(store_path: str, start: int, stop: int, meta: pd.DataFrame,
+                       ctx: LabelContext) -> pd.DataFrame:
+    """Task body: read rows [start, stop) of the store and label them (runs on a worker)."""
+    flux, ivar = _reader(store_path, stop).read(start, stop)
+    return label_chunk(flux, ivar, meta, ctx, rows=np.arange(start, stop))
+
+
+def _peak_rss_mb() -> float:
+    """Peak resident memory of this process, MB."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024 if sys.platform == "darwin" else 1024)
+
+
+@dataclass
+class InferenceReport:
+    """What :func:`run_inference` did."""
+
+    n_obs: int
+    n_chunks: int
+    chunks_done_before: int
+    chunks_run: int
+    seconds: float
+    n_workers: int
+    executor: str
+    parts_dir: Path
+    peak_memory_mb_per_worker: float = float("nan")
+
+    @property
+    def obs_per_s(self) -> float:
+        """Throughput of this call (observations labelled per second of wall time)."""
+        n = self.n_obs * self.chunks_run / max(self.n_chunks, 1)
+        return n / self.seconds if self.seconds > 0 else float("nan")
+
+
+def default_parts_dir() -> Path:
+    """``interim/catalog_parts``: one Parquet part file per chunk."""
+    return paths.interim_dir() / "catalog_parts"
+
+
+def run_inference(store_path, ctx: LabelContext | None = None, *, lamost_catalog=None,
+                  parts_dir=None, chunk_size: int = 2048, n_workers: int | None = None,
+                  client=None, scheduler_address: str | None = None, overwrite: bool = False,
+                  max_chunks: int | None = None, progress: bool = True,
+                  threads_per_worker: int = 1) -> InferenceReport:
+    """Label every observation of a spectra store, one Parquet part file per chunk; resumable.
+
+    Parameters
+    ----------
+    store_path : path
+        The spectra store (:class:`lamostcannon.spectra.SpectraStore`; Zarr with ``flux``/``ivar``
+        (N, P) float32 and an ``obsid`` per row).
+    ctx : LabelContext, optional
+        Models, windows and extrapolation boundaries; default :func:`load_context`.
+    lamost_catalog : Table, DataFrame or path, optional
+        LAMOST catalogue (obsid, designation, ra, dec, snrz, rv, teff, logg); default
+        ``raw_dir()/lamost/catalog.fits`` when it exists.
+    parts_dir : path, optional
+        Where the part files go (default :func:`default_parts_dir`).
+    chunk_size : int
+        Observations per task; bounds the memory of a worker.
+    n_workers : int, optional
+        1: in this process; >1: a Dask LocalCluster of single-threaded workers. Default
+        :func:`lamostcannon.config.settings` ``n_workers``. Ignored when a cluster is given.
+    client : distributed.Client, optional
+        Run on this Dask cluster. Or ``scheduler_address`` (``"tcp://host:8786"``).
+    overwrite : bool
+        Discard existing parts and start again. Otherwise an existing run is resumed (and refused
+        if its models, store or chunking differ).
+    max_chunks : int, optional
+        Run at most this many of the pending chunks (for tests and benchmarks).
+    progress : bool
+        Show a progress bar (tqdm).
+    threads_per_worker : int
+        BLAS threads of the in-process path and threads of LocalCluster workers.
+
+    Returns
+    -------
+    InferenceReport
+    """
+    from .config import settings
+
+    t0 = time.perf_counter()
+    store_path = str(Path(store_path).resolve()) if "://" not in str(store_path) else str(store_path)
+    ctx = ctx if ctx is not None else load_context()
+    parts_dir = Path(parts_dir or default_parts_dir())
+    if lamost_catalog is None:
+        default = paths.raw_dir() / "lamost" / "catalog.fits"
+        lamost_catalog = default if default.exists() else None
+    meta = observation_metadata(StoreReader(store_path), lamost_catalog)
+    n_obs = len(meta)
+    chunks = plan_chunks(n_obs, chunk_size)
+    run_info = {
+        "n_obs": n_obs, "chunk_size": int(chunk_size),
+        "obsid_hash": _hash_arrays(meta["obsid"].to_numpy()),
+        "context": ctx.fingerprint(),
+    }
+    _prepare_parts_dir(parts_dir, run_info, overwrite)
+    done = done_chunks(parts_dir)
+    pending = [c for c in chunks if c[0] not in done]
+    if max_chunks is not None:
+        pending = pending[:max_chunks]
+    n_workers = int(n_workers or settings().n_workers)
+    log.info("%d observations in %d chunks of %d: %d done, %d to run", n_obs, len(chunks),
+             chunk_size, len(done), len(pending))
+
+    bar = None
+    if progress and pending:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(chunks), initial=len(done), unit="chunk", desc="labelling")
+    own_client = None
+    if client is None and scheduler_address is not None:
+        from distributed import Client
+
+        client = own_client = Client(scheduler_address)
+    elif client is None and n_workers > 1 and pending:
+        from distributed import Client, LocalCluster
+
+        cluster = LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker,
+                               processes=True, dashboard_address=None)
+        client = own_client = Client(cluster)
+    executor = "serial" if client is None else ("dask-local" if own_client and scheduler_address is None
+                                                else "dask")
+    peak = float("nan")
+    try:
+        if client is None:
+            from threadpoolctl import threadpool_limits
+
+            with threadpool_limits(limits=threads_per_worker):
+                for i, start, stop in pending:
+                    df = _label_store_chunk(store_path, start, stop,
+                                            meta.iloc[start:stop].reset_index(drop=True), ctx)
+                    write_part(df, parts_dir, i)
+                    if bar is not None:
+                        bar.update(1)
+            peak = _peak_rss_mb()
+        else:
+            _run_dask(client, store_path, pending, meta, ctx, parts_dir, bar)
+            peaks = client.run(_peak_rss_mb)
+            peak = max(peaks.values()) if peaks else float("nan")
+            n_workers = len(peaks)
+    finally:
+        if bar is not None:
+            bar.close()
+        if own_client is not None:
+            cluster = getattr(own_client, "cluster", None)
+            own_client.close()
+            if cluster is not None and scheduler_address is None:
+                cluster.close()
+    report = InferenceReport(n_obs=n_obs, n_chunks=len(chunks), chunks_done_before=len(done),
+                             chunks_run=len(pending), seconds=time.perf_counter() - t0,
+                             n_workers=n_workers, executor=executor, parts_dir=parts_dir,
+                             peak_memory_mb_per_worker=peak)
+    log.info("labelled %d chunks in %.1f s (%s, %d workers)", report.chunks_run, report.seconds,
+             executor, n_workers)
+    return report
+
+
+def _run_dask(client, store_path, pending, meta, ctx, parts_dir, bar, max_in_flight=None):
+    """Submit one task per chunk (at most ``max_in_flight`` at a time) and write parts as they come."""
+    from distributed import as_completed
+
+    n_workers = max(len(client.scheduler_info(n_workers=-1).get("workers", {})), 1) \
+        if _accepts_n_workers(client) else max(len(client.scheduler_info().get("workers", {})), 1)
+    max_in_flight = max_in_flight or 2 * n_workers
+    [ctx_future] = client.scatter([ctx], broadcast=True, hash=False)
+    token = hashlib.sha256(str(parts_dir).encode()).hexdigest()[:8]
+    todo = list(pending)
+    futures = {}
+
+    def submit():
+        i, start, stop = todo.pop(0)
+        fut = client.submit(_label_store_chunk, store_path, start, stop,
+                            meta.iloc[start:stop].reset_index(drop=True), ctx_future,
+                            key=f"label-chunk-{token}-{i}-{time.monotonic_ns()}", pure=False)
+        futures[fut] = i
+        return fut
+
+    queue = as_completed([submit() for _ in range(min(max_in_flight, len(todo)))])
+    for fut in queue:
+        i = futures.pop(fut)
+        write_part(fut.result(), parts_dir, i)
+        fut.release()
+        if bar is not None:
+            bar.update(1)
+        if todo:
+            queue.add(submit())
+
+
+def _accepts_n_workers(client) -> bool:
+    import inspect
+
+    try:
+        return "n_workers" in inspect.signature(client.scheduler_info).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def assemble_observations(parts_dir=None, n_chunks: int | None = None, path=None):
+    """Concatenate the parts into ``processed/labels_per_observation.parquet`` (atomic write).
+
+    Returns the per-observation astropy Table (units and descriptions set).
+    """
+    parts_dir = Path(parts_dir or default_parts_dir())
+    if n_chunks is None:
+        run = json.loads((parts_dir / RUN_FILE).read_text())
+        n_chunks = len(plan_chunks(run["n_obs"], run["chunk_size"]))
+    df = read_parts(parts_dir, n_chunks)
+    if df["obsid"].duplicated().any():
+        raise RuntimeError("duplicated obsids in the per-observation table")
+    table = to_table(df, kind="observation")
+    path = Path(path or paths.processed_dir() / "labels_per_observation.parquet")
+    write_table(table, path)
+    return table
+
+
+# --------------------------------------------------------------------------------------------
+# Repeats, Gaia, kinematics
+# --------------------------------------------------------------------------------------------
+
+#: Float columns averaged over a star's observations with S/N(z) weights.
+MEAN_COLUMNS = ALL_LABELS + ("chi2",) + tuple(f"chi2_{n}" for n in ABUNDANCE_LABELS) + ("rv",)
+
+
+def combine_repeats(obs: pd.DataFrame) -> pd.DataFrame:
+    """One row per star (``designation``): S/N(z)-weighted means of repeat observations.
+
+    Parameters
+    ----------
+    obs : DataFrame
+        Per-observation table (:func:`observation_columns`).
+
+    Returns
+    -------
+    DataFrame, sorted by designation
+        ``designation, giantmodel, n_obs`` (observations combined), ``n_obs_all`` (all
+        observations of the star), the labels and chi2 columns of :data:`MEAN_COLUMNS` as weighted
+        means (weights ``snr_z``; NaN values are skipped), ``e_<label>`` propagated as
+        ``sqrt(sum w^2 e^2) / sum w``, boolean ``_extrap`` columns OR-ed and ``flag`` bits OR-ed
+        over the combined observations, ``snr_z`` the quadrature sum of the combined S/N, and
+        ``ra, dec, obsid`` of the combined observation with the highest S/N(z).
+
+    Notes
+    -----
+    Only observations made with the star's model are combined (the model whose usable
+    observations carry the larger total S/N; ties go to the dwarf model); observations flagged in
+    :data:`BAD_FLAGS` are combined only when a star has no other. See the module docstring.
+    """
+    df = obs.reset_index(drop=True)
+    if len(df) == 0:
+        return _combine_empty()
+    snr = df["snr_z"].to_numpy(float)
+    w = np.where(np.isfinite(snr) & (snr > 0), snr, 1e-3)
+    key = df["designation"].to_numpy()
+    codes, uniques = pd.factorize(key, sort=True)
+    n_stars = len(uniques)
+    good = (df["flag"].to_numpy() & BAD_FLAGS) == 0
+    star_has_good = np.bincount(codes, weights=good, minlength=n_stars) > 0
+    eligible = good | ~star_has_good[codes]
+    giant = df["giantmodel"].to_numpy(bool)
+    wg = np.bincount(codes, weights=w * (eligible & giant), minlength=n_stars)
+    wd = np.bincount(codes, weights=w * (eligible & ~giant), minlength=n_stars)
+    star_giant = wg > wd
+    use = eligible & (giant == star_giant[codes])
+
+    out = {"designation": np.asarray(uniques, dtype=object), "giantmodel": star_giant,
+           "n_obs": np.bincount(codes, weights=use, minlength=n_stars).astype(np.int32),
+           "n_obs_all": np.bincount(codes, minlength=n_stars).astype(np.int32)}
+    wu = np.where(use, w, 0.0)
+    for name in MEAN_COLUMNS:
+        x = df[name].to_numpy(float)
+        ok = np.isfinite(x) & use
+        num = np.bincount(codes, weights=np.where(ok, wu * np.where(ok, x, 0), 0), minlength=n_stars)
+        den = np.bincount(codes, weights=np.where(ok, wu, 0), minlength=n_stars)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[name] = np.where(den > 0, num / den, np.nan)
+        if name in ALL_LABELS:
+            e = df[f"e_{name}"].to_numpy(float)
+            ok_e = ok & np.isfinite(e)
+            var = np.bincount(codes, weights=np.where(ok_e, (wu * np.where(ok_e, e, 0)) ** 2, 0),
+                              minlength=n_stars)
+            den_e = np.bincount(codes, weights=np.where(ok_e, wu, 0), minlength=n_stars)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                out[f"e_{name}"] = np.where(den_e > 0, np.sqrt(var) / den_e, np.nan)
+    for name in extrap_columns():
+        out[name] = np.bincount(codes, weights=df[name].to_numpy(bool) & use, minlength=n_stars) > 0
+    flags = df["flag"].to_numpy(np.int64)
+    star_flag = np.zeros(n_stars, dtype=np.int32)
+    for bit in FLAG_BITS:
+        star_flag |= np.where(np.bincount(codes, weights=((flags & bit) != 0) & use,
+                                          minlength=n_stars) > 0, bit, 0).astype(np.int32)
+    out["flag"] = star_flag
+    out["snr_z"] = np.sqrt(np.bincount(codes, weights=np.where(use & np.isfinite(snr),
+                                                                np.nan_to_num(snr) ** 2, 0),
+                                       minlength=n_stars))
+    # Best (highest S/N) combined observation of each star: its position and obsid.
+    order = np.lexsort((-np.where(use, w, -np.inf), codes))
+    first = order[np.r_[True, codes[order][1:] != codes[order][:-1]]]
+    for name in ("ra", "dec", "obsid"):
+        out[name] = df[name].to_numpy()[first]
+    result = pd.DataFrame(out)
+    return result
+
+
+def _combine_empty() -> pd.DataFrame:
+    cols = ["designation", "giantmodel", "n_obs", "n_obs_all", *MEAN_COLUMNS,
+            *[f"e_{n}" for n in ALL_LABELS], *extrap_columns(), "flag", "snr_z", "ra", "dec", "obsid"]
+    return pd.DataFrame({c: [] for c in cols})
+
+
+def match_gaia(ra, dec, gaia, radius_arcsec: float = 1.0) -> np.ndarray:
+    """Gaia ``source_id`` of the brightest source (smallest ``phot_g_mean_mag``) within the radius.
+
+    Parameters
+    ----------
+    ra, dec : array (S,), deg
+    gaia : Table or DataFrame
+        ``source_id, ra, dec, phot_g_mean_mag`` (Gaia DR2 columns).
+    radius_arcsec : float
+        Match radius (paper: 1 arcsec).
+
+    Returns
+    -------
+    int64 array (S,)
+        :data:`NO_SOURCE_ID` where nothing lies within the radius.
+    """
+    from scipy.spatial import cKDTree
+
+    g = _as_frame(gaia, ["source_id", "ra", "dec", "phot_g_mean_mag"])
+    ra = np.asarray(ra, dtype=float)
+    dec = np.asarray(dec, dtype=float)
+    result = np.full(ra.shape, NO_SOURCE_ID, dtype=np.int64)
+    if len(g) == 0 or ra.size == 0:
+        return result
+
+    def unit(a, d):
+        a, d = np.radians(a), np.radians(d)
+        return np.column_stack([np.cos(d) * np.cos(a), np.cos(d) * np.sin(a), np.sin(d)])
+
+    tree = cKDTree(unit(g["ra"].to_numpy(float), g["dec"].to_numpy(float)))
+    chord = 2 * np.sin(np.radians(radius_arcsec / 3600) / 2)
+    ok = np.isfinite(ra) & np.isfinite(dec)
+    k = min(8, len(g))
+    dist, idx = tree.query(unit(ra[ok], dec[ok]), k=k, distance_upper_bound=chord)
+    dist, idx = dist.reshape(-1, k), idx.reshape(-1, k)
+    found = np.isfinite(dist)
+    gmag = np.append(g["phot_g_mean_mag"].to_numpy(float), np.inf)
+    gmag = np.where(np.isfinite(gmag), gmag, 99.0)
+    gmag[-1] = np.inf
+    mags = np.where(found, gmag[np.minimum(idx, len(g))], np.inf)
+    best = np.argmin(mags, axis=1)
+    has = found.any(axis=1)
+    ids = g["source_id"].to_numpy(np.int64)
+    matched = np.full(ok.sum(), NO_SOURCE_ID, dtype=np.int64)
+    matched[has] = ids[idx[has, best[has]]]
+    result[ok] = matched
+    return result
+
+
+KINEMATIC_COLUMNS = ("R", "phi", "z", "vR", "vT", "vz", "JR", "Jphi", "Jz")
+
+
+def add_kinematics(stars: pd.DataFrame, gaia=None, distances=None) -> pd.DataFrame:
+    """Galactocentric positions, velocities and actions (paper section 5.1) for matched stars.
+
+    Uses :mod:`lamostcannon.kinematics` with Gaia DR2 proper motions, Bailer-Jones ``r_est`` (pc)
+    distances and the LAMOST radial velocity (``rv``, km/s; combined over repeats). Stars without a
+    Gaia match, distance or radial velocity get NaN (right-handed frame: disk stars have
+    ``vT < 0`` and ``Jphi < 0``, see :mod:`lamostcannon.kinematics`).
+    """
+    out = stars.copy()
+    for name in KINEMATIC_COLUMNS:
+        out[name] = np.nan
+    if gaia is None or distances is None:
+        log.warning("no Gaia sources or distances: kinematic columns are NaN")
+        return out
+    from . import kinematics
+
+    g = _as_frame(gaia, ["source_id", "ra", "dec", "pmra", "pmdec"]).drop_duplicates("source_id")
+    d = _as_frame(distances, ["source_id", "r_est"]).drop_duplicates("source_id")
+    joined = out[["source_id", "rv"]].merge(g, on="source_id", how="left").merge(
+        d, on="source_id", how="left")
+    # Gaia positions (epoch 2015.5, consistent with the proper motions); NaN rows are flagged by
+    # kinematics.kinematics, never dropped.
+    kin = kinematics.kinematics_from_table(joined)
+    for name in KINEMATIC_COLUMNS:
+        out[name] = kin[name].to_numpy(float)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Table 1 schema and writing
+# --------------------------------------------------------------------------------------------
+
+_ELEMENT_NAMES = {"o": "O", "mg": "Mg", "al": "Al", "si": "Si", "ca": "Ca", "sc": "Sc", "ti": "Ti",
+                  "mn": "Mn", "y": "Y", "ba": "Ba", "eu": "Eu", "alpha": "alpha", "s": "s-process"}
+
+
+def _describe(name: str) -> tuple[str | None, str]:
+    """(unit, description) of a catalogue or per-observation column."""
+    fixed = {
+        "source_id": (None, f"Gaia DR2 source id of the brightest source within 1 arcsec "
+                            f"({NO_SOURCE_ID}: none)"),
+        "designation": (None, "LAMOST unique star identifier"),
+        "obsid": (None, "LAMOST observation id (per star: that of the highest-S/N observation)"),
+        "row": (None, "row of the observation in the spectra store"),
+        "giantmodel": (None, "true if labels were estimated with the giant model"),
+        "teff": ("K", "T_eff"), "logg": ("dex", "log(g)"), "vmic": ("km / s", "v_mic"),
+        "fe_h": ("dex", "[Fe/H]"),
+        "kiel_extrap": (None, "true if T_eff or log(g) is in a regime where the model fails to "
+                              "extrapolate, for any observation"),
+        "chi2": (None, "whole-spectrum chi^2"),
+        "snr_z": (None, "LAMOST z-band S/N (per star: quadrature sum over combined observations)"),
+        "ra": ("deg", "right ascension"), "dec": ("deg", "declination"),
+        "R": ("kpc", "R, Galactocentric cylindrical radius"),
+        "phi": ("rad", "phi, Galactocentric azimuth (right-handed)"),
+        "z": ("kpc", "z, height in Galactocentric cylindrical coordinates"),
+        "vR": ("km / s", "R-velocity"), "vT": ("km / s", "phi-velocity"),
+        "vz": ("km / s", "z-velocity"),
+        "JR": ("kpc km / s", "radial action"), "Jphi": ("kpc km / s", "angular momentum"),
+        "Jz": ("kpc km / s", "vertical action"),
+        "rv": ("km / s", "LAMOST heliocentric radial velocity"),
+        "teff_lasp": ("K", "LAMOST pipeline (LASP) T_eff used for the model choice"),
+        "logg_lasp": ("dex", "LAMOST pipeline (LASP) log(g) used for the model choice"),
+        "n_pixels": (None, "pixels used in the fit"), "n_iter": (None, "test-step iterations"),
+        "converged": (None, "true if the test step converged"),
+        "cannon_flag": (None, "bitmask of the test step (lamostcannon.cannon)"),
+        "flag": (None, "bitmask: " + "; ".join(f"{b}={t}" for b, t in FLAG_BITS.items())),
+        "n_obs": (None, "number of observations combined"),
+        "n_obs_all": (None, "number of observations of the star"),
+    }
+    if name in fixed:
+        return fixed[name]
+
+    def element(label):
+        x = label[:-3]
+        return f"[{_ELEMENT_NAMES.get(x, x)}/Fe]"
+
+    if name.startswith("e_"):
+        unit, desc = _describe(name[2:])
+        return unit, f"uncertainty of {desc} (from the test step's covariance)"
+    if name.startswith("chi2_"):
+        return None, f"chi^2 in windows around strong lines of {element(name[5:])[1:-4]}"
+    if name.endswith("_extrap"):
+        label = name[:-7]
+        what = "[Fe/H]" if label == "fe_h" else element(label)
+        return None, (f"true if {what} is in a regime where the model fails to extrapolate, for any "
+                      "observation")
+    if name.endswith("_fe"):
+        return "dex", element(name)
+    return None, name
+
+
+def catalog_columns() -> list[str]:
+    """The catalogue's columns: paper Table 1 order, then ``n_obs``, ``flag`` and uncertainties."""
+    cols = ["source_id", "designation", "giantmodel", "teff", "logg", "vmic", "kiel_extrap", "chi2",
+            "fe_h", "fe_h_extrap"]
+    for name in ABUNDANCE_LABELS:
+        cols += [name, f"chi2_{name}", f"{name}_extrap"]
+    cols += ["snr_z", "ra", "dec", *KINEMATIC_COLUMNS]
+    cols += ["obsid", "n_obs", "n_obs_all", "flag", *[f"e_{n}" for n in ALL_LABELS]]
+    return cols
+
+
+def to_table(df: pd.DataFrame, kind: str = "catalog"):
+    """An astropy Table with units and descriptions from the per-observation or star DataFrame."""
+    from astropy.table import Table
+
+    if kind == "catalog":
+        names = catalog_columns()
+    elif kind == "observation":
+        names = list(observation_columns())
+    else:
+        raise ValueError(f"kind must be 'catalog' or 'observation', got {kind!r}")
+    missing = [n for n in names if n not in df.columns]
+    if missing:
+        raise KeyError(f"columns missing for the {kind} table: {missing}")
+    table = Table()
+    for name in names:
+        values = df[name].to_numpy()
+        if name == "designation":
+            values = values.astype(str)
+        unit, description = _describe(name)
+        table[name] = values
+        table[name].unit = unit
+        table[name].description = description
+    from . import __version__
+
+    table.meta["lamostcannon_version"] = __version__
+    table.meta["flag_bits"] = {str(b): t for b, t in FLAG_BITS.items()}
+    table.meta["reference"] = "Wheeler et al. 2020, ApJ 898, 58, Table 1"
+    return table
+
+
+def write_table(table, path) -> Path:
+    """Write a Table (FITS or Parquet by suffix) to a temporary name and rename it into place."""
+    import warnings
+
+    path = Path(path)
+    paths.ensure(path.parent)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # FITS drops the unit "dex" with a UnitsWarning
+        if path.suffix == ".fits":
+            from .cleaning import write_table_fits
+
+            return write_table_fits(table, path)  # keeps 'dex' and descriptions (TCOMMn)
+        elif path.suffix == ".parquet":
+            table.write(tmp, format="parquet", overwrite=True)
+        else:
+            raise ValueError(f"write FITS or Parquet, not {path.suffix}")
+    os.replace(tmp, path)
+    log.info("wrote %s (%d rows)", path, len(table))
+    return path
+
+
+def build_catalog(obs: pd.DataFrame, gaia=None, distances=None, fits_path=None,
+                  parquet_path=None, radius_arcsec: float = 1.0):
+    """Per-star catalogue (paper Table 1) from the per-observation table; written as FITS and Parquet.
+
+    Parameters
+    ----------
+    obs : DataFrame or Table
+        Per-observation table (:func:`assemble_observations`).
+    gaia, distances : Table, DataFrame or path, optional
+        Gaia DR2 sources and Bailer-Jones distances; default ``raw_dir()/gaia/gaia_source.fits``
+        and ``raw_dir()/gaia/distances.fits`` when they exist.
+    fits_path, parquet_path : path, optional
+        Default ``processed/catalog.fits`` and ``processed/catalog.parquet``; ``False`` skips.
+
+    Returns
+    -------
+    astropy Table
+    """
+    if not isinstance(obs, pd.DataFrame):
+        obs = obs.to_pandas()
+    gaia_dir = paths.raw_dir() / "gaia"
+    if gaia is None and (gaia_dir / "gaia_source.fits").exists():
+        gaia = gaia_dir / "gaia_source.fits"
+    if distances is None and (gaia_dir / "distances.fits").exists():
+        distances = gaia_dir / "distances.fits"
+    if isinstance(gaia, (str, Path)):
+        gaia = _as_frame(gaia, ["source_id", "ra", "dec", "pmra", "pmdec", "phot_g_mean_mag"])
+    stars = combine_repeats(obs)
+    stars["source_id"] = (match_gaia(stars["ra"], stars["dec"], gaia, radius_arcsec)
+                          if gaia is not None else NO_SOURCE_ID)
+    stars = add_kinematics(stars, gaia, distances)
+    table = to_table(stars, kind="catalog")
+    if fits_path is not False:
+        write_table(table, fits_path or paths.processed_dir() / "catalog.fits")
+    if parquet_path is not False:
+        write_table(table, parquet_path or paths.processed_dir() / "catalog.parquet")
+    return table
+
+
+def run(store_path=None, *, ctx=None, n_workers=None, client=None, scheduler_address=None,
+        chunk_size: int = 2048, overwrite: bool = False, progress: bool = True):
+    """The whole step of notebook 05: label the store, assemble, combine repeats, write products.
+
+    Returns ``(report, observations, catalogue)`` (an :class:`InferenceReport` and two Tables).
+    """
+    store_path = store_path or paths.interim_dir() / "survey_spectra.zarr"
+    report = run_inference(store_path, ctx, chunk_size=chunk_size, n_workers=n_workers,
+                           client=client, scheduler_address=scheduler_address,
+                           overwrite=overwrite, progress=progress)
+    observations = assemble_observations(report.parts_dir, report.n_chunks)
+    catalogue = build_catalog(observations.to_pandas())
+    return report, observations, catalogue
+
+
+# --------------------------------------------------------------------------------------------
+# Checks and examples for notebook 05
+# --------------------------------------------------------------------------------------------
+
+def completeness(observations, store_path) -> dict:
+    """Compare the per-observation table with the store: every stored observation exactly once?
+
+    Returns ``{"n_store", "n_rows", "n_missing", "n_duplicated", "n_unknown"}`` (``n_unknown``:
+    rows whose obsid is not in the store).
+    """
+    obs = observations if isinstance(observations, pd.DataFrame) else observations.to_pandas()
+    stored = StoreReader(store_path).metadata()["obsid"].to_numpy(np.int64)
+    got = obs["obsid"].to_numpy(np.int64)
+    return {"n_store": int(stored.size), "n_rows": int(got.size),
+            "n_missing": int(np.setdiff1d(stored, got).size),
+            "n_duplicated": int(got.size - np.unique(got).size),
+            "n_unknown": int(np.setdiff1d(got, stored).size)}
+
+
+def best_fit_spectra(observations, store_path, ctx: LabelContext):
+    """Data and best-fit model spectra of some observations (for paper Fig 8).
+
+    Parameters
+    ----------
+    observations : DataFrame
+        Rows of the per-observation table (``row``, ``giantmodel`` and the labels).
+    store_path : path
+    ctx : LabelContext
+
+    Returns
+    -------
+    flux, ivar, model_flux : arrays (n, P)
+    """
+    obs = observations.reset_index(drop=True)
+    reader = StoreReader(store_path)
+    rows = obs["row"].to_numpy(np.int64)
+    flux, ivar = reader.store.read(rows)
+    model_flux = np.full(flux.shape, np.nan)
+    for is_giant in (False, True):
+        sel = np.flatnonzero(obs["giantmodel"].to_numpy(bool) == is_giant)
+        if sel.size:
+            model = ctx.model(is_giant)
+            model_flux[sel] = model.predict(obs.loc[sel, list(model.label_names)].to_numpy(float))
+    return flux, ivar, model_flux

@@ -1,0 +1,505 @@
+"""The atomic and molecular line data behind the mock spectra (:mod:`lamostcannon.mock.synth`).
+
+The line list has three parts, all stored in one package file ``lamostcannon/data/linelist.csv``
+(regenerate it with ``python -m lamostcannon.mock.linelist``; the build is deterministic):
+
+``known``
+    Strong and well-known lines at their laboratory air wavelengths (Ca II H&K and the infrared
+    triplet, Mg b, Na D, Ca I 4227, the strongest Fe I/II, Ti II, Sr II, Ba II, Mn I, Cr I, Al I,
+    Si I/II, O I triplet, K I, Li I ...) with approximate excitation potentials ``chi`` (eV) and
+    oscillator strengths ``loggf`` recalled from the standard compilations (VALD, NIST; values good
+    to a few tenths of a dex, which is all a mock needs). Damped (``wide``) lines carry an approximate
+    solar equivalent width ``ew_sun`` (Angstrom, from the solar atlas literature, e.g. Moore et al.
+    1966) that fixes their van der Waals damping enhancement ``damp``.
+``window``
+    One line at the centre of every GALAH line window of the paper's Table 2 (Wheeler et al. 2020,
+    appendix C), with the window's element. The windows are centred on the GALAH lines, so the
+    window midpoint is the line wavelength to ~0.05 A. Where the real line is one of the known
+    lines above, the known data are used; otherwise ``chi`` is a typical value for the species and
+    ``loggf`` is set so that the line has a solar equivalent width typical of GALAH lines
+    (20-90 mA, drawn reproducibly).
+``forest``
+    A documented pseudo-random forest of weak iron-group and other metal lines (Fe I/II, Ti I/II,
+    Cr I, Ni I, V I, Mn I, Co I, Ca I, Sc II, Si I, Mg I, Na I, Zr II, Ce II, Nd II, C I) standing in
+    for the tens of thousands of real lines we cannot list from memory. The line density falls with
+    wavelength roughly as lambda^-3.5 (as in the solar spectrum, dense in the blue), excitation
+    potentials are drawn per species from typical ranges, and ``loggf`` is set so that the solar
+    equivalent widths follow a power law dN/dlog W ~ W^-0.5 between 2 and 150 mA. The forest's
+    seed is fixed, so the "mock Sun" is the same everywhere.
+
+Hydrogen lines (Balmer H-alpha to H12 and Paschen P10-P16) and molecular bands (CN, CH G band, MgH,
+TiO, CaH) are tabulated separately in :data:`HYDROGEN_LINES` and :data:`MOLECULAR_BANDS`.
+
+All wavelengths here are air (as in the atlases and in the paper's Table 2); the list stores both
+``wave_air`` and ``wave_vac`` (Angstrom), using :func:`air_to_vacuum` (the Morton 2000/VALD
+formula). LAMOST works in vacuum, GALAH in air.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+#: Seed of the pseudo-random forest and of the window-line strengths (fixed: one mock Sun).
+FOREST_SEED = 20200701
+
+#: Solar photospheric abundances log eps (H = 12), Asplund et al. 2009.
+SOLAR_ABUNDANCE = {
+    "H": 12.00, "Li": 1.05, "C": 8.43, "N": 7.83, "O": 8.69, "Na": 6.24, "Mg": 7.60, "Al": 6.45,
+    "Si": 7.51, "K": 5.03, "Ca": 6.34, "Sc": 3.15, "Ti": 4.95, "V": 3.93, "Cr": 5.64, "Mn": 5.43,
+    "Fe": 7.50, "Co": 4.99, "Ni": 6.22, "Cu": 4.19, "Zn": 4.56, "Sr": 2.87, "Y": 2.21, "Zr": 2.58,
+    "Ba": 2.18, "La": 1.10, "Ce": 1.58, "Nd": 1.42, "Eu": 0.52,
+}
+
+#: First and second ionisation potentials (eV), NIST.
+IONISATION = {
+    "H": (13.60, 99.0), "Li": (5.39, 75.6), "C": (11.26, 24.38), "N": (14.53, 29.60),
+    "O": (13.62, 35.12), "Na": (5.14, 47.29), "Mg": (7.65, 15.04), "Al": (5.99, 18.83),
+    "Si": (8.15, 16.35), "K": (4.34, 31.63), "Ca": (6.11, 11.87), "Sc": (6.56, 12.80),
+    "Ti": (6.83, 13.58), "V": (6.75, 14.62), "Cr": (6.77, 16.49), "Mn": (7.43, 15.64),
+    "Fe": (7.90, 16.19), "Co": (7.88, 17.08), "Ni": (7.64, 18.17), "Cu": (7.73, 20.29),
+    "Zn": (9.39, 17.96), "Sr": (5.69, 11.03), "Y": (6.22, 12.24), "Zr": (6.63, 13.13),
+    "Ba": (5.21, 10.00), "La": (5.58, 11.06), "Ce": (5.54, 10.85), "Nd": (5.53, 10.73),
+    "Eu": (5.67, 11.24),
+}
+
+#: Representative partition functions (U_I, U_II, U_III) near 5000 K (Gray 2005, appendix D;
+#: held constant with temperature).
+PARTITION = {
+    "H": (2.0, 1.0, 1.0), "Li": (2.1, 1.0, 1.0), "C": (9.3, 5.9, 1.0), "N": (4.0, 9.0, 6.0),
+    "O": (8.9, 4.0, 9.0), "Na": (2.0, 1.0, 6.0), "Mg": (1.0, 2.0, 1.0), "Al": (5.9, 1.0, 2.0),
+    "Si": (9.5, 5.7, 1.0), "K": (2.1, 1.0, 4.0), "Ca": (1.2, 2.2, 1.0), "Sc": (10.0, 21.0, 10.0),
+    "Ti": (30.0, 55.0, 25.0), "V": (35.0, 30.0, 25.0), "Cr": (9.5, 6.8, 20.0),
+    "Mn": (6.5, 7.5, 10.0), "Fe": (28.0, 45.0, 25.0), "Co": (30.0, 28.0, 25.0),
+    "Ni": (29.0, 9.5, 20.0), "Cu": (2.3, 1.0, 1.0), "Zn": (1.0, 2.0, 1.0), "Sr": (1.3, 2.0, 1.0),
+    "Y": (11.0, 12.0, 10.0), "Zr": (35.0, 45.0, 30.0), "Ba": (3.0, 3.2, 1.0),
+    "La": (35.0, 25.0, 15.0), "Ce": (150.0, 100.0, 50.0), "Nd": (150.0, 100.0, 50.0),
+    "Eu": (9.0, 11.0, 8.0),
+}
+
+#: Atomic masses (u), for thermal Doppler widths.
+ATOMIC_MASS = {
+    "H": 1.008, "Li": 6.94, "C": 12.01, "N": 14.01, "O": 16.00, "Na": 22.99, "Mg": 24.31,
+    "Al": 26.98, "Si": 28.09, "K": 39.10, "Ca": 40.08, "Sc": 44.96, "Ti": 47.87, "V": 50.94,
+    "Cr": 52.00, "Mn": 54.94, "Fe": 55.85, "Co": 58.93, "Ni": 58.69, "Cu": 63.55, "Zn": 65.38,
+    "Sr": 87.62, "Y": 88.91, "Zr": 91.22, "Ba": 137.33, "La": 138.91, "Ce": 140.12, "Nd": 144.24,
+    "Eu": 151.96,
+}
+
+#: GALAH line windows (air, Angstrom), the paper's Table 2, every element it lists.
+GALAH_WINDOWS = {
+    "al": [(6695.78, 6696.17), (6698.41, 6698.92), (7834.95, 7835.47), (7835.84, 7836.43)],
+    "ba": [(5853.53, 5853.86), (6496.68, 6497.19)],
+    "ca": [(5857.22, 5857.60), (5867.28, 5867.72), (6493.48, 6493.99), (6499.37, 6499.94),
+           (6508.52, 6509.03)],
+    "co": [(6632.23, 6632.81), (7712.41, 7713.07), (7837.76, 7838.50)],
+    "cr": [(4775.03, 4775.21), (4789.20, 4789.47), (4800.83, 4801.20), (4847.98, 4848.31),
+           (5702.12, 5702.50), (5719.50, 5719.99), (5787.64, 5788.14), (5844.40, 5844.79),
+           (6629.80, 6630.25)],
+    "cu": [(5781.92, 5782.42)],
+    "eu": [(5818.61, 5818.99), (6644.97, 6645.29)],
+    "k": [(7698.57, 7699.31)],
+    "la": [(4716.29, 4716.61), (4748.62, 4748.85), (4803.92, 4804.24), (5805.52, 5805.96)],
+    "li": [(6707.37, 6708.26)],
+    "mg": [(4729.90, 4730.22), (5710.86, 5711.30)],
+    "mn": [(4739.01, 4739.29), (4761.37, 4761.64), (4765.69, 4766.06), (4783.17, 4783.58)],
+    "na": [(4751.71, 4751.94), (5682.54, 5682.92), (5687.93, 5688.37)],
+    "ni": [(5748.21, 5748.59), (5846.82, 5847.21), (6482.60, 6483.05), (6532.58, 6533.10),
+           (6586.02, 6586.47), (6643.37, 6643.94), (7713.89, 7714.48), (7788.48, 7789.29)],
+    "o": [(7771.53, 7772.27), (7773.75, 7774.57), (7775.08, 7775.75)],
+    "sc": [(4743.56, 4743.98), (4752.99, 4753.41), (5657.68, 5658.12), (5666.92, 5667.30),
+           (5671.59, 5672.09), (5684.02, 5684.30), (5686.72, 5687.21), (5717.02, 5717.52),
+           (5723.90, 5724.28), (6604.39, 6604.97)],
+    "si": [(5665.21, 5665.82), (5690.18, 5690.68), (5700.91, 5701.29), (5792.70, 5793.31)],
+    "ti": [(4719.32, 4719.60), (4757.96, 4758.28), (4759.07, 4759.48), (4764.40, 4764.82),
+           (4778.06, 4778.43), (4781.56, 4781.93), (4797.84, 4798.12), (4798.35, 4798.63),
+           (4801.80, 4802.21), (4820.11, 4820.66), (4849.04, 4849.41), (4865.28, 4865.83),
+           (4873.88, 4874.20), (5689.25, 5689.80), (5716.25, 5716.80), (5720.27, 5720.65),
+           (5739.24, 5739.68), (5866.02, 5866.79), (6598.89, 6599.53), (6716.52, 6716.90),
+           (7852.19, 7853.01)],
+    "v": [(4746.51, 4746.78), (4784.32, 4784.60), (4796.74, 4796.97), (4831.52, 4831.75),
+          (4875.26, 4875.72), (5657.07, 5657.68), (5668.13, 5668.62), (5670.60, 5671.10),
+          (5702.78, 5703.88), (5725.27, 5725.82), (5726.87, 5727.36), (5727.42, 5727.97),
+          (5730.99, 5731.49), (5736.82, 5737.26), (5743.20, 5743.70), (6531.18, 6531.62)],
+    "y": [(4854.79, 4855.02), (4883.54, 4883.82), (5662.74, 5663.18), (5728.74, 5729.01)],
+    "zn": [(4721.99, 4722.27), (4810.36, 4810.63)],
+}
+
+# Known lines: (species, air wavelength A, chi eV, log gf, solar EW A or None).
+# A solar EW marks a strongly damped ("wide") line whose damping constant is calibrated on it.
+KNOWN_LINES = [
+    # calcium
+    ("Ca II", 3933.66, 0.00, 0.13, 20.0), ("Ca II", 3968.47, 0.00, -0.18, 15.0),
+    ("Ca II", 8498.02, 1.69, -1.42, 1.4), ("Ca II", 8542.09, 1.70, -0.46, 3.6),
+    ("Ca II", 8662.14, 1.69, -0.72, 2.6),
+    ("Ca I", 4226.73, 0.00, 0.24, 1.5), ("Ca I", 4454.78, 1.90, 0.26, None),
+    ("Ca I", 4434.96, 1.89, -0.01, None), ("Ca I", 4425.44, 1.88, -0.36, None),
+    ("Ca I", 5588.75, 2.53, 0.21, None), ("Ca I", 6102.72, 1.88, -0.79, None),
+    ("Ca I", 6122.22, 1.89, -0.32, None), ("Ca I", 6162.17, 1.90, -0.09, None),
+    ("Ca I", 6439.08, 2.53, 0.47, None), ("Ca I", 6449.81, 2.52, -0.50, None),
+    ("Ca I", 6462.57, 2.52, 0.26, None), ("Ca I", 6717.68, 2.71, -0.52, None),
+    ("Ca I", 5857.45, 2.93, 0.24, None), ("Ca I", 5867.56, 2.93, -1.57, None),
+    ("Ca I", 6493.78, 2.52, -0.11, None), ("Ca I", 6499.65, 2.52, -0.82, None),
+    ("Ca I", 6508.85, 2.53, -2.41, None), ("Ca I", 4302.53, 1.90, 0.28, None),
+    ("Ca I", 4318.65, 1.90, -0.21, None), ("Ca I", 5349.47, 2.71, -0.31, None),
+    ("Ca I", 5581.97, 2.52, -0.56, None), ("Ca I", 5590.11, 2.52, -0.57, None),
+    ("Ca I", 5594.46, 2.52, 0.10, None), ("Ca I", 5598.48, 2.52, -0.09, None),
+    ("Ca I", 5601.28, 2.53, -0.52, None), ("Ca I", 5261.70, 2.52, -0.58, None),
+    ("Ca I", 5262.24, 2.52, -0.47, None), ("Ca I", 5265.56, 2.52, -0.26, None),
+    ("Ca I", 5270.27, 2.53, 0.16, None), ("Ca I", 6166.44, 2.52, -1.14, None),
+    ("Ca I", 6169.04, 2.52, -0.80, None), ("Ca I", 6169.56, 2.53, -0.48, None),
+    # magnesium
+    ("Mg I", 5167.32, 2.71, -0.93, 0.94), ("Mg I", 5172.68, 2.71, -0.45, 1.26),
+    ("Mg I", 5183.60, 2.72, -0.24, 1.58), ("Mg I", 5528.41, 4.35, -0.50, 0.29),
+    ("Mg I", 4702.99, 4.35, -0.44, None), ("Mg I", 4571.10, 0.00, -5.62, None),
+    ("Mg I", 3829.35, 2.71, -0.21, 1.1), ("Mg I", 3832.30, 2.71, 0.27, 1.7),
+    ("Mg I", 3838.29, 2.72, 0.49, 1.9), ("Mg I", 8806.76, 4.35, -0.14, 0.55),
+    ("Mg I", 8736.02, 5.95, -0.36, None), ("Mg I", 8717.83, 5.93, -0.97, None),
+    ("Mg I", 8923.57, 5.39, -1.68, None), ("Mg I", 5711.09, 4.35, -1.72, None),
+    ("Mg I", 4730.03, 4.35, -2.35, None), ("Mg I", 4167.27, 4.35, -0.71, None),
+    ("Mg I", 4057.51, 4.35, -0.90, None), ("Mg I", 4351.91, 4.35, -0.53, None),
+    ("Mg II", 4481.13, 8.86, 0.74, None), ("Mg I", 7657.60, 5.11, -1.28, None),
+    # sodium, potassium, lithium
+    ("Na I", 5889.95, 0.00, 0.11, 0.75), ("Na I", 5895.92, 0.00, -0.19, 0.56),
+    ("Na I", 8183.26, 2.10, 0.24, 0.27), ("Na I", 8194.82, 2.10, 0.49, 0.31),
+    ("Na I", 5682.63, 2.10, -0.71, None), ("Na I", 5688.20, 2.10, -0.45, None),
+    ("Na I", 6154.23, 2.10, -1.55, None), ("Na I", 6160.75, 2.10, -1.25, None),
+    ("Na I", 4751.82, 2.10, -2.08, None),
+    ("K I", 7664.90, 0.00, 0.13, None), ("K I", 7698.96, 0.00, -0.17, None),
+    ("Li I", 6707.76, 0.00, 0.17, None),
+    # aluminium, silicon, oxygen, carbon
+    ("Al I", 3944.01, 0.00, -0.64, None), ("Al I", 3961.52, 0.01, -0.34, None),
+    ("Al I", 6696.02, 3.14, -1.35, None), ("Al I", 6698.67, 3.14, -1.65, None),
+    ("Al I", 7835.31, 4.02, -0.65, None), ("Al I", 7836.13, 4.02, -0.45, None),
+    ("Al I", 8772.87, 4.02, -0.32, None), ("Al I", 8773.90, 4.02, -0.16, None),
+    ("Si I", 3905.52, 1.91, -1.09, None), ("Si I", 5665.55, 4.92, -2.04, None),
+    ("Si I", 5690.43, 4.93, -1.87, None), ("Si I", 5701.10, 4.93, -2.05, None),
+    ("Si I", 5793.07, 4.93, -2.06, None), ("Si I", 5708.40, 4.95, -1.47, None),
+    ("Si I", 5772.15, 5.08, -1.65, None), ("Si I", 5948.54, 5.08, -1.13, None),
+    ("Si I", 6155.13, 5.62, -0.75, None), ("Si I", 7405.77, 5.61, -0.31, None),
+    ("Si I", 7415.95, 5.61, -0.73, None), ("Si I", 7423.50, 5.62, -0.58, None),
+    ("Si I", 7034.90, 5.87, -0.88, None), ("Si I", 7944.00, 5.98, -0.31, None),
+    ("Si II", 6347.11, 8.12, 0.15, None), ("Si II", 6371.37, 8.12, -0.08, None),
+    ("Si II", 4128.07, 9.84, 0.36, None), ("Si II", 4130.89, 9.84, 0.55, None),
+    ("Si II", 3856.02, 6.86, -0.41, None), ("Si II", 3862.60, 6.86, -0.76, None),
+    ("O I", 7771.94, 9.15, 0.37, None), ("O I", 7774.17, 9.15, 0.22, None),
+    ("O I", 7775.39, 9.15, 0.00, None), ("O I", 6300.30, 0.00, -9.72, None),
+    ("O I", 6363.78, 0.02, -10.19, None), ("O I", 8446.36, 9.52, 0.17, None),
+    ("O I", 9265.83, 10.74, 0.82, None),
+    ("C I", 9078.29, 7.48, -0.58, None), ("C I", 9088.51, 7.48, -0.43, None),
+    ("C I", 9094.83, 7.49, 0.15, None), ("C I", 8335.15, 7.68, -0.44, None),
+    ("C I", 7111.47, 8.64, -1.09, None), ("C I", 5380.34, 7.68, -1.62, None),
+    # iron
+    ("Fe I", 3734.86, 0.86, 0.32, 3.0), ("Fe I", 3737.13, 0.05, -0.57, 2.6),
+    ("Fe I", 3745.56, 0.09, -0.77, 1.5), ("Fe I", 3749.49, 0.92, 0.16, 1.9),
+    ("Fe I", 3758.23, 0.96, -0.03, 1.4), ("Fe I", 3763.79, 0.99, -0.22, 1.0),
+    ("Fe I", 3815.84, 1.48, 0.24, 1.3), ("Fe I", 3820.43, 0.86, 0.12, 1.7),
+    ("Fe I", 3825.88, 0.92, -0.04, 1.5), ("Fe I", 3859.91, 0.00, -0.71, 1.6),
+    ("Fe I", 3886.28, 0.05, -1.08, 0.9), ("Fe I", 3899.71, 0.09, -1.53, 0.6),
+    ("Fe I", 3920.26, 0.12, -1.75, 0.4), ("Fe I", 3922.91, 0.05, -1.65, 0.5),
+    ("Fe I", 4045.81, 1.49, 0.28, 1.17), ("Fe I", 4063.59, 1.56, 0.06, 0.79),
+    ("Fe I", 4071.74, 1.61, -0.02, 0.72), ("Fe I", 4143.87, 1.56, -0.51, 0.47),
+    ("Fe I", 4202.03, 1.49, -0.71, 0.33), ("Fe I", 4260.47, 2.40, 0.08, 0.40),
+    ("Fe I", 4271.76, 1.49, -0.16, 0.76), ("Fe I", 4325.76, 1.61, 0.01, 0.80),
+    ("Fe I", 4383.54, 1.48, 0.20, 1.01), ("Fe I", 4404.75, 1.56, -0.14, 0.90),
+    ("Fe I", 4415.12, 1.61, -0.62, 0.42), ("Fe I", 4528.61, 2.18, -0.82, None),
+    ("Fe I", 4957.60, 2.81, 0.23, 0.45), ("Fe I", 4920.50, 2.83, 0.07, 0.43),
+    ("Fe I", 4891.49, 2.85, -0.11, 0.31), ("Fe I", 5227.19, 1.56, -1.23, 0.38),
+    ("Fe I", 5232.94, 2.94, -0.06, 0.35), ("Fe I", 5269.54, 0.86, -1.32, 0.48),
+    ("Fe I", 5328.04, 0.92, -1.47, 0.38), ("Fe I", 5371.49, 0.96, -1.65, 0.30),
+    ("Fe I", 5397.13, 0.92, -1.99, 0.24), ("Fe I", 5405.77, 0.99, -1.84, 0.27),
+    ("Fe I", 5429.70, 0.96, -1.88, 0.28), ("Fe I", 5446.92, 0.99, -1.91, 0.25),
+    ("Fe I", 5455.61, 1.01, -2.09, 0.22), ("Fe I", 5324.18, 3.21, -0.10, 0.33),
+    ("Fe I", 5615.64, 3.33, 0.05, 0.26), ("Fe I", 6136.61, 2.45, -1.40, None),
+    ("Fe I", 6191.56, 2.43, -1.42, None), ("Fe I", 6230.72, 2.56, -1.28, None),
+    ("Fe I", 6252.56, 2.40, -1.69, None), ("Fe I", 6393.60, 2.43, -1.43, None),
+    ("Fe I", 6400.00, 3.60, -0.29, None), ("Fe I", 6494.98, 2.40, -1.27, None),
+    ("Fe I", 6546.24, 2.76, -1.54, None), ("Fe I", 6592.91, 2.73, -1.47, None),
+    ("Fe I", 6677.99, 2.69, -1.42, None), ("Fe I", 6151.62, 2.18, -3.30, None),
+    ("Fe I", 6240.65, 2.22, -3.23, None), ("Fe I", 8327.05, 2.20, -1.53, None),
+    ("Fe I", 8387.77, 2.18, -1.49, None), ("Fe I", 8468.41, 2.22, -2.07, None),
+    ("Fe I", 8514.07, 2.20, -2.23, None), ("Fe I", 8688.62, 2.18, -1.21, None),
+    ("Fe I", 8824.22, 2.20, -1.54, None), ("Fe I", 7511.02, 4.18, 0.12, None),
+    ("Fe I", 7495.07, 4.22, -0.10, None), ("Fe I", 5383.37, 4.31, 0.65, None),
+    ("Fe I", 5586.76, 3.37, -0.14, None), ("Fe I", 5572.84, 3.40, -0.28, None),
+    ("Fe I", 5569.62, 3.42, -0.54, None), ("Fe I", 5424.07, 4.32, 0.52, None),
+    ("Fe I", 4235.94, 2.43, -0.33, None), ("Fe I", 4250.79, 1.56, -0.71, None),
+    ("Fe I", 4307.90, 1.56, -0.07, 0.9), ("Fe I", 4461.65, 0.09, -3.21, None),
+    ("Fe I", 4466.55, 2.83, -0.60, None), ("Fe I", 4494.56, 2.20, -1.14, None),
+    ("Fe II", 4923.93, 2.89, -1.32, None), ("Fe II", 5018.44, 2.89, -1.22, None),
+    ("Fe II", 5169.03, 2.89, -1.30, None), ("Fe II", 5316.62, 3.15, -1.85, None),
+    ("Fe II", 4233.17, 2.58, -1.90, None), ("Fe II", 4583.84, 2.81, -1.86, None),
+    ("Fe II", 5197.58, 3.23, -2.10, None), ("Fe II", 5234.62, 3.22, -2.05, None),
+    ("Fe II", 6147.74, 3.89, -2.72, None), ("Fe II", 6149.26, 3.89, -2.72, None),
+    ("Fe II", 6456.38, 3.90, -2.10, None), ("Fe II", 6516.08, 2.89, -3.31, None),
+    ("Fe II", 4549.47, 2.83, -1.75, None), ("Fe II", 4555.89, 2.83, -2.29, None),
+    # titanium, scandium, vanadium, chromium, manganese, nickel, cobalt
+    ("Ti II", 3759.29, 0.61, 0.28, None), ("Ti II", 3761.32, 0.57, 0.18, None),
+    ("Ti II", 4395.03, 1.08, -0.54, None), ("Ti II", 4443.80, 1.08, -0.72, None),
+    ("Ti II", 4468.49, 1.13, -0.60, None), ("Ti II", 4501.27, 1.12, -0.77, None),
+    ("Ti II", 4563.76, 1.22, -0.69, None), ("Ti II", 4571.97, 1.57, -0.31, None),
+    ("Ti II", 4549.62, 1.58, -0.22, None), ("Ti II", 4533.96, 1.24, -0.53, None),
+    ("Ti I", 4981.73, 0.85, 0.56, None), ("Ti I", 4991.07, 0.84, 0.45, None),
+    ("Ti I", 4999.50, 0.83, 0.31, None), ("Ti I", 5007.21, 0.82, 0.17, None),
+    ("Ti I", 5014.28, 0.81, 0.11, None), ("Ti I", 5210.39, 0.05, -0.82, None),
+    ("Ti I", 5192.97, 0.02, -0.95, None), ("Ti I", 5173.74, 0.00, -1.06, None),
+    ("Ti I", 4533.24, 0.85, 0.53, None), ("Ti I", 4534.78, 0.84, 0.34, None),
+    ("Ti I", 4535.57, 0.83, 0.12, None), ("Ti I", 4536.05, 0.83, 0.03, None),
+    ("Ti I", 8426.51, 0.83, -1.20, None), ("Ti I", 8434.96, 0.85, -0.83, None),
+    ("Sc II", 4246.82, 0.31, 0.24, None), ("Sc II", 5526.79, 1.77, 0.02, None),
+    ("Sc II", 4314.08, 0.62, -0.10, None), ("Sc II", 4320.73, 0.61, -0.25, None),
+    ("V I", 4379.23, 0.30, 0.58, None), ("V I", 4389.97, 0.28, 0.20, None),
+    ("Cr I", 4254.33, 0.00, -0.11, 0.39), ("Cr I", 4274.80, 0.00, -0.23, 0.33),
+    ("Cr I", 4289.72, 0.00, -0.36, 0.29), ("Cr I", 5204.51, 0.94, -0.21, None),
+    ("Cr I", 5206.04, 0.94, 0.02, None), ("Cr I", 5208.42, 0.94, 0.16, None),
+    ("Mn I", 4030.75, 0.00, -0.50, 0.40), ("Mn I", 4033.06, 0.00, -0.62, 0.33),
+    ("Mn I", 4034.48, 0.00, -0.81, 0.26), ("Mn I", 4754.04, 2.28, -0.09, None),
+    ("Mn I", 4823.52, 2.32, 0.14, None), ("Mn I", 6013.49, 3.07, -0.25, None),
+    ("Mn I", 6016.64, 3.07, -0.10, None), ("Mn I", 6021.80, 3.08, 0.03, None),
+    ("Ni I", 5476.90, 1.83, -0.89, None), ("Ni I", 5035.36, 3.63, 0.29, None),
+    ("Ni I", 5080.53, 3.65, 0.13, None), ("Ni I", 5081.11, 3.85, 0.30, None),
+    ("Ni I", 6767.77, 1.83, -2.17, None), ("Ni I", 7788.94, 1.95, -2.42, None),
+    ("Ni I", 3858.30, 0.42, -0.95, None), ("Co I", 3845.47, 0.92, 0.01, None),
+    ("Co I", 4121.31, 0.92, -0.32, None),
+    # neutron-capture elements and others
+    ("Sr II", 4077.71, 0.00, 0.15, 0.43), ("Sr II", 4215.52, 0.00, -0.17, 0.30),
+    ("Ba II", 4554.03, 0.00, 0.17, None), ("Ba II", 4934.08, 0.00, -0.15, None),
+    ("Ba II", 5853.67, 0.60, -1.00, None), ("Ba II", 6141.71, 0.70, -0.08, None),
+    ("Ba II", 6496.90, 0.60, -0.38, None),
+    ("Y II", 4883.68, 1.08, 0.07, None), ("Y II", 4854.86, 0.99, -0.38, None),
+    ("Y II", 5662.93, 1.94, 0.16, None), ("Y II", 5728.89, 1.84, -1.12, None),
+    ("Y II", 4900.12, 1.03, -0.09, None), ("Y II", 5087.42, 1.08, -0.17, None),
+    ("Y II", 4374.93, 0.41, 0.16, None), ("Y II", 3774.33, 0.13, 0.21, None),
+    ("Y II", 3788.69, 0.10, -0.07, None),
+    ("Eu II", 4129.72, 0.00, 0.22, None), ("Eu II", 4205.04, 0.00, 0.21, None),
+    ("Eu II", 6645.10, 1.38, 0.12, None), ("Eu II", 5818.74, 1.25, -0.32, None),
+    ("Eu II", 6437.64, 1.32, -0.32, None), ("Eu II", 3819.67, 0.00, 0.51, None),
+    ("Zr II", 4149.20, 0.80, -0.04, None), ("La II", 4086.71, 0.00, -0.07, None),
+    ("Ce II", 4137.65, 0.52, 0.44, None), ("Nd II", 4061.08, 0.47, 0.55, None),
+]
+
+# Hydrogen lines: (name, air wavelength A, lower level n, upper level n, oscillator strength f).
+HYDROGEN_LINES = [
+    ("H-alpha", 6562.80, 2, 3, 0.6407), ("H-beta", 4861.33, 2, 4, 0.1193),
+    ("H-gamma", 4340.46, 2, 5, 0.04467), ("H-delta", 4101.73, 2, 6, 0.02209),
+    ("H-epsilon", 3970.07, 2, 7, 0.01270), ("H8", 3889.05, 2, 8, 0.008036),
+    ("H9", 3835.38, 2, 9, 0.005429), ("H10", 3797.90, 2, 10, 0.003851),
+    ("H11", 3770.63, 2, 11, 0.002835), ("H12", 3750.15, 2, 12, 0.002151),
+    ("H13", 3734.37, 2, 13, 0.001672), ("H14", 3721.94, 2, 14, 0.001326),
+    ("H15", 3711.97, 2, 15, 0.001070), ("H16", 3703.86, 2, 16, 0.000876),
+    ("P10", 9014.91, 3, 10, 0.00559), ("P11", 8862.78, 3, 11, 0.00420),
+    ("P12", 8750.47, 3, 12, 0.00324), ("P13", 8665.02, 3, 13, 0.00254),
+    ("P14", 8598.39, 3, 14, 0.00203), ("P15", 8545.38, 3, 15, 0.00165),
+    ("P16", 8502.48, 3, 16, 0.00136),
+]
+
+# Molecular bands: (name, molecule, constituent elements, head (air A), degradation +1 = to the red
+# (absorption starts at the head and fades redward) / -1 = to the violet, e-folding length (A),
+# relative strength (log), effective dissociation + excitation energy D (eV) in the
+# Saha-Boltzmann-like temperature factor 10^(D (theta - theta_ref)), theta_ref, gravity slope).
+MOLECULAR_BANDS = [
+    ("CN 3883", "CN", ("C", "N"), 3883.0, -1, 35.0, -0.9, 5.0, 0.87, -0.25),
+    ("CN 4216", "CN", ("C", "N"), 4216.0, -1, 45.0, -1.4, 5.0, 0.87, -0.25),
+    ("CN 7874", "CN", ("C", "N"), 7874.0, +1, 120.0, -2.6, 5.0, 0.87, -0.25),
+    ("CN 8100", "CN", ("C", "N"), 8100.0, +1, 150.0, -2.7, 5.0, 0.87, -0.25),
+    ("CH G band", "CH", ("C",), 4314.0, -1, 28.0, -0.8, 2.8, 0.87, 0.0),
+    ("MgH 5211", "MgH", ("Mg",), 5211.0, -1, 90.0, 0.0, 5.0, 1.12, 0.6),
+    ("MgH 4780", "MgH", ("Mg",), 4780.0, -1, 60.0, -0.5, 5.0, 1.12, 0.6),
+    ("TiO 4761", "TiO", ("Ti", "O"), 4761.0, +1, 60.0, -0.4, 9.0, 1.33, 0.1),
+    ("TiO 4954", "TiO", ("Ti", "O"), 4954.0, +1, 70.0, -0.2, 9.0, 1.33, 0.1),
+    ("TiO 5167", "TiO", ("Ti", "O"), 5167.0, +1, 80.0, -0.1, 9.0, 1.33, 0.1),
+    ("TiO 5448", "TiO", ("Ti", "O"), 5448.0, +1, 60.0, -0.3, 9.0, 1.33, 0.1),
+    ("TiO 5847", "TiO", ("Ti", "O"), 5847.0, +1, 90.0, -0.1, 9.0, 1.33, 0.1),
+    ("TiO 6159", "TiO", ("Ti", "O"), 6159.0, +1, 110.0, 0.0, 9.0, 1.33, 0.1),
+    ("TiO 6651", "TiO", ("Ti", "O"), 6651.0, +1, 90.0, -0.2, 9.0, 1.33, 0.1),
+    ("TiO 7054", "TiO", ("Ti", "O"), 7054.0, +1, 130.0, 0.15, 9.0, 1.33, 0.1),
+    ("TiO 7589", "TiO", ("Ti", "O"), 7589.0, +1, 100.0, -0.3, 9.0, 1.33, 0.1),
+    ("TiO 8432", "TiO", ("Ti", "O"), 8432.0, +1, 110.0, -0.5, 9.0, 1.33, 0.1),
+    ("TiO 8860", "TiO", ("Ti", "O"), 8860.0, +1, 100.0, -0.6, 9.0, 1.33, 0.1),
+    ("CaH 6382", "CaH", ("Ca",), 6382.0, +1, 50.0, -0.6, 6.0, 1.33, 0.8),
+    ("CaH 6750", "CaH", ("Ca",), 6750.0, +1, 80.0, -0.8, 6.0, 1.33, 0.8),
+]
+
+# Stage, species and typical chi range for the window lines without known atomic data.
+_WINDOW_STAGE = {
+    "al": "Al I", "ba": "Ba II", "ca": "Ca I", "co": "Co I", "cr": "Cr I", "cu": "Cu I",
+    "eu": "Eu II", "k": "K I", "la": "La II", "li": "Li I", "mg": "Mg I", "mn": "Mn I",
+    "na": "Na I", "ni": "Ni I", "o": "O I", "sc": "Sc I", "si": "Si I", "ti": "Ti I", "v": "V I",
+    "y": "Y II", "zn": "Zn I",
+}
+# Window lines of the ionised stage where the element's default is neutral (known from the atlas).
+_IONISED_WINDOW_LINES = {
+    ("sc", 5657.90), ("sc", 5667.11), ("sc", 5684.16), ("sc", 6604.68), ("ti", 4764.61),
+    ("ti", 4798.49), ("ti", 4865.56), ("ti", 4874.04), ("ti", 4849.23), ("cr", 4848.15),
+}
+_TYPICAL_CHI = {"al": (3.1, 4.1), "ba": (0.6, 2.5), "ca": (1.9, 3.0), "co": (1.7, 3.6),
+                "cr": (1.0, 3.5), "cu": (1.4, 1.7), "eu": (1.2, 1.4), "k": (0.0, 0.1),
+                "la": (0.0, 1.0), "li": (0.0, 0.1), "mg": (4.3, 5.1), "mn": (2.1, 3.1),
+                "na": (2.1, 3.2), "ni": (1.7, 4.3), "o": (9.1, 9.2), "sc": (0.0, 1.8),
+                "si": (4.9, 6.0), "ti": (0.0, 2.3), "v": (0.0, 2.4), "y": (1.0, 2.0),
+                "zn": (4.0, 4.1)}
+
+# Forest species: (species, weight, chi range eV).
+_FOREST_SPECIES = [
+    ("Fe I", 0.42, (0.0, 5.0)), ("Fe II", 0.05, (2.5, 4.0)), ("Ti I", 0.07, (0.0, 2.5)),
+    ("Ti II", 0.04, (0.5, 3.0)), ("Cr I", 0.07, (0.5, 4.0)), ("Ni I", 0.07, (1.5, 4.5)),
+    ("V I", 0.04, (0.0, 2.5)), ("Mn I", 0.02, (2.0, 4.5)), ("Co I", 0.04, (0.5, 4.0)),
+    ("Ca I", 0.03, (1.9, 4.5)), ("Sc II", 0.02, (0.3, 2.0)), ("Si I", 0.03, (4.9, 6.2)),
+    ("Mg I", 0.01, (4.3, 6.5)), ("Na I", 0.005, (2.1, 4.3)), ("Zr II", 0.02, (0.0, 1.5)),
+    ("Ce II", 0.02, (0.0, 1.5)), ("Nd II", 0.02, (0.0, 1.5)), ("C I", 0.005, (7.5, 9.0)),
+]
+
+#: Wavelength range (air, A) covered by the list: LAMOST's 3700-9100 A plus margin for rv shifts.
+LIST_RANGE = (3680.0, 9140.0)
+
+
+def air_to_vacuum(wave_air):
+    """Air to vacuum wavelength (Angstrom), the VALD/Morton (2000) formula (valid above 2000 A)."""
+    wave_air = np.asarray(wave_air, dtype=float)
+    s2 = (1e4 / wave_air) ** 2
+    n = (1 + 0.00008336624212083 + 0.02408926869968 / (130.1065924522 - s2)
+         + 0.0001599740894897 / (38.92568793293 - s2))
+    return wave_air * n
+
+
+def vacuum_to_air(wave_vac):
+    """Vacuum to air wavelength (Angstrom), the Morton (2000) formula (inverse of air_to_vacuum
+    to ~1e-4 A)."""
+    wave_vac = np.asarray(wave_vac, dtype=float)
+    s2 = (1e4 / wave_vac) ** 2
+    n = 1 + 0.0000834254 + 0.02406147 / (130 - s2) + 0.00015998 / (38.9 - s2)
+    return wave_vac / n
+
+
+def split_species(species: str) -> tuple[str, int]:
+    """``"Fe II"`` -> (``"Fe"``, 2)."""
+    element, stage = species.split()
+    return element, {"I": 1, "II": 2, "III": 3}[stage]
+
+
+def _forest_density(wave):
+    """Forest lines per Angstrom (before thinning), falling as lambda^-3.5 from the blue."""
+    return 2.6 * (np.asarray(wave) / 4000.0) ** -3.5
+
+
+def build_linelist(seed: int = FOREST_SEED):
+    """Assemble the line list (known + window + forest lines) as a pandas DataFrame.
+
+    Columns: ``species`` (e.g. "Fe I"), ``element``, ``ion`` (1 neutral, 2 singly ionised),
+    ``wave_air``, ``wave_vac`` (A), ``chi`` (eV), ``loggf``, ``ew_sun`` (A, NaN unless a damped line
+    calibrator), ``wide`` (bool: strongly damped, rendered with a broad profile), ``source``
+    (known|window|forest), ``note``.
+
+    ``loggf`` of window lines without known data and of forest lines is solved so that the line
+    has a target equivalent width in the mock Sun (:func:`lamostcannon.mock.synth.solar_ew`).
+    """
+    import pandas as pd
+
+    from . import synth
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for species, wave, chi, loggf, ew_sun in KNOWN_LINES:
+        element, ion = split_species(species)
+        rows.append(dict(species=species, element=element, ion=ion, wave_air=wave, chi=chi,
+                         loggf=loggf, ew_sun=np.nan if ew_sun is None else ew_sun,
+                         wide=ew_sun is not None and ew_sun >= 0.25, source="known", note=""))
+    known = pd.DataFrame(rows)
+
+    # window lines: the known line if one lies in the window, else a line at the window midpoint
+    window_rows = []
+    for elem, windows in GALAH_WINDOWS.items():
+        for lo, hi in windows:
+            in_window = known[(known.wave_air >= lo) & (known.wave_air <= hi)
+                              & (known.element.str.lower() == elem)]
+            if len(in_window):
+                known.loc[in_window.index, "note"] = f"GALAH {elem} window"
+                continue
+            mid = round(0.5 * (lo + hi), 2)
+            species = _WINDOW_STAGE[elem]
+            if any(e == elem and abs(w - mid) < 0.3 for e, w in _IONISED_WINDOW_LINES):
+                species = species.replace(" I", " II")
+            element, ion = split_species(species)
+            chi = rng.uniform(*_TYPICAL_CHI[elem])
+            window_rows.append(dict(species=species, element=element, ion=ion, wave_air=mid,
+                                    chi=round(chi, 2), loggf=np.nan, ew_sun=np.nan, wide=False,
+                                    source="window", note=f"GALAH {elem} window",
+                                    target_ew=10 ** rng.uniform(np.log10(0.020), np.log10(0.090))))
+    window = pd.DataFrame(window_rows)
+
+    # forest: inhomogeneous Poisson process in wavelength with density _forest_density
+    lo, hi = LIST_RANGE
+    peak = float(_forest_density(lo))
+    n_try = rng.poisson(peak * (hi - lo))
+    wave = rng.uniform(lo, hi, n_try)
+    wave = np.sort(wave[rng.uniform(0, peak, n_try) < _forest_density(wave)])
+    weights = np.array([w for _, w, _ in _FOREST_SPECIES])
+    pick = rng.choice(len(_FOREST_SPECIES), size=wave.size, p=weights / weights.sum())
+    forest_rows = []
+    # solar EW distribution dN/dlogW ~ W^-0.5 between 2 and 150 mA (inverse-CDF sampling)
+    u = rng.uniform(size=wave.size)
+    a, b, k = 0.002, 0.150, -0.5
+    target = (a ** k + u * (b ** k - a ** k)) ** (1 / k)
+    for w, p, t in zip(wave, pick, target):
+        species, _, (c0, c1) = _FOREST_SPECIES[p]
+        element, ion = split_species(species)
+        forest_rows.append(dict(species=species, element=element, ion=ion, wave_air=round(w, 3),
+                                chi=round(rng.uniform(c0, c1), 2), loggf=np.nan, ew_sun=np.nan,
+                                wide=False, source="forest", note="pseudo-random forest",
+                                target_ew=t))
+    forest = pd.DataFrame(forest_rows)
+
+    table = pd.concat([known, window, forest], ignore_index=True)
+    solve = table.loggf.isna()
+    table.loc[solve, "loggf"] = synth.solve_loggf_for_solar_ew(table[solve])
+    table["loggf"] = table.loggf.round(3)
+    table["wave_vac"] = air_to_vacuum(table.wave_air).round(3)
+    table = table.drop(columns="target_ew").sort_values("wave_air", kind="stable")
+    cols = ["species", "element", "ion", "wave_air", "wave_vac", "chi", "loggf", "ew_sun", "wide",
+            "source", "note"]
+    return table[cols].reset_index(drop=True)
+
+
+def linelist_path():
+    """The package file holding the line list."""
+    from .. import paths
+
+    return paths.PACKAGE_DATA / "linelist.csv"
+
+
+def write_linelist(path=None, seed: int = FOREST_SEED):
+    """Build the line list and write it as CSV with a provenance header."""
+    path = linelist_path() if path is None else path
+    table = build_linelist(seed)
+    header = (
+        "# lamostcannon mock line list (lamostcannon.mock.linelist.build_linelist, "
+        f"seed {seed}); wavelengths in Angstrom (air and vacuum), chi in eV; see the module "
+        "docstring.\n"
+    )
+    tmp = path.with_name("." + path.name + ".tmp")
+    with open(tmp, "w") as fh:
+        fh.write(header)
+        table.to_csv(fh, index=False, float_format="%.6g")
+    tmp.replace(path)
+    log.info("wrote %d lines to %s", len(table), path)
+    return path
+
+
+@functools.lru_cache(maxsize=1)
+def load_linelist():
+    """The packaged line list (pandas DataFrame; see :func:`build_linelist` for the columns)."""
+    import pandas as pd
+
+    table = pd.read_csv(linelist_path(), comment="#")
+    table["wide"] = table["wide"].astype(bool)
+    table["note"] = table["note"].fillna("")
+    return table
+
+
+if __name__ == "__main__":  # pragma: no cover
+    logging.basicConfig(level=logging.INFO)
+    write_linelist()

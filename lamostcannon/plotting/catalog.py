@@ -1,0 +1,200 @@
+"""Figures of the catalogue (notebook 05): Kiel diagram, label distributions, flag fractions,
+recovery of the mock truth and model fits across the Kiel diagram (paper Fig 8).
+
+Every function takes the per-star catalogue or the per-observation table as an astropy Table or a
+pandas DataFrame and returns a matplotlib Figure; saving is :func:`lamostcannon.plotting.savefig`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import catalog, labels as labelsets
+
+_PRETTY = {"teff": r"$T_\mathrm{eff}$ [K]", "logg": r"$\log g$", "vmic": r"$v_\mathrm{mic}$ [km/s]",
+           "fe_h": "[Fe/H]", "alpha_fe": r"[$\alpha$/Fe]", "s_fe": "[s/Fe]"}
+
+
+def pretty(label: str) -> str:
+    """Axis label of a catalogue label (``mg_fe`` -> ``[Mg/Fe]``)."""
+    if label in _PRETTY:
+        return _PRETTY[label]
+    if label.endswith("_fe"):
+        return f"[{label[:-3].capitalize()}/Fe]"
+    return label
+
+
+def _frame(table):
+    import pandas as pd
+
+    if isinstance(table, pd.DataFrame):
+        return table
+    names = [n for n in table.colnames if getattr(table[n], "ndim", 1) == 1]
+    return table[names].to_pandas()
+
+
+def kiel_diagram(stars, color: str = "fe_h", gridsize: int = 80, vmin=-1.0, vmax=0.4):
+    """Kiel diagram (teff vs logg) of the catalogue, hexagonal bins coloured by the median ``color``.
+
+    Two panels: all stars by density, and by median [Fe/H] (or ``color``); the dwarf/giant
+    boundary of eq. 1 is drawn in both.
+    """
+    import matplotlib.pyplot as plt
+
+    df = _frame(stars)
+    ok = np.isfinite(df["teff"]) & np.isfinite(df["logg"])
+    df = df[ok]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), sharex=True, sharey=True)
+    extent = (float(np.nanpercentile(df["teff"], 0.5)), float(np.nanpercentile(df["teff"], 99.5)),
+              float(np.nanpercentile(df["logg"], 0.5)), float(np.nanpercentile(df["logg"], 99.5)))
+    hb = axes[0].hexbin(df["teff"], df["logg"], gridsize=gridsize, bins="log", mincnt=1,
+                        cmap="Greys", extent=extent)
+    fig.colorbar(hb, ax=axes[0], label="stars per bin")
+    c = df[color].to_numpy(float)
+    fin = np.isfinite(c)
+    hc = axes[1].hexbin(df["teff"][fin], df["logg"][fin], C=c[fin], reduce_C_function=np.median,
+                        gridsize=gridsize, mincnt=3, cmap="viridis", vmin=vmin, vmax=vmax,
+                        extent=extent)
+    fig.colorbar(hc, ax=axes[1], label=f"median {pretty(color)}")
+    teff = np.linspace(extent[0], extent[1], 200)
+    boundary = np.where(teff < 5200, 4.18, -6e-4 * teff + 7.3)
+    for ax in axes:
+        ax.plot(teff, boundary, color="tab:red", lw=1, ls="--", label="eq. 1 dwarf/giant split")
+        ax.set_xlabel(pretty("teff"))
+    axes[0].set_ylabel(pretty("logg"))
+    axes[0].invert_xaxis()
+    axes[0].invert_yaxis()
+    axes[0].legend(loc="upper left", fontsize="small")
+    axes[0].set_title(f"{len(df):,} stars")
+    axes[1].set_title(f"coloured by {pretty(color)}")
+    fig.tight_layout()
+    return fig
+
+
+def label_distributions(stars, label_names=catalog.ALL_LABELS, bins: int = 60):
+    """Histograms of every label of the catalogue, dwarf-model and giant-model stars separately."""
+    import matplotlib.pyplot as plt
+
+    df = _frame(stars)
+    names = [n for n in label_names if n in df]
+    ncol = 5
+    nrow = int(np.ceil(len(names) / ncol))
+    fig, axes = plt.subplots(nrow, ncol, figsize=(2.6 * ncol, 2.1 * nrow))
+    axes = np.atleast_1d(axes).ravel()
+    giant = df["giantmodel"].to_numpy(bool)
+    for ax, name in zip(axes, names):
+        values = df[name].to_numpy(float)
+        fin = np.isfinite(values)
+        if not fin.any():
+            ax.set_visible(False)
+            continue
+        edges = np.linspace(*np.nanpercentile(values, [0.2, 99.8]), bins + 1)
+        for sel, lab, col in ((~giant, "dwarf model", "tab:blue"), (giant, "giant model", "tab:orange")):
+            if (sel & fin).any():
+                ax.hist(values[sel & fin], bins=edges, histtype="step", color=col, label=lab)
+        ax.set_xlabel(pretty(name))
+        ax.set_yticks([])
+    for ax in axes[len(names):]:
+        ax.set_visible(False)
+    axes[0].legend(fontsize="x-small")
+    fig.tight_layout()
+    return fig
+
+
+def flag_fractions(stars):
+    """Fraction of stars with each extrapolation flag and each bit of ``flag``.
+
+    For each flag the fraction is among the stars whose model estimates that label.
+    """
+    import matplotlib.pyplot as plt
+
+    df = _frame(stars)
+    giant = df["giantmodel"].to_numpy(bool)
+    names, fractions = [], []
+    for col in catalog.extrap_columns():
+        label = col[:-7]
+        if label == "kiel":
+            has = np.ones(len(df), bool)
+        else:
+            has = np.array([label in labelsets.model_labels(g) for g in (False, True)])[giant.astype(int)]
+        if has.any():
+            names.append(col)
+            fractions.append(df[col].to_numpy(bool)[has].mean())
+    flags = df["flag"].to_numpy(int)
+    for bit, text in catalog.FLAG_BITS.items():
+        names.append(f"flag {bit}: {text.split(';')[0][:28]}")
+        fractions.append(((flags & bit) != 0).mean())
+    fig, ax = plt.subplots(figsize=(6, 0.28 * len(names) + 1))
+    y = np.arange(len(names))
+    ax.barh(y, fractions, color="tab:gray")
+    ax.set_yticks(y, names, fontsize="small")
+    ax.invert_yaxis()
+    ax.set_xlabel("fraction of stars")
+    for yi, f in zip(y, fractions):
+        ax.text(f, yi, f" {100 * f:.1f}%", va="center", fontsize="x-small")
+    fig.tight_layout()
+    return fig
+
+
+def truth_comparison(stars, truth, label_names=("teff", "logg", "fe_h", "o_fe", "mg_fe", "alpha_fe"),
+                     key: str = "designation"):
+    """Inferred catalogue labels against the mock truth, joined on ``key``; one panel per label.
+
+    Each panel gives the bias and the scatter (standard deviation) of inferred - true.
+    """
+    import matplotlib.pyplot as plt
+
+    df = _frame(stars).merge(_frame(truth), on=key, suffixes=("", "_true"))
+    names = [n for n in label_names if n in df and f"{n}_true" in df]
+    ncol = min(3, len(names))
+    nrow = int(np.ceil(len(names) / ncol))
+    fig, axes = plt.subplots(nrow, ncol, figsize=(3.4 * ncol, 3.2 * nrow))
+    axes = np.atleast_1d(axes).ravel()
+    for ax, name in zip(axes, names):
+        x, y = df[f"{name}_true"].to_numpy(float), df[name].to_numpy(float)
+        ok = np.isfinite(x) & np.isfinite(y)
+        ax.hexbin(x[ok], y[ok], gridsize=50, bins="log", mincnt=1, cmap="Greys")
+        lo, hi = np.nanpercentile(np.r_[x[ok], y[ok]], [0.5, 99.5])
+        ax.plot([lo, hi], [lo, hi], color="tab:red", lw=1)
+        d = y[ok] - x[ok]
+        ax.set_title(f"{pretty(name)}: bias {np.mean(d):+.3g}, scatter {np.std(d):.3g}",
+                     fontsize="small")
+        ax.set_xlabel(f"true {pretty(name)}")
+        ax.set_ylabel(f"inferred {pretty(name)}")
+    for ax in axes[len(names):]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    return fig
+
+
+def fit_examples(wavelength, flux, ivar, model_flux, titles, window=(4000.0, 5500.0)):
+    """Data and best-fit model spectra of a few observations, with 1-sigma bands (paper Fig 8).
+
+    Parameters
+    ----------
+    wavelength : array (P,), Angstrom
+    flux, ivar, model_flux : arrays (n, P)
+    titles : list of n strings (e.g. teff, logg, [Fe/H] of each star)
+    window : wavelength range shown
+    """
+    import matplotlib.pyplot as plt
+
+    n = len(flux)
+    sel = (wavelength >= window[0]) & (wavelength <= window[1])
+    fig, axes = plt.subplots(n, 1, figsize=(9, 1.4 * n + 0.6), sharex=True)
+    axes = np.atleast_1d(axes)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, ax in enumerate(axes):
+        w = wavelength[sel]
+        f, iv, m = flux[i][sel], ivar[i][sel], model_flux[i][sel]
+        with np.errstate(divide="ignore"):
+            sig = np.where(iv > 0, 1 / np.sqrt(iv), np.nan)
+        ax.fill_between(w, f - sig, f + sig, color=colors[i % len(colors)], alpha=0.3, lw=0)
+        ax.plot(w, np.where(iv > 0, f, np.nan), color=colors[i % len(colors)], lw=0.6)
+        ax.plot(w, m, color="k", lw=0.6)
+        ax.set_ylim(0.2, 1.3)
+        ax.text(0.01, 0.08, titles[i], transform=ax.transAxes, fontsize="x-small")
+    axes[-1].set_xlabel(r"rest-frame vacuum wavelength [$\AA$]")
+    fig.supylabel("normalised flux")
+    fig.tight_layout()
+    return fig

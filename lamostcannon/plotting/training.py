@@ -1,0 +1,178 @@
+"""Figure helpers for the reference set and the trained models (paper Figs 2, 3, 8, 15, 16).
+
+Each function returns a :class:`matplotlib.figure.Figure`; notebooks save it with
+:func:`lamostcannon.plotting.savefig`. Nothing here computes science: the inputs are the reference
+set, spectra from the store and a trained :class:`lamostcannon.cannon.CannonModel`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import use_style
+from .science import label_text
+
+#: Regions of the LAMOST spectrum shown by :func:`model_vs_data` by default (vacuum, Angstrom):
+#: H-beta with its neighbours, and the Mg b triplet region.
+DEFAULT_REGIONS = ((4820.0, 4920.0), (5150.0, 5200.0))
+
+
+def kiel_diagram(teff, logg, color=None, *, color_label="[Fe/H] (GALAH)", boundary=True,
+                 title=None):
+    """Fig 3: the reference set in the (LAMOST) Kiel diagram, coloured by e.g. GALAH [Fe/H].
+
+    Parameters
+    ----------
+    teff, logg : arrays (S,)
+        LAMOST effective temperature (K) and surface gravity.
+    color : array (S,), optional
+        Colour of each point.
+    boundary : bool
+        Draw the dwarf/giant division of eq. 1.
+    """
+    import matplotlib.pyplot as plt
+
+    use_style()
+    teff = np.asarray(teff, float)
+    logg = np.asarray(logg, float)
+    fig, ax = plt.subplots(figsize=(5.0, 4.2))
+    if color is None:
+        ax.scatter(teff, logg, s=4, c="k", lw=0)
+    else:
+        c = np.asarray(color, float)
+        lo, hi = np.nanpercentile(c, [1, 99]) if np.isfinite(c).any() else (0, 1)
+        sc = ax.scatter(teff, logg, s=4, c=c, lw=0, vmin=lo, vmax=hi, cmap="viridis")
+        fig.colorbar(sc, ax=ax, label=color_label)
+    if boundary:
+        t = np.linspace(min(np.nanmin(teff), 3500.0), max(np.nanmax(teff), 7500.0), 200)
+        ax.plot(t, np.where(t < 5200.0, 4.18, -6e-4 * t + 7.3), "r-", lw=1,
+                label="dwarf/giant division (eq. 1)")
+        ax.legend(loc="upper left")
+    ax.invert_xaxis()
+    ax.invert_yaxis()
+    ax.set_xlabel(r"$T_{\rm eff}$ [K] (LAMOST)")
+    ax.set_ylabel(r"$\log g$ (LAMOST)")
+    if title:
+        ax.set_title(title)
+    return fig
+
+
+def model_vs_data(wavelength, flux, ivar, model_flux, *, s2=None, regions=DEFAULT_REGIONS,
+                  names=None, highlight=None):
+    """Figs 2 and 8: continuum-normalised LAMOST spectra against the Cannon model.
+
+    One row per star, one column per wavelength region. The data are drawn with their 1-sigma
+    band, the model with its intrinsic scatter ``s`` as a band; pixels without data are left out.
+
+    Parameters
+    ----------
+    wavelength : array (P,)
+        Rest-frame vacuum wavelengths (Angstrom).
+    flux, ivar, model_flux : arrays (S, P)
+        Normalised flux, its inverse variance and the model (``CannonModel.predict``).
+    s2 : array (P,), optional
+        Model intrinsic variance ``s^2``.
+    regions : sequence of (lo, hi)
+        Wavelength ranges, Angstrom.
+    names : sequence of str (S,), optional
+        Row titles (e.g. the LAMOST designation and labels).
+    highlight : bool array (P,) or dict name -> bool array (P,), optional
+        Pixels to shade (e.g. an element's GALAH windows from
+        :func:`lamostcannon.cleaning.window_mask`).
+    """
+    import matplotlib.pyplot as plt
+
+    use_style()
+    w = np.asarray(wavelength, float)
+    flux = np.atleast_2d(np.asarray(flux, float))
+    ivar = np.atleast_2d(np.asarray(ivar, float))
+    model_flux = np.atleast_2d(np.asarray(model_flux, float))
+    n, m = flux.shape[0], len(regions)
+    fig, axes = plt.subplots(n, m, figsize=(3.6 * m, 1.9 * n + 0.4), squeeze=False,
+                             sharex="col")
+    if highlight is not None and not isinstance(highlight, dict):
+        highlight = {"windows": highlight}
+    s = np.sqrt(np.where(np.isfinite(s2), s2, 0.0)) if s2 is not None else np.zeros_like(w)
+    for i in range(n):
+        good = ivar[i] > 0
+        with np.errstate(divide="ignore"):
+            err = np.where(good, 1.0 / np.sqrt(np.where(good, ivar[i], 1.0)), np.nan)
+        f = np.where(good, flux[i], np.nan)
+        for j, (lo, hi) in enumerate(regions):
+            ax = axes[i, j]
+            sel = (w >= lo) & (w <= hi)
+            ax.fill_between(w[sel], (f - err)[sel], (f + err)[sel], color="0.7", lw=0, step="mid")
+            ax.step(w[sel], f[sel], where="mid", color="k", lw=0.8, label="LAMOST")
+            ax.fill_between(w[sel], (model_flux[i] - s)[sel], (model_flux[i] + s)[sel],
+                            color="C1", alpha=0.35, lw=0, step="mid")
+            ax.step(w[sel], model_flux[i][sel], where="mid", color="C1", lw=0.9,
+                    label="Cannon model")
+            for k, (_, mask) in enumerate((highlight or {}).items()):
+                for a, b in _runs(w, np.asarray(mask, bool) & sel):
+                    ax.axvspan(a, b, color=f"C{3 + k}", alpha=0.2, lw=0)
+            ax.set_xlim(lo, hi)
+            if i == n - 1:
+                ax.set_xlabel(r"rest-frame vacuum wavelength [$\rm\AA$]")
+            if j == 0:
+                ax.set_ylabel("normalised flux")
+                if names is not None:
+                    ax.set_title(str(names[i]), loc="left", fontsize=8)
+    axes[0, -1].legend(loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def _runs(w, mask):
+    """(start, end) wavelengths of contiguous True runs of ``mask`` (pixel edges)."""
+    if not mask.any():
+        return []
+    idx = np.flatnonzero(mask)
+    splits = np.flatnonzero(np.diff(idx) > 1)
+    starts = np.r_[idx[0], idx[splits + 1]]
+    ends = np.r_[idx[splits], idx[-1]]
+    half = np.gradient(w) / 2
+    return [(w[a] - half[a], w[b] + half[b]) for a, b in zip(starts, ends)]
+
+
+def coefficients_vs_wavelength(model, *, wavelength=None, label_names=None, min_wavelength=4000.0,
+                               title=None):
+    """Figs 15 and 16: the linear coefficients ``theta`` of each label, and the model scatter
+    ``s``, against wavelength.
+
+    The coefficients are in standardised label units: the change of normalised flux per one
+    training-set standard deviation of the label. Untrained pixels are left out, and so is the
+    noisy blue end below ``min_wavelength`` (the paper omits lambda < 4000 A).
+
+    Parameters
+    ----------
+    model : trained :class:`lamostcannon.cannon.CannonModel`
+    wavelength : array (P,), optional
+        Default ``model.wavelength``.
+    label_names : sequence of str, optional
+        Subset of the model's labels to draw (default all).
+    """
+    import matplotlib.pyplot as plt
+
+    use_style()
+    w = np.asarray(model.wavelength if wavelength is None else wavelength, float)
+    names = list(model.label_names) if label_names is None else list(label_names)
+    ok = np.asarray(model.pixel_ok, bool) & (w >= min_wavelength)
+    n = len(names) + 1
+    fig, axes = plt.subplots(n, 1, figsize=(10.0, 1.05 * n + 0.6), sharex=True, squeeze=False)
+    axes = axes[:, 0]
+    s = np.sqrt(np.where(ok, model.s2, np.nan))
+    axes[0].plot(w, s, color="k", lw=0.6)
+    axes[0].set_ylabel(r"$s_\lambda$", rotation=0, ha="right", va="center")
+    for k, name in enumerate(names):
+        col = 1 + list(model.label_names).index(name)
+        ax = axes[k + 1]
+        ax.axhline(0, color="0.6", lw=0.5)
+        ax.plot(w, np.where(ok, model.theta[:, col], np.nan), color=f"C{k % 10}", lw=0.6)
+        ax.set_ylabel(r"$\theta$ " + label_text(name), rotation=0, ha="right", va="center",
+                      fontsize=8)
+    axes[-1].set_xlabel(r"rest-frame vacuum wavelength [$\rm\AA$]")
+    axes[-1].set_xlim(w[ok].min() if ok.any() else w.min(), w.max())
+    if title:
+        axes[0].set_title(title)
+    fig.subplots_adjust(hspace=0.08)
+    return fig

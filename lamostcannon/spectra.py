@@ -1,0 +1,870 @@
+"""LAMOST low-resolution spectra: reading every layout, and continuum normalisation on one grid.
+
+Reading
+-------
+:func:`read_lamost` reads one LAMOST low-resolution (R ~ 1800) spectrum file, plain FITS or
+gzipped, and recognises the layout from the content (never from the name):
+
+===========  =====================================================================================
+layout       content
+===========  =====================================================================================
+``dr1-3``    primary image 5 x N: flux, ivar, a continuum-subtracted flux, andmask, ormask; the
+             wavelengths come from the header: ``lambda_i = 10**(COEFF0 + COEFF1 * i)``
+``dr4-9``    primary image 5 x N: flux, ivar, wavelength, andmask, ormask
+``dr10+``    empty primary; binary table ``COADD`` (HDU 1), one row, columns FLUX, IVAR,
+             WAVELENGTH, ANDMASK, ORMASK (NORMALIZATION is ignored)
+===========  =====================================================================================
+
+The image layouts are told apart by the third row: a wavelength row holds values of thousands of
+Angstrom, the DR1-3 continuum-subtracted flux does not. LAMOST wavelengths are vacuum,
+heliocentric, observed frame.
+
+The file is decompressed into memory in one call and the FITS headers and data are parsed with
+numpy straight from the bytes (big-endian ``float32`` images and binary-table columns without
+scaling); anything that parser does not support (scaled data, other pixel types) goes to
+:mod:`astropy.io.fits`, which reads the same bytes. ``engine="astropy"`` forces astropy; the
+test-suite checks that both engines agree on every real file.
+
+Preprocessing (Wheeler et al. 2020, section 3, following Ho et al. 2017, ApJ 836, 5)
+-------------------------------------------------------------------------------------
+1. Bad pixels get zero inverse variance: ``ANDMASK != 0``, ``ORMASK != 0`` (optional, on by
+   default, see below), ``IVAR <= 0``, non-finite flux or ivar, and ``FLUX == 0`` exactly. The
+   last is padding, not a measurement: LAMOST fills up to ~30 pixels at the red end (sometimes
+   more) with zero flux but a nonzero IVAR (8266 such unmasked pixels in 902 of the 1726 real
+   DR10 files, 90% of them above 9050 A); left in, they alone raise the chi2 per degree of
+   freedom between repeat observations of one star by a factor of ~3.
+2. Rest frame: ``lambda_rest = lambda_obs / (1 + Z)`` with the pipeline redshift ``Z``.
+3. Resampling onto the common grid ``log10(lambda/A) = 3.5682 + 1e-4 * i``, ``i = 0..3908``
+   (:func:`common_wavelength`) by linear interpolation in ``log10(lambda)`` between the two
+   neighbouring native pixels ``j, j+1`` with weights ``1-t, t``. The variance is propagated,
+   ``var = (1-t)**2 / ivar_j + t**2 / ivar_{j+1}``; a grid pixel whose either neighbour is bad, or
+   that lies outside the observed coverage, gets ``ivar = 0``. (Interpolation correlates
+   neighbouring grid pixels; the per-pixel variance is exact, the covariance is not kept.)
+4. Continuum by inverse-variance-weighted Gaussian smoothing (Ho et al. 2017, eq. 1):
+   ``cont_i = sum_j w_ij ivar_j f_j / sum_j w_ij ivar_j`` with
+   ``w_ij = exp(-(lambda_i - lambda_j)**2 / (2 L**2))``, ``L = 50 A``, truncated at
+   ``|lambda_i - lambda_j| <= 150 A``. Because the grid is log-linear the kernel spans
+   ~170 pixels (each side) in the blue and ~70 in the red. The weight matrix is banded; it is
+   built once per process as dense row blocks that cover just the band
+   (:func:`continuum_blocks`) and applied to many spectra at once with one matrix product per
+   block (BLAS), in float64.
+5. Normalised flux ``f / cont``, inverse variance ``ivar * cont**2``. Where there is no data
+   (``ivar == 0``) or the continuum is not positive, the output has ``ivar = 0`` and ``flux = 1``
+   (the continuum level), so the output never holds NaN or inf.
+
+ORMASK: the LAMOST README says both masks mark bad pixels. On every real DR8 and DR10 file in
+``../shared/data/lamost`` each pixel with ``ORMASK != 0`` and ``ANDMASK == 0`` already has
+``IVAR == 0``, so using the ORMASK changes nothing there; it is used by default (the
+conservative choice for other releases) and can be switched off with ``use_ormask=False``.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import re
+import zlib
+from dataclasses import dataclass, field
+from functools import lru_cache
+from os import PathLike
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "LOG10_WAVE_START", "LOG10_WAVE_STEP", "N_PIXELS", "CONTINUUM_SIGMA", "CONTINUUM_TRUNCATE",
+    "MIN_GOOD_PIXELS", "LAYOUTS", "common_wavelength", "LamostSpectrum", "SpectrumReadError",
+    "read_lamost", "resample", "normalise", "preprocess", "preprocess_many", "continuum",
+    "continuum_blocks", "continuum_matrix", "find_spectra", "SpectraStore", "ingest",
+]
+
+#: log10 of the first wavelength of the common rest-frame grid (Angstrom, vacuum).
+LOG10_WAVE_START = 3.5682
+#: Step of the common grid in log10(lambda) (~69 km/s per pixel).
+LOG10_WAVE_STEP = 1e-4
+#: Number of pixels of the common grid (3699.99 ... 9099.4 A).
+N_PIXELS = 3909
+#: Width ``L`` (Angstrom) of the Gaussian continuum kernel (Ho et al. 2017).
+CONTINUUM_SIGMA = 50.0
+#: The continuum kernel is zero beyond this distance (Angstrom).
+CONTINUUM_TRUNCATE = 150.0
+#: A spectrum with fewer valid pixels on the common grid is unusable (SpectrumReadError).
+MIN_GOOD_PIXELS = 100
+#: The layouts :func:`read_lamost` recognises.
+LAYOUTS = ("dr1-3", "dr4-9", "dr10+")
+
+_META_KEYS = ("obsid", "designation", "ra", "dec", "z", "z_err", "snru", "snrg", "snrr", "snri",
+              "snrz", "class", "subclass", "mjd", "data_release", "layout", "filename")
+
+
+def common_wavelength() -> np.ndarray:
+    """The common rest-frame vacuum wavelength grid.
+
+    Returns
+    -------
+    wavelength : ndarray, shape (3909,), float64, Angstrom
+        ``10**(LOG10_WAVE_START + LOG10_WAVE_STEP * i)`` for ``i = 0 .. N_PIXELS - 1``.
+    """
+    return 10.0 ** (LOG10_WAVE_START + LOG10_WAVE_STEP * np.arange(N_PIXELS))
+
+
+class SpectrumReadError(ValueError):
+    """A LAMOST file that cannot be read or gives no usable spectrum.
+
+    Parameters
+    ----------
+    path : str or path-like
+        The file.
+    reason : str
+        What is wrong, in words (e.g. ``"truncated gzip stream"``).
+    """
+
+    def __init__(self, path, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+    def __reduce__(self):  # picklable across processes
+        return (type(self), (self.path, self.reason))
+
+
+@dataclass(frozen=True, eq=False)
+class LamostSpectrum:
+    """One LAMOST spectrum as stored in the file (native pixels, observed frame).
+
+    Attributes
+    ----------
+    wavelength : ndarray, shape (N,), float64
+        Vacuum wavelength in Angstrom, observed (heliocentric) frame, strictly increasing.
+    flux : ndarray, shape (N,), float32
+        Flux (LAMOST relative flux units).
+    ivar : ndarray, shape (N,), float32
+        Inverse variance of ``flux``.
+    andmask, ormask : ndarray, shape (N,), int64
+        Pixel masks (nonzero = bad in all / in any exposure).
+    meta : dict
+        obsid (int, -1 when the file has none, as DR1-3 files), designation, ra, dec (deg),
+        z, z_err, snru, snrg, snrr, snri, snrz (NaN when absent), class, subclass, mjd (int),
+        data_release (``"DR10"``, from ``DATA_V``; ``"DR1-3"`` deduced for that layout, which has
+        no ``DATA_V``), layout (one of :data:`LAYOUTS`), filename (the file's base name).
+    """
+
+    wavelength: np.ndarray
+    flux: np.ndarray
+    ivar: np.ndarray
+    andmask: np.ndarray
+    ormask: np.ndarray
+    meta: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.wavelength)
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading: bytes -> a neutral structure (fast numpy parser or astropy) -> layout -> LamostSpectrum
+# ------------------------------------------------------------------------------------------------
+
+_BLOCK = 2880
+_CARD = 80
+_PRINTABLE = bytes(range(0x20, 0x7F))
+_TFORM = re.compile(r"^\s*(\d*)\s*([A-Z])")
+_BINTABLE_TYPES = {"E": ">f4", "D": ">f8", "J": ">i4", "I": ">i2", "K": ">i8", "B": "u1"}
+_IMAGE_TYPES = {-32: ">f4", -64: ">f8", 32: ">i4", 16: ">i2", 8: "u1", 64: ">i8"}
+
+
+class _Unsupported(Exception):
+    """The fast parser cannot handle this file; astropy will."""
+
+
+@dataclass
+class _RawFits:
+    """What the layout detection needs from a FITS file, independent of the parser."""
+
+    header: Mapping[str, Any]  # primary header
+    image: np.ndarray | None  # primary data, (NAXIS2, NAXIS1), or None
+    tables: list  # [(extname, header, {column: row-0 array}, nrows)]
+
+
+def _load_bytes(path: Path) -> bytes:
+    """The file's bytes, gunzipped in memory when the content is gzip (magic 1f 8b)."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise SpectrumReadError(path, "file not found") from None
+    except OSError as exc:
+        raise SpectrumReadError(path, f"cannot read file: {exc}") from None
+    if raw[:2] != b"\x1f\x8b":
+        return raw
+    pieces = []
+    data = raw
+    try:
+        while data:
+            dec = zlib.decompressobj(wbits=31)
+            pieces.append(dec.decompress(data))
+            if not dec.eof:
+                raise SpectrumReadError(
+                    path, f"truncated gzip stream ({len(raw)} compressed bytes end before the "
+                          "end of the stream)")
+            data = dec.unused_data.lstrip(b"\x00")  # multi-member gzip; trailing zero padding
+    except zlib.error as exc:
+        raise SpectrumReadError(path, f"corrupt gzip stream ({exc})") from None
+    return b"".join(pieces)
+
+
+def _parse_value(raw: str):
+    """Value of a FITS card (the text after ``= ``): str, bool, int, float or None."""
+    s = raw.strip()
+    if s.startswith("'"):
+        out, i = [], 1
+        while True:
+            j = s.find("'", i)
+            if j < 0:
+                raise ValueError("unterminated string value")
+            if s[j + 1:j + 2] == "'":
+                out.append(s[i:j + 1])
+                i = j + 2
+                continue
+            out.append(s[i:j])
+            return "".join(out).rstrip()
+    v = s.split("/", 1)[0].strip()
+    if v == "T":
+        return True
+    if v == "F":
+        return False
+    if not v:
+        return None
+    try:
+        return int(v)
+    except ValueError:
+        return float(v.replace("D", "E"))
+
+
+class _Header(dict):
+    """Raw card values (text after ``= ``), parsed on access; behaves like a read-only mapping."""
+
+    def __getitem__(self, key):
+        value = dict.__getitem__(self, key)
+        try:
+            return _parse_value(value)
+        except ValueError as exc:
+            raise ValueError(f"header card {key}: {exc} ({value.strip()!r})") from None
+
+    def get(self, key, default=None):
+        return self[key] if key in self else default
+
+
+def _parse_header(buf: bytes, start: int, path) -> tuple[_Header, int]:
+    """Parse the header that begins at ``start``; return it and the offset of its data."""
+    end = buf.find(b"END     ", start)
+    # 'END' must begin a card; search card by card from the first candidate.
+    while end >= 0 and (end - start) % _CARD:
+        end = buf.find(b"END     ", end + 1)
+    if end < 0:
+        if len(buf) - start < _BLOCK:
+            raise SpectrumReadError(path, f"truncated file: header at byte {start} incomplete")
+        raise SpectrumReadError(path, f"unreadable header at byte {start}: no END card")
+    data_start = start + ((end - start) // _BLOCK + 1) * _BLOCK
+    if data_start > len(buf):
+        raise SpectrumReadError(path, f"truncated file: header at byte {start} incomplete")
+    text = buf[start:end]
+    if text.translate(None, _PRINTABLE):
+        raise SpectrumReadError(path, f"unreadable header at byte {start}: non-ASCII bytes")
+    text = text.decode("ascii")
+    header = _Header()
+    for k in range(0, len(text), _CARD):
+        card = text[k:k + _CARD]
+        if card[8:10] == "= ":
+            header.setdefault(card[:8].rstrip(), card[10:])
+    return header, data_start
+
+
+def _int_card(header: _Header, key: str, path, hdu: int) -> int:
+    try:
+        value = header[key]
+    except KeyError:
+        raise SpectrumReadError(path, f"unreadable header in HDU {hdu}: no {key} card") from None
+    except ValueError as exc:
+        raise SpectrumReadError(path, f"unreadable header in HDU {hdu}: {exc}") from None
+    if not isinstance(value, int) or isinstance(value, bool) or (value < 0 and key != "BITPIX"):
+        raise SpectrumReadError(path, f"unreadable header in HDU {hdu}: {key} = {value!r}")
+    return value
+
+
+def _parse_fast(buf: bytes, path) -> _RawFits:
+    """Parse the FITS bytes with numpy (no copies beyond the final arrays)."""
+    if not buf.startswith(b"SIMPLE  =                    T"):
+        raise SpectrumReadError(path, "not a FITS file (no 'SIMPLE = T' card at the start)")
+    header, pos = _parse_header(buf, 0, path)
+    naxis = _int_card(header, "NAXIS", path, 0)
+    bitpix = _int_card(header, "BITPIX", path, 0)
+    image = None
+    nbytes = 0
+    if naxis:
+        if "BSCALE" in header or "BZERO" in header or bitpix not in _IMAGE_TYPES:
+            raise _Unsupported("scaled or unusual primary image")
+        shape = [_int_card(header, f"NAXIS{i}", path, 0) for i in range(naxis, 0, -1)]
+        count = math.prod(shape)
+        nbytes = count * abs(bitpix) // 8
+        if pos + nbytes > len(buf):
+            raise SpectrumReadError(path, f"truncated file: primary image needs {nbytes} bytes "
+                                          f"after byte {pos}, file has {len(buf) - pos}")
+        image = np.frombuffer(buf, _IMAGE_TYPES[bitpix], count, pos).reshape(shape)
+    pos += -(-nbytes // _BLOCK) * _BLOCK
+    tables = []
+    hdu = 0
+    while pos + _BLOCK <= len(buf):
+        if not buf.startswith(b"XTENSION", pos):
+            if buf[pos:pos + _BLOCK].strip(b"\x00 "):
+                raise SpectrumReadError(path, f"unreadable header at byte {pos}: no XTENSION card")
+            break  # padding
+        hdu += 1
+        header_x, pos = _parse_header(buf, pos, path)
+        try:
+            xtension = header_x["XTENSION"]
+        except ValueError as exc:
+            raise SpectrumReadError(path, f"unreadable header in HDU {hdu}: {exc}") from None
+        axes = [_int_card(header_x, f"NAXIS{i}", path, hdu)
+                for i in range(1, _int_card(header_x, "NAXIS", path, hdu) + 1)]
+        naxis1, naxis2 = (axes + [0, 0])[:2] if axes else (0, 0)
+        pcount = _int_card(header_x, "PCOUNT", path, hdu) if "PCOUNT" in header_x else 0
+        bitpix_x = abs(_int_card(header_x, "BITPIX", path, hdu))
+        nbytes = (math.prod(axes) if axes else 0) * bitpix_x // 8 + pcount
+        if xtension == "BINTABLE":
+            if pos + naxis1 * naxis2 > len(buf):
+                raise SpectrumReadError(
+                    path, f"truncated file: table in HDU {hdu} needs {naxis1 * naxis2} bytes "
+                          f"after byte {pos}, file has {len(buf) - pos}")
+            tables.append(_parse_bintable(buf, pos, header_x, naxis1, naxis2, path, hdu))
+        pos += -(-nbytes // _BLOCK) * _BLOCK
+    return _RawFits(header, image, tables)
+
+
+def _parse_bintable(buf, pos, header, naxis1, naxis2, path, hdu):
+    """Row 0 of every column of a binary table with fixed-size numeric columns."""
+    nfields = _int_card(header, "TFIELDS", path, hdu)
+    columns = {}
+    offset = 0
+    for k in range(1, nfields + 1):
+        if f"TSCAL{k}" in header or f"TZERO{k}" in header:
+            raise _Unsupported("scaled table column")
+        try:
+            tform = header[f"TFORM{k}"]
+            name = str(header.get(f"TTYPE{k}", f"COL{k}")).strip().upper()
+        except (KeyError, ValueError) as exc:
+            raise SpectrumReadError(path, f"unreadable header in HDU {hdu}: {exc}") from None
+        m = _TFORM.match(str(tform))
+        if not m or m.group(2) not in _BINTABLE_TYPES:
+            raise _Unsupported(f"table column format {tform!r}")
+        repeat = int(m.group(1) or 1)
+        dtype = np.dtype(_BINTABLE_TYPES[m.group(2)])
+        if naxis2:
+            columns[name] = np.frombuffer(buf, dtype, repeat, pos + offset)
+        offset += repeat * dtype.itemsize
+    if offset != naxis1:
+        raise SpectrumReadError(path, f"unreadable header in HDU {hdu}: columns take {offset} "
+                                      f"bytes per row but NAXIS1 = {naxis1}")
+    return (str(header.get("EXTNAME", "") or "").strip().upper(), header, columns, naxis2)
+
+
+def _parse_astropy(buf: bytes, path) -> _RawFits:
+    """Parse the FITS bytes with astropy (fallback and reference)."""
+    import warnings
+
+    from astropy.io import fits
+    from astropy.utils.exceptions import AstropyWarning
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", AstropyWarning)
+            with fits.open(io.BytesIO(buf), memmap=False, lazy_load_hdus=False,
+                           ignore_missing_simple=False) as hdul:
+                header = hdul[0].header
+                image = None if hdul[0].data is None else np.asarray(hdul[0].data)
+                tables = []
+                for hdu in hdul[1:]:
+                    if isinstance(hdu, fits.BinTableHDU):
+                        data = hdu.data
+                        cols = {} if data is None or len(data) == 0 else {
+                            n.upper(): np.asarray(data[n][0]) for n in hdu.columns.names}
+                        tables.append((hdu.name.upper(), hdu.header, cols,
+                                       0 if data is None else len(data)))
+    except SpectrumReadError:
+        raise
+    except Exception as exc:  # astropy raises many types for damaged files
+        raise SpectrumReadError(path, f"unreadable FITS ({type(exc).__name__}: {exc})") from None
+    return _RawFits(header, image, tables)
+
+
+def _header_get(header, keys, default=None):
+    for key in keys:
+        try:
+            if key in header:
+                value = header[key]
+                if value is not None and value != "":
+                    return value
+        except ValueError:
+            continue
+    return default
+
+
+def _as_float(value) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def _meta(header, layout: str, path: Path) -> dict:
+    """The metadata dictionary from the primary header."""
+    obsid = _header_get(header, ("OBSID",), -1)
+    try:
+        obsid = int(obsid)
+    except (TypeError, ValueError):
+        raise SpectrumReadError(path, f"unreadable header: OBSID = {obsid!r}") from None
+    data_v = str(_header_get(header, ("DATA_V",), "")).strip()
+    match = re.search(r"DR\s*(\d+)", data_v.upper())
+    release = f"DR{match.group(1)}" if match else ("DR1-3" if layout == "dr1-3" else data_v)
+    mjd = _header_get(header, ("MJD",), -1)
+    meta = {
+        "obsid": obsid,
+        "designation": str(_header_get(header, ("DESIG", "DESIGNAT"), "")).strip(),
+        "ra": _as_float(_header_get(header, ("RA",))),
+        "dec": _as_float(_header_get(header, ("DEC",))),
+        "z": _as_float(_header_get(header, ("Z",))),
+        "z_err": _as_float(_header_get(header, ("Z_ERR",))),
+    }
+    for band in "ugriz":
+        meta[f"snr{band}"] = _as_float(_header_get(header, (f"SNR{band.upper()}",
+                                                            f"SN_{band.upper()}")))
+    meta.update({
+        "class": str(_header_get(header, ("CLASS",), "")).strip(),
+        "subclass": str(_header_get(header, ("SUBCLASS",), "")).strip(),
+        "mjd": int(mjd) if isinstance(mjd, (int, float)) and np.isfinite(mjd) else -1,
+        "data_release": release,
+        "layout": layout,
+        "filename": path.name,
+    })
+    return meta
+
+
+def _check_wavelength(wave: np.ndarray, path) -> np.ndarray:
+    wave = np.asarray(wave, dtype=np.float64)
+    if not np.all(np.isfinite(wave)):
+        raise SpectrumReadError(path, f"NaN/inf wavelengths ({np.sum(~np.isfinite(wave))} pixels)")
+    if wave.size < 2 or not np.all(np.diff(wave) > 0):
+        raise SpectrumReadError(path, "wavelengths not strictly increasing")
+    if wave[0] <= 0:
+        raise SpectrumReadError(path, f"non-positive wavelength {wave[0]}")
+    return wave
+
+
+def _interpret(raw: _RawFits, path: Path) -> LamostSpectrum:
+    """Detect the layout from the content and build the spectrum."""
+    header = raw.header
+    if raw.image is not None and raw.image.ndim == 2 and raw.image.shape[0] >= 5:
+        rows = np.asarray(raw.image, dtype=np.float32)
+        third = rows[2]
+        finite = third[np.isfinite(third)]
+        if finite.size and np.median(finite) > 1000.0:  # a wavelength row (Angstrom)
+            layout, wave = "dr4-9", _check_wavelength(third, path)
+        else:
+            c0 = _header_get(header, ("COEFF0", "CRVAL1"))
+            c1 = _header_get(header, ("COEFF1", "CD1_1", "CDELT1"))
+            try:
+                c0, c1 = float(c0), float(c1)
+            except (TypeError, ValueError):
+                raise SpectrumReadError(
+                    path, "5 x N image without a wavelength row and without COEFF0/COEFF1 "
+                          "header cards") from None
+            layout = "dr1-3"
+            wave = _check_wavelength(10.0 ** (c0 + c1 * np.arange(rows.shape[1])), path)
+        flux, ivar, andmask, ormask = rows[0], rows[1], rows[3], rows[4]
+    elif raw.image is not None and raw.image.size:
+        raise SpectrumReadError(path, f"primary image of shape {raw.image.shape}, expected 5 x N")
+    else:
+        named = [t for t in raw.tables if t[0] == "COADD"]
+        usable = named or [t for t in raw.tables if {"FLUX", "IVAR", "WAVELENGTH"} <= set(t[2])]
+        if not usable:
+            found = ", ".join(t[0] or "(unnamed)" for t in raw.tables) or "none"
+            raise SpectrumReadError(path, "missing HDU: no primary image and no COADD binary "
+                                          f"table (extensions found: {found})")
+        name, _, cols, nrows = usable[0]
+        if nrows < 1:
+            raise SpectrumReadError(path, f"table {name or '(unnamed)'} has no rows")
+        missing = [c for c in ("FLUX", "IVAR", "WAVELENGTH") if c not in cols]
+        if missing:
+            raise SpectrumReadError(path, f"table {name} lacks columns {missing}")
+        if nrows > 1:
+            log.warning("%s: table %s has %d rows; using the first", path, name, nrows)
+        layout = "dr10+"
+        wave = _check_wavelength(cols["WAVELENGTH"], path)
+        flux, ivar = cols["FLUX"], cols["IVAR"]
+        zeros = np.zeros(len(wave))
+        andmask, ormask = cols.get("ANDMASK", zeros), cols.get("ORMASK", zeros)
+    if not (len(flux) == len(ivar) == len(wave) == len(andmask) == len(ormask)):
+        raise SpectrumReadError(path, "flux, ivar, wavelength and masks differ in length")
+    return LamostSpectrum(
+        wavelength=wave,
+        flux=np.asarray(flux, dtype=np.float32),
+        ivar=np.asarray(ivar, dtype=np.float32),
+        andmask=_mask(andmask),
+        ormask=_mask(ormask),
+        meta=_meta(header, layout, path),
+    )
+
+
+def _mask(values) -> np.ndarray:
+    values = np.asarray(values)
+    if values.dtype.kind == "f":
+        # NaN in a mask marks a bad pixel; masks are small integers stored as floats in DR10
+        return np.where(np.isfinite(values), values, 1).astype(np.int64)
+    return values.astype(np.int64)
+
+
+def read_lamost(path: str | PathLike, *, engine: str = "auto") -> LamostSpectrum:
+    """Read one LAMOST low-resolution spectrum file of any layout, plain or gzipped.
+
+    Parameters
+    ----------
+    path : str or path-like
+        A ``spec-*.fits`` or ``spec-*.fits.gz`` file (gzip is recognised from the content).
+    engine : {"auto", "fast", "astropy"}
+        ``"fast"``: parse the decompressed bytes with numpy; ``"astropy"``: parse them with
+        :func:`astropy.io.fits.open`; ``"auto"`` (default): fast, with astropy for anything the
+        fast parser does not support.
+
+    Returns
+    -------
+    LamostSpectrum
+        Native pixels, vacuum wavelengths (Angstrom) in the observed frame.
+
+    Raises
+    ------
+    SpectrumReadError
+        With a reason: file not found, truncated or corrupt gzip, truncated file, unreadable
+        header, missing HDU (no image and no COADD table), NaN/inf wavelengths, wavelengths not
+        increasing, arrays of different lengths.
+    """
+    if engine not in ("auto", "fast", "astropy"):
+        raise ValueError(f"engine must be 'auto', 'fast' or 'astropy', got {engine!r}")
+    path = Path(path)
+    buf = _load_bytes(path)
+    if engine == "astropy":
+        raw = _parse_astropy(buf, path)
+    else:
+        try:
+            raw = _parse_fast(buf, path)
+        except _Unsupported as exc:
+            if engine == "fast":
+                raise SpectrumReadError(path, f"fast parser cannot read it: {exc}") from None
+            log.debug("%s: %s; reading with astropy", path, exc)
+            raw = _parse_astropy(buf, path)
+    return _interpret(raw, path)
+
+
+# ------------------------------------------------------------------------------------------------
+# Preprocessing
+# ------------------------------------------------------------------------------------------------
+
+def _good_pixels(spectrum: LamostSpectrum, use_ormask: bool) -> np.ndarray:
+    good = (spectrum.ivar > 0) & np.isfinite(spectrum.ivar) & np.isfinite(spectrum.flux)
+    good &= spectrum.flux != 0  # zero padding (mostly the red end) that carries a nonzero ivar
+    good &= spectrum.andmask == 0
+    if use_ormask:
+        good &= spectrum.ormask == 0
+    return good
+
+
+def resample(spectrum: LamostSpectrum, *, use_ormask: bool = True,
+             min_good_pixels: int = MIN_GOOD_PIXELS) -> tuple[np.ndarray, np.ndarray]:
+    """Mask, shift to the rest frame and resample onto the common grid (not normalised).
+
+    Linear interpolation in ``log10(lambda)`` with variance propagation; see the module
+    docstring (steps 1-3).
+
+    Parameters
+    ----------
+    spectrum : LamostSpectrum
+        Its ``meta["z"]`` must be finite.
+    use_ormask : bool
+        Also treat ``ORMASK != 0`` as bad (default True).
+    min_good_pixels : int
+        Fewer valid pixels on the common grid raises :class:`SpectrumReadError`.
+
+    Returns
+    -------
+    flux, ivar : ndarray, shape (3909,), float64
+        On :func:`common_wavelength` (rest frame). ``flux = 0`` where ``ivar = 0``.
+    """
+    path = spectrum.meta.get("filename", "<spectrum>")
+    z = spectrum.meta.get("z", float("nan"))
+    if not np.isfinite(z) or z <= -1:
+        raise SpectrumReadError(path, f"redshift Z = {z} is not usable (NaN/inf or <= -1)")
+    good = _good_pixels(spectrum, use_ormask)
+    if not good.any():
+        raise SpectrumReadError(path, "no valid pixels (all masked, ivar 0 or NaN/inf)")
+    n = len(spectrum.wavelength)
+    loglam = np.log10(spectrum.wavelength) - math.log10(1.0 + z)
+    target = LOG10_WAVE_START + LOG10_WAVE_STEP * np.arange(N_PIXELS)
+    u = np.interp(target, loglam, np.arange(n, dtype=np.float64), left=-1.0, right=-1.0)
+    inside = u >= 0
+    j = np.clip(np.floor(u).astype(np.intp), 0, n - 2)
+    t = u - j
+    f = np.where(good, spectrum.flux, 0.0)
+    var = np.where(good, 1.0 / np.where(good, spectrum.ivar, 1.0), 0.0)
+    ok = inside & good[j] & good[j + 1]
+    flux = np.where(ok, (1.0 - t) * f[j] + t * f[j + 1], 0.0)
+    v = (1.0 - t) ** 2 * var[j] + t ** 2 * var[j + 1]
+    ok &= v > 0
+    ivar = np.zeros(N_PIXELS)
+    np.divide(1.0, v, out=ivar, where=ok)
+    flux[~ok] = 0.0
+    n_ok = int(ok.sum())
+    if n_ok < min_good_pixels:
+        raise SpectrumReadError(path, f"no valid pixels: only {n_ok} of {N_PIXELS} pixels on the "
+                                      f"common grid are valid (need >= {min_good_pixels})")
+    return flux, ivar
+
+
+@lru_cache(maxsize=4)
+def continuum_blocks(block_rows: int = 128) -> tuple:
+    """The banded continuum weight matrix of the common grid, as dense row blocks.
+
+    ``w_ij = exp(-(lambda_i - lambda_j)**2 / (2 L**2))`` for ``|lambda_i - lambda_j| <= 150 A``
+    (``L = 50 A``), zero beyond. Built once per process and cached.
+
+    Parameters
+    ----------
+    block_rows : int
+        Grid pixels per block.
+
+    Returns
+    -------
+    blocks : tuple of (r0, r1, c0, c1, w)
+        ``w`` (r1 - r0, c1 - c0) float64 is ``W[r0:r1, c0:c1]``; ``W`` is zero outside the blocks.
+    """
+    lam = common_wavelength()
+    blocks = []
+    for r0 in range(0, N_PIXELS, block_rows):
+        r1 = min(N_PIXELS, r0 + block_rows)
+        c0 = int(np.searchsorted(lam, lam[r0] - CONTINUUM_TRUNCATE, "left"))
+        c1 = int(np.searchsorted(lam, lam[r1 - 1] + CONTINUUM_TRUNCATE, "right"))
+        d = lam[r0:r1, None] - lam[None, c0:c1]
+        w = np.exp(-0.5 * (d / CONTINUUM_SIGMA) ** 2)
+        w[np.abs(d) > CONTINUUM_TRUNCATE] = 0.0
+        w.setflags(write=False)
+        blocks.append((r0, r1, c0, c1, w))
+    return tuple(blocks)
+
+
+def continuum_matrix():
+    """The continuum weight matrix ``W`` (3909, 3909) as a :class:`scipy.sparse.csr_array`.
+
+    For inspection and tests; :func:`continuum` uses the dense row blocks, which are faster.
+    """
+    from scipy import sparse
+
+    W = sparse.lil_array((N_PIXELS, N_PIXELS))
+    for r0, r1, c0, c1, w in continuum_blocks():
+        W[r0:r1, c0:c1] = w
+    return W.tocsr()
+
+
+def continuum(flux: np.ndarray, ivar: np.ndarray) -> np.ndarray:
+    """Inverse-variance-weighted Gaussian-smoothed continuum (Ho et al. 2017, eq. 1).
+
+    ``cont_i = sum_j w_ij ivar_j f_j / sum_j w_ij ivar_j`` with the truncated Gaussian weights of
+    :func:`continuum_blocks`.
+
+    Parameters
+    ----------
+    flux, ivar : array_like, shape (S, 3909) or (3909,)
+        On the common grid; ``ivar = 0`` marks missing pixels (their flux is ignored).
+
+    Returns
+    -------
+    cont : ndarray, same shape, float64
+        NaN where no pixel within 150 A has data.
+    """
+    flux = np.asarray(flux, dtype=np.float64)
+    ivar = np.asarray(ivar, dtype=np.float64)
+    if flux.shape != ivar.shape or flux.shape[-1] != N_PIXELS:
+        raise ValueError(f"flux and ivar must both have shape (S, {N_PIXELS}); got {flux.shape} "
+                         f"and {ivar.shape}")
+    single = flux.ndim == 1
+    f2, i2 = np.atleast_2d(flux), np.atleast_2d(ivar)
+    s = f2.shape[0]
+    # one (P, 2S) right-hand side: [ivar * f | ivar]; pixels in rows, spectra in columns
+    x = np.empty((N_PIXELS, 2 * s))
+    x[:, :s] = (np.where(i2 > 0, f2, 0.0) * i2).T
+    x[:, s:] = i2.T
+    out = np.empty_like(x)
+    for r0, r1, c0, c1, w in continuum_blocks():
+        np.matmul(w, x[c0:c1], out=out[r0:r1])
+    num, den = out[:, :s].T, out[:, s:].T
+    cont = np.full(f2.shape, np.nan)
+    np.divide(num, den, out=cont, where=den > 0)
+    return cont[0] if single else cont
+
+
+def normalise(flux: np.ndarray, ivar: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Continuum-normalise spectra on the common grid (steps 4-5 of the module docstring).
+
+    Parameters
+    ----------
+    flux, ivar : array_like, shape (S, 3909) or (3909,)
+        Resampled flux and inverse variance (:func:`resample`).
+
+    Returns
+    -------
+    flux, ivar : ndarray, same shape, float32
+        ``f / cont`` and ``ivar * cont**2``; ``flux = 1`` and ``ivar = 0`` wherever ``ivar`` was 0
+        or the continuum is not positive. Never NaN or inf.
+    """
+    flux = np.asarray(flux, dtype=np.float64)
+    ivar = np.asarray(ivar, dtype=np.float64)
+    cont = continuum(flux, ivar)
+    ok = (ivar > 0) & (cont > 0) & np.isfinite(cont)
+    safe = np.where(ok, cont, 1.0)
+    nflux = np.where(ok, flux / safe, 1.0)
+    nivar = np.where(ok, ivar * safe ** 2, 0.0)
+    big = np.finfo(np.float32).max
+    ok2 = (np.abs(nflux) < big) & (nivar < big)  # finite, and finite in float32
+    nflux = np.where(ok2, nflux, 1.0).astype(np.float32)
+    nivar = np.where(ok2, nivar, 0.0).astype(np.float32)
+    return nflux, nivar
+
+
+def preprocess(spectrum: LamostSpectrum, *, use_ormask: bool = True,
+               min_good_pixels: int = MIN_GOOD_PIXELS) -> tuple[np.ndarray, np.ndarray]:
+    """Mask, rest frame, common grid, continuum normalisation of one spectrum.
+
+    Parameters
+    ----------
+    spectrum : LamostSpectrum
+        From :func:`read_lamost`.
+    use_ormask, min_good_pixels
+        See :func:`resample`.
+
+    Returns
+    -------
+    flux, ivar : ndarray, shape (3909,), float32
+        Continuum-normalised flux and its inverse variance on :func:`common_wavelength`
+        (rest frame, vacuum); ``flux = 1, ivar = 0`` where there is no data.
+
+    Raises
+    ------
+    SpectrumReadError
+        Unusable redshift, or fewer than ``min_good_pixels`` valid pixels.
+    """
+    f, i = resample(spectrum, use_ormask=use_ormask, min_good_pixels=min_good_pixels)
+    nf, ni = normalise(f[None], i[None])
+    return nf[0], ni[0]
+
+
+def preprocess_many(spectra: Iterable[LamostSpectrum], *, use_ormask: bool = True,
+                    min_good_pixels: int = MIN_GOOD_PIXELS) -> tuple[np.ndarray, np.ndarray]:
+    """Batched :func:`preprocess`: one continuum matrix product for all spectra.
+
+    Parameters
+    ----------
+    spectra : iterable of LamostSpectrum
+        S spectra.
+
+    Returns
+    -------
+    flux, ivar : ndarray, shape (S, 3909), float32
+        Row ``k`` equals ``preprocess(spectra[k])``.
+
+    Raises
+    ------
+    SpectrumReadError
+        For the first unusable spectrum (use :func:`ingest` to skip and report them instead).
+    """
+    rows = [resample(s, use_ormask=use_ormask, min_good_pixels=min_good_pixels) for s in spectra]
+    if not rows:
+        return (np.empty((0, N_PIXELS), np.float32),) * 2
+    return normalise(np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows]))
+
+
+def _init_worker() -> None:
+    """One BLAS thread per ingest worker process: the processes are the parallelism."""
+    try:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(1)
+    except ImportError:  # pragma: no cover - OPENBLAS_NUM_THREADS=1 is set for the workers too
+        pass
+
+
+def _one_blas_thread():
+    """Context manager: one BLAS thread in this process for the duration (no-op without
+    threadpoolctl). Small banded products run slower with several threads on a busy machine."""
+    try:
+        from threadpoolctl import threadpool_limits
+
+        return threadpool_limits(1)
+    except ImportError:  # pragma: no cover
+        import contextlib
+
+        return contextlib.nullcontext()
+
+
+def _process_files(sources: Sequence[str], use_ormask: bool, min_good_pixels: int) -> dict:
+    """Read and preprocess a chunk of files (runs in a worker process).
+
+    Returns
+    -------
+    dict
+        ``ok``: indices into ``sources`` that succeeded; ``flux``, ``ivar`` (len(ok), 3909)
+        float32; ``meta``: list of dicts; ``failed``: list of (index, reason).
+    """
+    ok, metas, fluxes, ivars, failed = [], [], [], [], []
+    for k, source in enumerate(sources):
+        try:
+            spectrum = read_lamost(source)
+            f, i = resample(spectrum, use_ormask=use_ormask, min_good_pixels=min_good_pixels)
+        except SpectrumReadError as exc:
+            failed.append((k, exc.reason))
+            continue
+        except Exception as exc:  # a bug or an exotic file must not stop a survey ingest
+            log.exception("unexpected error on %s", source)
+            failed.append((k, f"unexpected {type(exc).__name__}: {exc}"))
+            continue
+        meta = dict(spectrum.meta, source=source, n_good=int(np.count_nonzero(i)))
+        ok.append(k)
+        metas.append(meta)
+        fluxes.append(f)
+        ivars.append(i)
+    if ok:
+        flux, ivar = normalise(np.stack(fluxes), np.stack(ivars))
+    else:
+        flux = ivar = np.empty((0, N_PIXELS), np.float32)
+    return {"ok": ok, "flux": flux, "ivar": ivar, "meta": metas, "failed": failed}
+
+
+def find_spectra(folder: str | PathLike) -> list[Path]:
+    """All LAMOST spectrum files (``*.fits``, ``*.fit``, optionally ``.gz``) under ``folder``.
+
+    Returns
+    -------
+    list of Path
+        Sorted by path, searched recursively.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no such folder: {folder}")
+    suffixes = (".fits", ".fits.gz", ".fit", ".fit.gz", ".fz")
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name.lower().endswith(suffixes))
+
+
+def __getattr__(name):  # the store lives in store.py; imported lazily (zarr, pandas)
+    if name in ("SpectraStore", "ingest"):
+        from . import store
+
+        return getattr(store, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

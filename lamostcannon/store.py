@@ -1,0 +1,705 @@
+"""The spectra store: continuum-normalised spectra of millions of observations on disk.
+
+Format (a folder, conventionally ``<name>.zarr``)
+-------------------------------------------------
+::
+
+    <store>/
+      zarr.json            Zarr 3 group; attributes: format, format_version, grid constants
+      flux/                Zarr 3 array (N, 3909) float32, chunks (chunk_rows, 3909),
+                           Blosc LZ4 + bitshuffle (~23 kB per spectrum and array pair)
+      ivar/                Zarr 3 array (N, 3909) float32, same chunks
+      wavelength/          Zarr 3 array (3909,) float64: the common rest-frame grid (Angstrom)
+      meta/part-*.parquet  the metadata table, row-aligned with flux/ivar, in committed parts
+      COMMIT.json          {"n_rows": N, "parts": [[file, first_row, n_rows], ...]}
+      ingest_report.csv    the last :func:`ingest` run: one line per input file and its fate
+      .lock                pid of the process that holds the store open for writing
+
+Row ``i`` of ``flux``/``ivar`` is row ``i`` of the metadata table (columns :data:`META_COLUMNS`;
+``obsid`` is the key, unique when ingested with ``deduplicate=True``).
+
+Crash safety (``kill -9`` at any moment)
+----------------------------------------
+``COMMIT.json`` is the single source of truth and is only ever replaced atomically
+(write to a temporary file, then :func:`os.replace`). An append writes the data rows first
+(Zarr writes each chunk file atomically too), then the metadata part (temp file + rename), and
+only then the new ``COMMIT.json``. Opening a store for writing truncates ``flux``/``ivar`` to
+the committed length and deletes metadata parts that no commit names, so an interrupted append
+leaves no trace and is redone by the next :func:`ingest` (files already stored are skipped).
+Readers see exactly the committed rows. (The files are not fsync'ed: this protects against a
+killed process, not against a power cut on a filesystem that reorders writes.)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import uuid
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from os import PathLike
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from . import __version__
+from .spectra import (LOG10_WAVE_START, LOG10_WAVE_STEP, MIN_GOOD_PIXELS, N_PIXELS,
+                      _init_worker, _one_blas_thread, _process_files,
+                      common_wavelength, find_spectra)
+
+log = logging.getLogger(__name__)
+
+__all__ = ["SpectraStore", "ingest", "META_COLUMNS", "REPORT_COLUMNS", "FORMAT", "FORMAT_VERSION"]
+
+FORMAT = "lamostcannon.SpectraStore"
+FORMAT_VERSION = 1
+_COMMIT = "COMMIT.json"
+_LOCK = ".lock"
+REPORT_NAME = "ingest_report.csv"
+
+#: Metadata columns and their dtypes (the :class:`~lamostcannon.spectra.LamostSpectrum` meta,
+#: plus ``source``: the absolute path ingested, and ``n_good``: valid pixels on the grid).
+META_COLUMNS = {
+    "obsid": "int64", "designation": "str", "ra": "float64", "dec": "float64", "z": "float64",
+    "z_err": "float64", "snru": "float64", "snrg": "float64", "snrr": "float64",
+    "snri": "float64", "snrz": "float64", "class": "str", "subclass": "str", "mjd": "int64",
+    "data_release": "str", "layout": "str", "filename": "str", "source": "str", "n_good": "int32",
+}
+#: Columns of the ingest report. ``status``: stored, failed, duplicate (obsid already stored),
+#: already_stored (the same source path is in the store: skipped on resume).
+REPORT_COLUMNS = ("source", "status", "reason", "obsid", "row")
+
+
+def _meta_frame(records) -> pd.DataFrame:
+    df = pd.DataFrame.from_records(list(records), columns=list(META_COLUMNS))
+    return df.astype(META_COLUMNS)
+
+
+def _codec():
+    """Blosc LZ4 with bit shuffling: ~25% smaller than raw float32, ~0.03 ms per spectrum."""
+    from zarr.codecs import BloscCodec
+
+    return BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle")
+
+
+def _write_atomic(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class SpectraStore:
+    """An on-disk, appendable, crash-safe store of continuum-normalised spectra.
+
+    See the module docstring for the format. Open an existing store with
+    ``SpectraStore(path)`` (read-only) or ``SpectraStore(path, mode="a")`` (append); create one
+    with :meth:`create` or ``SpectraStore.open(path, "a", create=True)``.
+
+    Parameters
+    ----------
+    path : str or path-like
+        The store folder.
+    mode : {"r", "a"}
+        ``"r"``: read the committed rows, change nothing. ``"a"``: also append; takes the write
+        lock and rolls back any uncommitted (interrupted) append.
+
+    Attributes
+    ----------
+    path : Path
+    mode : str
+    chunk_rows : int
+        Observations per Zarr chunk.
+    wavelength : ndarray, shape (3909,)
+        The common rest-frame vacuum grid (Angstrom).
+    """
+
+    def __init__(self, path: str | PathLike, mode: str = "r"):
+        import zarr
+
+        if mode not in ("r", "a"):
+            raise ValueError(f"mode must be 'r' or 'a', got {mode!r}")
+        self.path = Path(path)
+        self.mode = mode
+        if not (self.path / _COMMIT).is_file():
+            raise FileNotFoundError(f"{self.path} is not a SpectraStore (no {_COMMIT}); create "
+                                    "one with SpectraStore.create or ingest")
+        self._locked = False
+        if mode == "a":
+            self._lock()
+        try:
+            self._group = zarr.open_group(self.path, mode="r+" if mode == "a" else "r")
+            attrs = dict(self._group.attrs)
+            if attrs.get("format") != FORMAT or attrs.get("format_version") != FORMAT_VERSION:
+                raise ValueError(f"{self.path}: not a {FORMAT} v{FORMAT_VERSION} store "
+                                 f"(attributes {attrs})")
+            self.flux = self._group["flux"]
+            self.ivar = self._group["ivar"]
+            self.chunk_rows = int(self.flux.chunks[0])
+            self._read_commit()
+            if mode == "a":
+                self._recover()
+        except BaseException:
+            self.close()
+            raise
+        self._meta_cache: pd.DataFrame | None = None
+
+    # -- creation and opening -------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, path: str | PathLike, *, chunk_rows: int = 256,
+               overwrite: bool = False) -> "SpectraStore":
+        """Create an empty store and open it for appending.
+
+        Parameters
+        ----------
+        path : str or path-like
+            A folder that must not exist yet (unless ``overwrite``).
+        chunk_rows : int
+            Observations per chunk (256 rows = 4 MB of float32 per array and chunk).
+        overwrite : bool
+            Delete an existing store at ``path`` first.
+        """
+        import shutil
+
+        import zarr
+
+        path = Path(path)
+        if chunk_rows < 1:
+            raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+        if path.exists():
+            if not overwrite:
+                raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+            if not (path / _COMMIT).is_file() and any(path.iterdir()):
+                raise FileExistsError(f"{path} exists and is not a SpectraStore; not deleting it")
+            shutil.rmtree(path)
+        group = zarr.open_group(path, mode="w", attributes={
+            "format": FORMAT, "format_version": FORMAT_VERSION,
+            "log10_wave_start": LOG10_WAVE_START, "log10_wave_step": LOG10_WAVE_STEP,
+            "n_pixels": N_PIXELS, "created_by": f"lamostcannon {__version__}",
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "description": "LAMOST continuum-normalised spectra on the common rest-frame grid; "
+                           "flux = 1, ivar = 0 where there is no data"})
+        for name in ("flux", "ivar"):
+            group.create_array(name, shape=(0, N_PIXELS), chunks=(chunk_rows, N_PIXELS),
+                               dtype="float32", compressors=[_codec()], fill_value=0.0 if name == "ivar" else 1.0,
+                               dimension_names=("observation", "pixel"))
+        wave = group.create_array("wavelength", shape=(N_PIXELS,), dtype="float64",
+                                  dimension_names=("pixel",), attributes={"unit": "Angstrom"})
+        wave[:] = common_wavelength()
+        (path / "meta").mkdir()
+        _write_atomic(path / _COMMIT, lambda p: p.write_text(json.dumps(
+            {"n_rows": 0, "parts": []})))
+        return cls(path, mode="a")
+
+    @classmethod
+    def open(cls, path: str | PathLike, mode: str = "r", *, create: bool = False,
+             chunk_rows: int = 256) -> "SpectraStore":
+        """Open ``path``; with ``create=True`` (mode ``"a"``) create it when it does not exist."""
+        path = Path(path)
+        if create and mode == "a" and not (path / _COMMIT).is_file():
+            return cls.create(path, chunk_rows=chunk_rows, overwrite=False)
+        return cls(path, mode=mode)
+
+    def _lock(self) -> None:
+        lock = self.path / _LOCK
+        for _ in range(2):
+            try:
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                try:
+                    pid = int(lock.read_text().strip() or 0)
+                except (OSError, ValueError):
+                    pid = 0
+                if pid and pid != os.getpid() and _pid_alive(pid):
+                    raise RuntimeError(f"{self.path} is open for writing by process {pid}")
+                log.warning("%s: removing a stale write lock (process %s is gone)", self.path,
+                            pid)
+                lock.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as fh:
+                fh.write(str(os.getpid()))
+            self._locked = True
+            return
+        raise RuntimeError(f"cannot take the write lock {lock}")
+
+    def close(self) -> None:
+        """Release the write lock (mode ``"a"``). The store stays readable."""
+        if getattr(self, "_locked", False):
+            (self.path / _LOCK).unlink(missing_ok=True)
+            self._locked = False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __repr__(self):
+        return f"SpectraStore({str(self.path)!r}, mode={self.mode!r}, rows={len(self)})"
+
+    # -- commit bookkeeping -----------------------------------------------------------------------
+
+    def _read_commit(self) -> None:
+        commit = json.loads((self.path / _COMMIT).read_text())
+        self._n = int(commit["n_rows"])
+        self._parts = [tuple(p) for p in commit["parts"]]
+        if sum(p[2] for p in self._parts) != self._n:
+            raise ValueError(f"{self.path}/{_COMMIT} is inconsistent: parts hold "
+                             f"{sum(p[2] for p in self._parts)} rows, n_rows = {self._n}")
+
+    def _write_commit(self, n_rows: int, parts: list) -> None:
+        payload = json.dumps({"n_rows": n_rows, "parts": [list(p) for p in parts]})
+        _write_atomic(self.path / _COMMIT, lambda p: p.write_text(payload))
+        self._n, self._parts = n_rows, list(parts)
+
+    def _recover(self) -> None:
+        """Roll back an interrupted append: truncate the arrays, drop uncommitted parts."""
+        for arr in (self.flux, self.ivar):
+            if arr.shape[0] != self._n:
+                log.warning("%s: %s holds %d rows but %d are committed; truncating (an append "
+                            "was interrupted)", self.path, arr.basename, arr.shape[0], self._n)
+                arr.resize((self._n, N_PIXELS))
+        named = {p[0] for p in self._parts}
+        for f in (self.path / "meta").iterdir():
+            if f.name not in named:
+                log.warning("%s: removing uncommitted metadata file %s", self.path, f.name)
+                f.unlink()
+        for f in self.path.glob(".*.tmp"):
+            f.unlink()
+
+    # -- reading ----------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return self._n
+
+    @property
+    def n_pixels(self) -> int:
+        return N_PIXELS
+
+    @property
+    def wavelength(self) -> np.ndarray:
+        return common_wavelength()
+
+    @property
+    def meta(self) -> pd.DataFrame:
+        """The metadata table, one row per observation, in store order.
+
+        Returns
+        -------
+        pandas.DataFrame
+            Index 0..N-1 (= row of ``flux``/``ivar``); columns :data:`META_COLUMNS`.
+        """
+        if self._meta_cache is None or len(self._meta_cache) != self._n:
+            frames = [pd.read_parquet(self.path / "meta" / p[0]) for p in self._parts]
+            df = pd.concat(frames, ignore_index=True) if frames else _meta_frame([])
+            self._meta_cache = df.astype(META_COLUMNS)
+        return self._meta_cache
+
+    def read_meta(self, columns: Sequence[str] | None = None) -> pd.DataFrame:
+        """The metadata table, or only some of its columns (less memory for millions of rows).
+
+        Parameters
+        ----------
+        columns : sequence of str, optional
+            Columns of :data:`META_COLUMNS`; all when omitted.
+
+        Returns
+        -------
+        pandas.DataFrame
+            Index 0..N-1 (= row of ``flux``/``ivar``).
+        """
+        if columns is None:
+            return self.meta
+        columns = list(columns)
+        unknown = set(columns) - set(META_COLUMNS)
+        if unknown:
+            raise KeyError(f"unknown metadata columns {sorted(unknown)}; have {list(META_COLUMNS)}")
+        frames = [pd.read_parquet(self.path / "meta" / p[0], columns=columns)
+                  for p in self._parts]
+        df = pd.concat(frames, ignore_index=True) if frames else _meta_frame([])[columns]
+        return df.astype({c: META_COLUMNS[c] for c in columns})
+
+    def rows_for(self, obsids: Sequence[int]) -> np.ndarray:
+        """Row numbers of the given obsids (first occurrence); -1 for an obsid not stored."""
+        obsid = self.read_meta(["obsid"])["obsid"]
+        first = pd.Series(obsid.index.to_numpy(), index=obsid.to_numpy())
+        first = first[~first.index.duplicated()]
+        found = first.reindex(np.asarray(obsids, dtype=np.int64))
+        return found.fillna(-1).to_numpy(dtype=np.int64)
+
+    def read(self, rows: int | slice | Sequence[int] | np.ndarray | None = None
+             ) -> tuple[np.ndarray, np.ndarray]:
+        """Read observations into memory.
+
+        Parameters
+        ----------
+        rows : int, slice, sequence of int or bool mask, optional
+            Rows to read (any order, repeats allowed); all committed rows when omitted.
+
+        Returns
+        -------
+        flux, ivar : ndarray, shape (len(rows), 3909) (or (3909,) for an int), float32
+        """
+        n = self._n
+        if rows is None:
+            rows = slice(0, n)
+        if isinstance(rows, slice):
+            start, stop, step = rows.indices(n)
+            if step == 1:
+                return self.flux[start:stop], self.ivar[start:stop]
+            rows = np.arange(start, stop, step)
+        if np.isscalar(rows):
+            r = int(rows)
+            r = r + n if r < 0 else r
+            if not 0 <= r < n:
+                raise IndexError(f"row {rows} out of range for a store of {n} rows")
+            return self.flux[r], self.ivar[r]
+        rows = np.asarray(rows)
+        if rows.dtype == bool:
+            if rows.shape != (n,):
+                raise IndexError(f"boolean rows must have shape ({n},), got {rows.shape}")
+            rows = np.flatnonzero(rows)
+        rows = rows.astype(np.int64)
+        rows = np.where(rows < 0, rows + n, rows)
+        if rows.size and (rows.min() < 0 or rows.max() >= n):
+            raise IndexError(f"rows out of range for a store of {n} rows")
+        if rows.size == 0:
+            return (np.empty((0, N_PIXELS), np.float32),) * 2
+        uniq, inverse = np.unique(rows, return_inverse=True)
+        flux = self.flux.get_orthogonal_selection((uniq, slice(None)))
+        ivar = self.ivar.get_orthogonal_selection((uniq, slice(None)))
+        return flux[inverse], ivar[inverse]
+
+    def to_dask(self):
+        """Lazy Dask arrays of the committed rows.
+
+        Returns
+        -------
+        flux, ivar : dask.array.Array, shape (N, 3909), float32
+            Chunked like the store (``chunk_rows`` observations per block).
+        """
+        import dask.array as da
+
+        flux = da.from_zarr(self.flux)[: self._n]
+        ivar = da.from_zarr(self.ivar)[: self._n]
+        return flux, ivar
+
+    def refresh(self) -> None:
+        """Re-read ``COMMIT.json`` (a read-only view of a store another process appends to)."""
+        if self.mode == "a":
+            return
+        import zarr
+
+        self._read_commit()
+        self._group = zarr.open_group(self.path, mode="r")
+        self.flux, self.ivar = self._group["flux"], self._group["ivar"]
+
+    # -- writing ----------------------------------------------------------------------------------
+
+    def append(self, flux: np.ndarray, ivar: np.ndarray,
+               meta: pd.DataFrame | Iterable[dict]) -> range:
+        """Append observations and commit them atomically.
+
+        Parameters
+        ----------
+        flux, ivar : array_like, shape (K, 3909)
+            Continuum-normalised spectra on the common grid (stored as float32).
+        meta : DataFrame or iterable of dict
+            K rows with the columns of :data:`META_COLUMNS` (missing ones are filled with
+            defaults: -1, NaN or "").
+
+        Returns
+        -------
+        range
+            The new rows.
+        """
+        if self.mode != "a":
+            raise PermissionError(f"{self.path} is open read-only; open it with mode='a'")
+        flux = np.asarray(flux, dtype=np.float32)
+        ivar = np.asarray(ivar, dtype=np.float32)
+        if flux.ndim != 2 or flux.shape[1] != N_PIXELS or ivar.shape != flux.shape:
+            raise ValueError(f"flux and ivar must have shape (K, {N_PIXELS}); got {flux.shape} "
+                             f"and {ivar.shape}")
+        meta = meta if isinstance(meta, pd.DataFrame) else pd.DataFrame.from_records(list(meta))
+        if len(meta) != len(flux):
+            raise ValueError(f"meta has {len(meta)} rows but flux has {len(flux)}")
+        k = len(flux)
+        if k == 0:
+            return range(self._n, self._n)
+        meta = meta.copy()
+        defaults = {"int64": -1, "int32": -1, "float64": np.nan, "str": ""}
+        for col, dtype in META_COLUMNS.items():
+            if col not in meta:
+                meta[col] = defaults[dtype]
+        meta = meta[list(META_COLUMNS)].astype(META_COLUMNS)
+        n0 = self._n
+        # 1) data rows (beyond the committed length until step 3)
+        for arr, data in ((self.flux, flux), (self.ivar, ivar)):
+            arr.resize((n0 + k, N_PIXELS))
+            arr[n0:n0 + k] = data
+        # 2) the metadata part
+        name = f"part-{n0:012d}-{uuid.uuid4().hex[:8]}.parquet"
+        _write_atomic(self.path / "meta" / name,
+                      lambda p: meta.to_parquet(p, index=False, engine="pyarrow"))
+        # 3) the commit
+        self._write_commit(n0 + k, self._parts + [(name, n0, k)])
+        self._meta_cache = None  # re-read lazily (concatenating here would cost O(N) per append)
+        return range(n0, n0 + k)
+
+    def compact(self) -> None:
+        """Merge the metadata parts into one file (atomically; safe to interrupt)."""
+        if self.mode != "a":
+            raise PermissionError(f"{self.path} is open read-only; open it with mode='a'")
+        import pyarrow.parquet as pq
+
+        if len(self._parts) <= 1:
+            return
+        old = [p[0] for p in self._parts]
+        name = f"part-{0:012d}-{uuid.uuid4().hex[:8]}.parquet"
+
+        def write(tmp):  # streamed part by part: memory of one part, not of the whole table
+            writer = None
+            try:
+                for part in old:
+                    table = pq.read_table(self.path / "meta" / part)
+                    if writer is None:
+                        writer = pq.ParquetWriter(tmp, table.schema)
+                    writer.write_table(table)
+            finally:
+                if writer is not None:
+                    writer.close()
+
+        _write_atomic(self.path / "meta" / name, write)
+        self._write_commit(self._n, [(name, 0, self._n)])
+        for f in old:
+            (self.path / "meta" / f).unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# Ingest
+# ------------------------------------------------------------------------------------------------
+
+class _ObsidIndex:
+    """Set of obsids with 8 bytes per entry: a sorted array plus a small recent set."""
+
+    def __init__(self, obsids: np.ndarray):
+        self._base = np.unique(np.asarray(obsids, dtype=np.int64))
+        self._recent: set[int] = set()
+
+    def __contains__(self, obsid: int) -> bool:
+        if obsid in self._recent:
+            return True
+        i = np.searchsorted(self._base, obsid)
+        return bool(i < len(self._base) and self._base[i] == obsid)
+
+    def add(self, obsid: int) -> None:
+        self._recent.add(obsid)
+        if len(self._recent) > 200_000:
+            self._base = np.union1d(self._base, np.fromiter(self._recent, np.int64))
+            self._recent.clear()
+
+
+def ingest(files_or_folder: str | PathLike | Iterable[str | PathLike],
+           store_path: str | PathLike, *, n_workers: int | None = None, chunk_size: int = 32,
+           commit_rows: int = 2048, chunk_rows: int = 256, progress: bool = True,
+           deduplicate: bool = True, skip_existing: bool = True, use_ormask: bool = True,
+           min_good_pixels: int = MIN_GOOD_PIXELS) -> pd.DataFrame:
+    """Read, preprocess and store many LAMOST files; parallel, resumable, never fatal per file.
+
+    Each file goes through :func:`~lamostcannon.spectra.read_lamost`,
+    :func:`~lamostcannon.spectra.resample` and :func:`~lamostcannon.spectra.normalise` (the same
+    code as :func:`~lamostcannon.spectra.preprocess`, so the stored rows equal per-file
+    processing exactly). Worker processes handle chunks of ``chunk_size`` files; the parent
+    appends their results in input order and commits every ``commit_rows`` observations. An
+    interrupted run (Ctrl-C, ``kill -9``) loses at most the uncommitted rows, and the next run
+    skips every file already stored.
+
+    Parameters
+    ----------
+    files_or_folder : path or iterable of paths
+        A folder (searched recursively for ``*.fits[.gz]``, sorted) or the files, in order.
+    store_path : path
+        The :class:`SpectraStore` (created when missing, appended to otherwise).
+    n_workers : int, optional
+        Worker processes; default ``config.settings().n_workers`` (``LAMOSTCANNON_WORKERS`` or
+        the CPU count). 1 runs in this process. Scripts that call ``ingest`` with more than one
+        worker need the ``if __name__ == "__main__":`` guard (processes are spawned).
+    chunk_size : int
+        Files per task sent to a worker.
+    commit_rows : int
+        Observations buffered between commits (best a multiple of ``chunk_rows``).
+    chunk_rows : int
+        Observations per Zarr chunk when the store is created.
+    progress : bool
+        Show a :mod:`tqdm.auto` progress bar.
+    deduplicate : bool
+        Store each obsid once (files without an OBSID card, obsid -1, are not deduplicated).
+    skip_existing : bool
+        Skip files whose absolute path is already in the store (resume).
+    use_ormask, min_good_pixels
+        See :func:`~lamostcannon.spectra.resample`.
+
+    Returns
+    -------
+    pandas.DataFrame
+        The ingest report, one row per input file: ``source``, ``status`` (stored, failed,
+        duplicate, already_stored), ``reason``, ``obsid``, ``row`` (store row or -1). Also
+        written to ``<store>/ingest_report.csv``.
+    """
+    from tqdm.auto import tqdm
+
+    if isinstance(files_or_folder, (str, PathLike)) and Path(files_or_folder).is_dir():
+        paths = find_spectra(files_or_folder)
+    elif isinstance(files_or_folder, (str, PathLike)):
+        paths = [Path(files_or_folder)]
+    else:
+        paths = [Path(p) for p in files_or_folder]
+    sources = [os.path.abspath(p) for p in paths]
+    if chunk_size < 1 or commit_rows < 1:
+        raise ValueError("chunk_size and commit_rows must be >= 1")
+    if n_workers is None:
+        from .config import settings
+
+        n_workers = settings().n_workers
+    status = np.full(len(sources), "", dtype=object)
+    reason = np.full(len(sources), "", dtype=object)
+    obsid_col = np.full(len(sources), -1, dtype=np.int64)
+    row_col = np.full(len(sources), -1, dtype=np.int64)
+
+    with SpectraStore.open(store_path, "a", create=True, chunk_rows=chunk_rows) as store:
+        todo = np.arange(len(sources))
+        if skip_existing and len(store) and sources:
+            stored = store.read_meta(["source", "obsid"])
+            first = stored.drop_duplicates("source").set_index("source")
+            done = pd.Index(sources).isin(first.index)
+            if done.any():
+                for i in np.flatnonzero(done):
+                    status[i] = "already_stored"
+                    obsid_col[i] = int(first.at[sources[i], "obsid"])
+                todo = np.flatnonzero(~done)
+                log.info("%s: %d of %d files already stored; skipping them", store.path,
+                         int(done.sum()), len(sources))
+        seen = _ObsidIndex(store.read_meta(["obsid"])["obsid"].to_numpy() if deduplicate
+                           else [])
+        tasks = [todo[i:i + chunk_size] for i in range(0, len(todo), chunk_size)]
+        buffer = {"flux": [], "ivar": [], "meta": [], "n": 0}
+
+        def flush():
+            if buffer["n"]:
+                store.append(np.concatenate(buffer["flux"]), np.concatenate(buffer["ivar"]),
+                             _meta_frame(buffer["meta"]))
+                buffer.update(flux=[], ivar=[], meta=[], n=0)
+
+        def take(task, result):
+            keep = []
+            for k, why in result["failed"]:
+                status[task[k]], reason[task[k]] = "failed", why
+                log.info("skipping %s: %s", sources[task[k]], why)
+            for pos, (k, meta) in enumerate(zip(result["ok"], result["meta"])):
+                i = task[k]
+                obsid_col[i] = meta["obsid"]
+                if deduplicate and meta["obsid"] >= 0:
+                    if meta["obsid"] in seen:
+                        status[i], reason[i] = "duplicate", f"obsid {meta['obsid']} already stored"
+                        continue
+                    seen.add(meta["obsid"])
+                status[i] = "stored"
+                row_col[i] = len(store) + buffer["n"] + len(keep)
+                keep.append(pos)
+            if keep:
+                buffer["flux"].append(result["flux"][keep])
+                buffer["ivar"].append(result["ivar"][keep])
+                buffer["meta"].extend(result["meta"][p] for p in keep)
+                buffer["n"] += len(keep)
+            if buffer["n"] >= commit_rows:
+                flush()
+
+        args = (use_ormask, min_good_pixels)
+        bar = tqdm(total=len(todo), desc="ingest", unit="file", disable=not progress)
+        try:
+            if n_workers <= 1 or len(tasks) <= 1:
+                with _one_blas_thread():
+                    for task in tasks:
+                        take(task, _process_files([sources[i] for i in task], *args))
+                        bar.update(len(task))
+            else:
+                _run_pool(tasks, sources, args, n_workers, take, bar)
+        finally:
+            bar.close()
+            flush()  # results already received are complete and valid: keep them
+        if len(store._parts) > 1:
+            store.compact()
+        report = pd.DataFrame({"source": sources, "status": status, "reason": reason,
+                               "obsid": obsid_col, "row": row_col})
+        if (report["status"] == "already_stored").any():
+            source = store.read_meta(["source"])["source"]
+            rows = pd.Series(source.index.to_numpy(), index=source.to_numpy())
+            rows = rows[~rows.index.duplicated()]
+            sel = report["status"] == "already_stored"
+            report.loc[sel, "row"] = rows.reindex(report.loc[sel, "source"]).to_numpy()
+        _write_atomic(store.path / REPORT_NAME, lambda p: report.to_csv(p, index=False))
+        counts = report["status"].value_counts().to_dict()
+        log.info("%s: ingest done, %s; store holds %d observations", store.path, counts,
+                 len(store))
+    return report
+
+
+def _run_pool(tasks, sources, args, n_workers, take, bar) -> None:
+    """Run the tasks on ``n_workers`` spawned processes; results are taken in task order."""
+    n_workers = min(n_workers, len(tasks))
+    old = os.environ.get("OPENBLAS_NUM_THREADS")
+    os.environ["OPENBLAS_NUM_THREADS"] = "1"  # inherited by the spawned workers
+    try:
+        pool = ProcessPoolExecutor(n_workers, mp_context=get_context("spawn"),
+                                   initializer=_init_worker)
+    finally:
+        if old is None:
+            os.environ.pop("OPENBLAS_NUM_THREADS", None)
+        else:
+            os.environ["OPENBLAS_NUM_THREADS"] = old
+    pending: deque = deque()
+    queue = iter(tasks)
+    try:
+        for task in queue:  # keep at most 2 tasks per worker in flight (bounded memory)
+            pending.append((task, pool.submit(_process_files, [sources[i] for i in task],
+                                              *args)))
+            if len(pending) >= 2 * n_workers:
+                break
+        while pending:
+            task, future = pending.popleft()
+            result = future.result()
+            nxt = next(queue, None)
+            if nxt is not None:
+                pending.append((nxt, pool.submit(_process_files, [sources[i] for i in nxt],
+                                                 *args)))
+            take(task, result)
+            bar.update(len(task))
+    finally:
+        for _, future in pending:
+            future.cancel()
+        pool.shutdown(wait=True, cancel_futures=True)

@@ -1,0 +1,583 @@
+"""Cross-validation and extrapolation boundaries (paper section 4).
+
+* :func:`kfold` and :func:`cross_validate`: seeded k-fold CV (k = 12 in the paper). Every
+  reference star gets labels from a model that never saw it.
+* :func:`cv_metrics`: per label, the scatter (standard deviation of ``inferred - true``, and a
+  robust 1.4826 x MAD version), the bias (mean of ``inferred - true``) and the Pearson correlation
+  of true and inferred values (Figs 5 and 6).
+* :func:`extrapolation_boundaries`: the inferred values beyond which the model is biased or
+  unprobed. With ``p(l_true, l_inferred)`` approximated by a Gaussian KDE (Silverman bandwidth),
+
+      F(y) = P(l_true < y | l_inferred = y),
+
+  the model is *biased* at ``y`` when ``p(l_true | l_inferred = y)`` puts at least ``level``
+  (0.9) of its mass on one side of ``y``: ``F(y) >= level`` (it over-predicts: the true values lie
+  below) or ``F(y) <= 1 - level`` (it under-predicts). Walking down and up from the median of the
+  inferred values, the *low* and *high boundaries* are the first ``y`` where the model becomes
+  biased (linearly interpolated between grid points). A Cannon that shrinks labels towards the
+  training mean over-predicts at the low end and under-predicts at the high end; an expanding one
+  the reverse; both are caught. No boundary within ``extend`` standard deviations of the data gives
+  ``-inf`` / ``+inf``. Stars beyond a boundary are flagged (:func:`extrapolation_flags`, the
+  ``*_extrap`` columns of Table 1). Fig 7 is :func:`unbiased_precision`: twice the scatter over
+  the width of the unbiased range.
+
+Files: ``processed/cv_<group>.parquet`` (:func:`write_cv`) and
+``processed/extrapolation_<group>.json`` (:func:`write_boundaries`), group ``dwarf`` or ``giant``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+
+from . import paths
+
+log = logging.getLogger(__name__)
+
+GROUPS = ("dwarf", "giant")
+
+# ---------------------------------------------------------------------------------------------
+# Folds and cross-validation
+# ---------------------------------------------------------------------------------------------
+
+
+def kfold(n: int, k: int = 12, seed=None) -> np.ndarray:
+    """Assign ``n`` items to ``k`` folds at random, reproducibly.
+
+    The folds are balanced (sizes differ by at most one): item ``i`` of a seeded permutation goes
+    to fold ``i mod k``.
+
+    Parameters
+    ----------
+    n : int
+        Number of items (reference stars), ``n >= k``.
+    k : int
+        Number of folds (12 in the paper).
+    seed : int or numpy.random.Generator, optional
+        Default: the ``LAMOSTCANNON_SEED`` setting.
+
+    Returns
+    -------
+    folds : int array (n,) with values in ``0 .. k-1``.
+    """
+    n, k = int(n), int(k)
+    if k < 2:
+        raise ValueError(f"k must be >= 2, got {k}")
+    if n < k:
+        raise ValueError(f"need at least k={k} items for {k}-fold CV, got n={n}")
+    if seed is None:
+        from .config import settings
+
+        seed = settings().seed
+    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+    folds = np.empty(n, dtype=np.int64)
+    folds[rng.permutation(n)] = np.arange(n) % k
+    return folds
+
+
+def _as_matrix(values, label_names=None):
+    """(S, L) float array and the label names from an array, DataFrame, Table or dict."""
+    if hasattr(values, "colnames") or hasattr(values, "columns") or isinstance(values, dict):
+        cols = list(values.colnames if hasattr(values, "colnames") else
+                    values.columns if hasattr(values, "columns") else values.keys())
+        names = list(label_names) if label_names is not None else cols
+        missing = [c for c in names if c not in cols]
+        if missing:
+            raise KeyError(f"columns {missing} are missing (have {cols})")
+        arr = np.column_stack([np.ma.filled(np.ma.asarray(values[c], dtype=float), np.nan)
+                               for c in names])
+        return arr, names
+    arr = np.asarray(values, dtype=float)
+    if arr.ndim == 1:
+        arr = arr[:, None]
+    if arr.ndim != 2:
+        raise ValueError(f"expected a (S, L) array, got shape {arr.shape}")
+    names = list(label_names) if label_names is not None else [f"label{i}" for i in
+                                                                range(arr.shape[1])]
+    if len(names) != arr.shape[1]:
+        raise ValueError(f"{len(names)} label names for an array with {arr.shape[1]} columns")
+    return arr, names
+
+
+def _limit_threads():
+    try:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(1)
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def _run_fold(fold, label_names, train_labels, train_flux, train_ivar, test_flux, test_ivar,
+              model_kwargs, test_kwargs):
+    from .cannon import CannonModel
+
+    model = CannonModel(list(label_names), **model_kwargs)
+    model.train(train_labels, train_flux, train_ivar)
+    res = model.test(test_flux, test_ivar, **test_kwargs)
+    out = {"labels": np.asarray(res.labels, dtype=float)}
+    for key in ("chi2", "converged"):
+        if getattr(res, key, None) is not None:
+            out[key] = np.asarray(getattr(res, key))
+    return fold, out
+
+
+def cross_validate(labels, flux, ivar, label_names, k: int = 12, seed=None, *, folds=None,
+                   n_jobs=None, ids=None, test_kwargs=None, **model_kwargs):
+    """k-fold cross-validation of a :class:`lamostcannon.cannon.CannonModel`.
+
+    For each fold a model is trained on the other ``k - 1`` folds and tests (infers the labels of)
+    the held-out fold.
+
+    Parameters
+    ----------
+    labels : (S, L) array in physical units, or a Table / DataFrame with ``label_names`` columns
+    flux, ivar : arrays (S, P)
+        Continuum-normalised flux and inverse variance on the common grid.
+    label_names : sequence of str (L,)
+    k : int
+        Number of folds (12 in the paper).
+    seed : int or Generator, optional
+        Seed of :func:`kfold` (default the ``LAMOSTCANNON_SEED`` setting).
+    folds : int array (S,), optional
+        Fold of each star; overrides ``k`` and ``seed``.
+    n_jobs : int, optional
+        Folds run in this many processes (each limited to one BLAS thread). Default: the
+        ``LAMOSTCANNON_WORKERS`` setting, at most ``k``. ``1`` runs in this process.
+    ids : array (S,), optional
+        Star identifiers copied to an ``id`` column.
+    test_kwargs : dict, optional
+        Keyword arguments of ``CannonModel.test``.
+    **model_kwargs
+        Keyword arguments of ``CannonModel`` (e.g. ``wavelength``, ``label_mask``).
+
+    Returns
+    -------
+    pandas DataFrame, one row per star in input order: ``fold``, ``true_<label>``,
+    ``inferred_<label>`` for each label, and ``chi2``, ``converged`` when the test step gives them.
+    """
+    import pandas as pd
+
+    y, names = _as_matrix(labels, label_names)
+    flux = np.asarray(flux)
+    ivar = np.asarray(ivar)
+    if flux.shape != ivar.shape or flux.ndim != 2 or flux.shape[0] != y.shape[0]:
+        raise ValueError(f"flux {flux.shape} and ivar {ivar.shape} must be (S, P) with "
+                         f"S = {y.shape[0]} rows of labels {y.shape}")
+    if not np.all(np.isfinite(y)):
+        bad = int((~np.isfinite(y)).any(axis=1).sum())
+        raise ValueError(f"{bad} stars have non-finite labels; remove them before CV")
+    folds = kfold(len(y), k, seed) if folds is None else np.asarray(folds, dtype=np.int64)
+    if folds.shape != (len(y),):
+        raise ValueError(f"folds must have shape ({len(y)},), got {folds.shape}")
+    fold_ids = np.unique(folds)
+    if n_jobs is None:
+        from .config import settings
+
+        n_jobs = settings().n_workers
+    n_jobs = max(1, min(int(n_jobs), len(fold_ids)))
+    test_kwargs = dict(test_kwargs or {})
+
+    tasks = []
+    for f in fold_ids:
+        held = folds == f
+        tasks.append((int(f), names, y[~held], flux[~held], ivar[~held], flux[held], ivar[held],
+                      model_kwargs, test_kwargs))
+
+    results = {}
+    if n_jobs == 1:
+        for t in tasks:
+            f, out = _run_fold(*t)
+            results[f] = out
+            log.info("CV fold %d/%d done", len(results), len(tasks))
+    else:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+        with ProcessPoolExecutor(n_jobs, mp_context=ctx, initializer=_limit_threads) as pool:
+            futures = [pool.submit(_run_fold, *t) for t in tasks]
+            for fut in as_completed(futures):
+                f, out = fut.result()
+                results[f] = out
+                log.info("CV fold %d/%d done", len(results), len(tasks))
+
+    inferred = np.full_like(y, np.nan)
+    extra = {}
+    for f, out in results.items():
+        held = folds == f
+        inferred[held] = out["labels"]
+        for key in ("chi2", "converged"):
+            if key in out:
+                if key not in extra:
+                    extra[key] = np.zeros(len(y), dtype=out[key].dtype)
+                extra[key][held] = out[key]
+    cols = {}
+    if ids is not None:
+        cols["id"] = np.asarray(ids)
+    cols["fold"] = folds
+    for j, name in enumerate(names):
+        cols[f"true_{name}"] = y[:, j]
+        cols[f"inferred_{name}"] = inferred[:, j]
+    cols.update(extra)
+    df = pd.DataFrame(cols)
+    df.attrs["label_names"] = list(names)
+    df.attrs["k"] = len(fold_ids)
+    return df
+
+
+def cv_labels(cv) -> list[str]:
+    """Label names of a CV table (the ``true_<label>`` columns, in order)."""
+    return [c.removeprefix("true_") for c in cv.columns if c.startswith("true_")]
+
+
+def cv_true_inferred(cv, label_names=None):
+    """``(true, inferred, names)`` as (S, L) arrays from a :func:`cross_validate` table."""
+    names = list(label_names) if label_names is not None else cv_labels(cv)
+    true = np.column_stack([np.asarray(cv[f"true_{n}"], dtype=float) for n in names])
+    inferred = np.column_stack([np.asarray(cv[f"inferred_{n}"], dtype=float) for n in names])
+    return true, inferred, names
+
+
+def _pair(true, inferred, label_names):
+    if inferred is None:
+        if not hasattr(true, "columns"):
+            raise TypeError("give (true, inferred), or a cross_validate DataFrame alone")
+        return cv_true_inferred(true, label_names)
+    t, names = _as_matrix(true, label_names)
+    i, _ = _as_matrix(inferred, names)
+    if t.shape != i.shape:
+        raise ValueError(f"true {t.shape} and inferred {i.shape} must have the same shape")
+    return t, i, names
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics
+# ---------------------------------------------------------------------------------------------
+
+
+def cv_metrics(true, inferred=None, label_names=None):
+    """Scatter, bias and correlation per label (the numbers in Figs 5 and 6).
+
+    Parameters
+    ----------
+    true, inferred : (S, L) arrays, or Tables / DataFrames with label columns; or a
+        :func:`cross_validate` DataFrame as ``true`` alone.
+    label_names : sequence of str, optional
+
+    Returns
+    -------
+    pandas DataFrame indexed by label with columns ``n`` (stars with both values finite),
+    ``scatter`` (std of ``inferred - true``, ddof=0), ``robust_scatter`` (1.4826 x median absolute
+    deviation of the difference), ``bias`` (mean of ``inferred - true``), ``correlation`` (Pearson
+    r of true and inferred).
+    """
+    import pandas as pd
+
+    t, i, names = _pair(true, inferred, label_names)
+    rows = []
+    for j, name in enumerate(names):
+        ok = np.isfinite(t[:, j]) & np.isfinite(i[:, j])
+        d = i[ok, j] - t[ok, j]
+        n = int(ok.sum())
+        if n >= 2:
+            scatter = float(np.std(d))
+            robust = float(1.4826 * np.median(np.abs(d - np.median(d))))
+            bias = float(np.mean(d))
+            st, si = np.std(t[ok, j]), np.std(i[ok, j])
+            corr = float(np.corrcoef(t[ok, j], i[ok, j])[0, 1]) if st > 0 and si > 0 else np.nan
+        else:
+            scatter = robust = bias = corr = np.nan
+        rows.append({"label": name, "n": n, "scatter": scatter, "robust_scatter": robust,
+                     "bias": bias, "correlation": corr})
+    return pd.DataFrame(rows).set_index("label")
+
+
+# ---------------------------------------------------------------------------------------------
+# KDE extrapolation boundaries
+# ---------------------------------------------------------------------------------------------
+
+
+def _kde(true, inferred):
+    """Silverman-bandwidth Gaussian KDE of (true, inferred), both standardised with the mean and
+    std of ``true`` (a common affine map keeps ``true < inferred`` comparisons intact; the
+    full-covariance KDE is affine-equivariant, so this only helps the numerics)."""
+    from scipy.stats import gaussian_kde
+
+    t = np.asarray(true, dtype=float)
+    i = np.asarray(inferred, dtype=float)
+    ok = np.isfinite(t) & np.isfinite(i)
+    t, i = t[ok], i[ok]
+    if t.size < 5:
+        raise ValueError(f"need at least 5 finite (true, inferred) pairs, got {t.size}")
+    mu, sd = float(np.mean(t)), float(np.std(t))
+    sd = sd if sd > 0 else 1.0
+    ts, is_ = (t - mu) / sd, (i - mu) / sd
+    try:
+        kde = gaussian_kde(np.vstack([ts, is_]), bw_method="silverman")
+    except np.linalg.LinAlgError as err:
+        raise ValueError("true and inferred values are perfectly correlated (or constant): "
+                         "the KDE of p(true, inferred) is degenerate") from err
+    return kde, ts, is_, mu, sd
+
+
+def conditional_cdf(true, inferred, grid):
+    """``F(y) = P(l_true < y | l_inferred = y)`` under the Silverman KDE of (true, inferred).
+
+    The Gaussian KDE's conditional at ``l_inferred = y`` is itself a mixture of Gaussians: kernel
+    ``j`` (centred on star ``j``, kernel covariance ``[[a, c], [c, b]]``) contributes weight
+    ``∝ N(y; inferred_j, b)``, mean ``true_j + (c / b)(y - inferred_j)`` and variance
+    ``a - c^2 / b``; so ``F`` is evaluated exactly, without a 2-D grid.
+
+    Parameters
+    ----------
+    true, inferred : arrays (S,)
+    grid : array (G,)
+        Inferred values ``y`` (physical units).
+
+    Returns
+    -------
+    F : array (G,)
+    """
+    from scipy.special import log_ndtr, logsumexp
+
+    kde, ts, is_, mu, sd = _kde(true, inferred)
+    (a, c), (_, b) = kde.covariance
+    v = max(a - c * c / b, 1e-12 * a)
+    y = (np.asarray(grid, dtype=float) - mu) / sd
+    out = np.empty(y.shape)
+    for lo in range(0, y.size, 256):  # chunks keep memory at 256 x S
+        yy = y.ravel()[lo:lo + 256, None]
+        logw = -0.5 * (yy - is_[None, :]) ** 2 / b
+        m = ts[None, :] + (c / b) * (yy - is_[None, :])
+        logphi = log_ndtr((yy - m) / math.sqrt(v))
+        out.ravel()[lo:lo + 256] = np.exp(logsumexp(logw + logphi, axis=1) -
+                                          logsumexp(logw, axis=1))
+    return out
+
+
+def _crossing(y0, y1, g0, g1):
+    """Where the linear interpolation of g between (y0, g0) and (y1, g1) crosses zero."""
+    if g1 == g0:
+        return y1
+    return y0 + (y1 - y0) * (0.0 - g0) / (g1 - g0)
+
+
+def boundary_1d(true, inferred, level: float = 0.9, *, grid_size: int = 2001,
+                extend: float = 3.0):
+    """Low and high extrapolation boundaries of one label; see the module docstring.
+
+    Parameters
+    ----------
+    true, inferred : arrays (S,)
+    level : float
+        Fraction of ``p(l_true | l_inferred)`` on one side of ``l_inferred`` that makes the model
+        biased (0.9 in the paper).
+    grid_size : int
+        Points of the grid in inferred value.
+    extend : float
+        The grid runs from ``min(inferred) - extend * std`` to ``max(inferred) + extend * std``
+        (std of the true values).
+
+    Returns
+    -------
+    (low, high) : floats; ``-inf`` / ``+inf`` when the model is unbiased to the end of the grid.
+    """
+    if not 0.5 < level < 1:
+        raise ValueError(f"level must lie in (0.5, 1), got {level}")
+    t = np.asarray(true, dtype=float)
+    i = np.asarray(inferred, dtype=float)
+    ok = np.isfinite(t) & np.isfinite(i)
+    t, i = t[ok], i[ok]
+    sd = float(np.std(t)) or 1.0
+    grid = np.linspace(i.min() - extend * sd, i.max() + extend * sd, grid_size)
+    F = conditional_cdf(t, i, grid)
+    g = np.maximum(F, 1.0 - F) - level  # >= 0 where biased
+    start = int(np.argmin(np.abs(grid - np.median(i))))
+    if g[start] >= 0:
+        log.warning("the model is biased at the median inferred value %.4g: no unbiased range",
+                    grid[start])
+        return float(grid[start]), float(grid[start])
+    below = np.flatnonzero(g[:start] >= 0)
+    low = -np.inf if below.size == 0 else _crossing(grid[below[-1]], grid[below[-1] + 1],
+                                                    g[below[-1]], g[below[-1] + 1])
+    above = np.flatnonzero(g[start:] >= 0)
+    if above.size == 0:
+        high = np.inf
+    else:
+        j = start + above[0]
+        high = _crossing(grid[j - 1], grid[j], g[j - 1], g[j])
+    return float(low), float(high)
+
+
+def extrapolation_boundaries(true, inferred=None, level: float = 0.9, label_names=None, **kw):
+    """Extrapolation boundaries of every label (:func:`boundary_1d`).
+
+    Parameters
+    ----------
+    true, inferred : (S, L) arrays or label tables; or a :func:`cross_validate` DataFrame alone.
+    level : float
+        0.9 in the paper.
+
+    Returns
+    -------
+    dict label -> (low, high), in physical units of the label.
+    """
+    t, i, names = _pair(true, inferred, label_names)
+    return {name: boundary_1d(t[:, j], i[:, j], level, **kw) for j, name in enumerate(names)}
+
+
+def extrapolation_flags(values, boundaries):
+    """Flag values beyond the extrapolation boundaries.
+
+    Parameters
+    ----------
+    values : Table, DataFrame or dict with a column per label (physical units)
+    boundaries : dict label -> (low, high)
+
+    Returns
+    -------
+    pandas DataFrame of bool, a column per label present in both: ``True`` where the value lies
+    below ``low`` or above ``high``. Non-finite values are not flagged (they fail elsewhere).
+    """
+    import pandas as pd
+
+    cols = list(values.colnames if hasattr(values, "colnames") else
+                values.columns if hasattr(values, "columns") else values.keys())
+    out = {}
+    for name, (low, high) in boundaries.items():
+        if name not in cols:
+            continue
+        v = np.ma.filled(np.ma.asarray(values[name], dtype=float), np.nan)
+        with np.errstate(invalid="ignore"):
+            out[name] = (v < low) | (v > high)
+    return pd.DataFrame(out)
+
+
+def unbiased_precision(metrics, boundaries, inferred=None):
+    """Precision relative to the unbiased range (Fig 7).
+
+    ``relative_precision = 2 * scatter / (high - low)``, with ``(low, high)`` the extrapolation
+    boundaries; an infinite boundary is replaced by the extreme inferred value when ``inferred``
+    is given (the range is then bounded by what the model was seen to produce), else the ratio is 0.
+
+    Parameters
+    ----------
+    metrics : DataFrame from :func:`cv_metrics`
+    boundaries : dict label -> (low, high)
+    inferred : (S, L) array, label table, or a :func:`cross_validate` DataFrame, optional
+
+    Returns
+    -------
+    DataFrame indexed by label: ``precision`` (2 x scatter), ``low``, ``high``,
+    ``unbiased_range``, ``relative_precision``.
+    """
+    import pandas as pd
+
+    ext = {}
+    if inferred is not None:
+        if hasattr(inferred, "columns") and any(c.startswith("inferred_") for c in inferred.columns):
+            _, arr, names = cv_true_inferred(inferred)
+        else:
+            arr, names = _as_matrix(inferred, list(metrics.index))
+        for j, n in enumerate(names):
+            ext[n] = (np.nanmin(arr[:, j]), np.nanmax(arr[:, j]))
+    rows = []
+    for label in metrics.index:
+        if label not in boundaries:
+            continue
+        low, high = boundaries[label]
+        if label in ext:
+            low = max(low, ext[label][0])
+            high = min(high, ext[label][1])
+        precision = 2.0 * float(metrics.loc[label, "scatter"])
+        width = high - low
+        rows.append({"label": label, "precision": precision, "low": low, "high": high,
+                     "unbiased_range": width,
+                     "relative_precision": precision / width if width > 0 else np.nan})
+    return pd.DataFrame(rows).set_index("label")
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_group(group):
+    if group not in GROUPS:
+        raise ValueError(f"group must be one of {GROUPS}, got {group!r}")
+    return group
+
+
+def boundaries_path(group: str) -> Path:
+    """``processed/extrapolation_<group>.json``."""
+    return paths.processed_dir() / f"extrapolation_{_check_group(group)}.json"
+
+
+def cv_path(group: str) -> Path:
+    """``processed/cv_<group>.parquet``."""
+    return paths.processed_dir() / f"cv_{_check_group(group)}.parquet"
+
+
+def _num(x):
+    return None if not np.isfinite(x) else float(x)
+
+
+def write_boundaries(boundaries, path, *, level=0.9, metrics=None, meta=None):
+    """Write boundaries as JSON: ``{"level", "labels": {label: {"low", "high"}}, "provenance"}``.
+
+    Infinite boundaries are written as ``null``. ``metrics`` (a :func:`cv_metrics` frame) adds the
+    CV scatter and bias per label. Written to a temporary name and renamed into place.
+    """
+    from .cleaning import provenance
+
+    path = Path(path)
+    record = {"level": float(level), "method": "Gaussian KDE of (true, CV-inferred), Silverman "
+              "bandwidth; boundary where p(true | inferred) puts >= level on one side",
+              "labels": {}}
+    for name, (low, high) in boundaries.items():
+        entry = {"low": _num(low), "high": _num(high)}
+        if metrics is not None and name in metrics.index:
+            for key in ("scatter", "robust_scatter", "bias", "correlation"):
+                if key in metrics.columns:
+                    entry[key] = _num(float(metrics.loc[name, key]))
+        record["labels"][name] = entry
+    record["provenance"] = {**provenance(), **(meta or {})}
+    paths.ensure(path.parent)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    tmp.replace(path)
+    log.info("wrote %s", path)
+    return path
+
+
+def read_boundaries(path):
+    """Read :func:`write_boundaries` output: dict label -> (low, high) with ``null`` as
+    ``-inf`` / ``+inf``."""
+    record = json.loads(Path(path).read_text())
+    return {name: (-np.inf if e["low"] is None else e["low"],
+                   np.inf if e["high"] is None else e["high"])
+            for name, e in record["labels"].items()}
+
+
+def write_cv(cv, path):
+    """Write a CV table to Parquet (temporary name, then renamed into place)."""
+    path = Path(path)
+    paths.ensure(path.parent)
+    tmp = path.with_name(f".{path.name}.tmp")
+    cv.to_parquet(tmp, index=False)
+    os.replace(tmp, path)
+    log.info("wrote %s (%d rows)", path, len(cv))
+    return path
+
+
+def read_cv(path):
+    """Read a CV table written by :func:`write_cv`."""
+    import pandas as pd
+
+    return pd.read_parquet(path)

@@ -1,0 +1,233 @@
+"""Tests of lamostcannon.binaries, lamostcannon.maps and plotting.science (synthetic truth)."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+from scipy import stats  # noqa: E402
+
+from lamostcannon import binaries, maps  # noqa: E402
+
+ELEMENTS = ["o_fe", "mg_fe", "ca_fe", "ba_fe"]
+SIGMA = {"o_fe": 0.10, "mg_fe": 0.05, "ca_fe": 0.06, "ba_fe": 0.12}
+
+
+# ----------------------------------------------------------------------------- eq. 6
+def test_chemical_distance_known_answer():
+    delta = np.array([[0.1, -0.2, 0.3], [0.0, 0.0, 0.0], [np.nan, 0.1, 0.1]])
+    sigma = np.array([0.1, 0.1, 0.15])
+    d = binaries.chemical_distance(delta, sigma)
+    np.testing.assert_allclose(d[:2], [3.0, 0.0])  # sqrt(1 + 4 + 4)
+    assert np.isnan(d[2])
+    assert binaries.chemical_distance(delta[0], sigma, pair_scaling=True) == pytest.approx(3 / np.sqrt(2))
+    with pytest.raises(ValueError, match="elements"):
+        binaries.chemical_distance(delta, sigma[:2])
+
+
+def test_pair_distance_uses_named_sigmas():
+    pairs = pd.DataFrame({"o_fe_1": [0.2], "o_fe_2": [0.0], "mg_fe_1": [0.0], "mg_fe_2": [0.1]})
+    d = binaries.pair_distance(pairs, ["o_fe", "mg_fe"], {"o_fe": 0.1, "mg_fe": 0.05})
+    np.testing.assert_allclose(d, [np.sqrt(8.0)])
+    with pytest.raises(KeyError, match="ca_fe"):
+        binaries.pair_distance(pairs, ["ca_fe"], {"o_fe": 0.1})
+
+
+# ----------------------------------------------------------------------------- selection
+def _catalog():
+    return pd.DataFrame({
+        "source_id": [1, 2, 3, 4, 5, 6, 7, 8],
+        "teff": [5500, 5600, 5000, 5100, 5800, 6200, 5300, np.nan],
+        "logg": [4.5, 4.4, 2.5, 4.6, 4.3, 4.2, 4.5, 4.5],
+        "giantmodel": [False, False, True, False, False, False, False, False],
+        "fe_h": [0.0, 0.05, -0.3, -0.2, 0.1, 0.2, -0.1, 0.0],
+    })
+
+
+def test_binary_pairs_selection():
+    bins = pd.DataFrame({"source_id1": [1, 3, 5, 7, 99, 2], "source_id2": [2, 4, 6, 8, 1, 7],
+                         "sep_AU": [100.0, 200, 300, 400, 500, 600]})
+    pairs = binaries.binary_pairs(_catalog(), bins)
+    # (1,2) ok; (3,4) has a giant; (5,6) dteff = 400; (7,8) no teff; 99 missing; (2,7) dteff 300
+    assert list(pairs["sep_AU"]) == [100.0]
+    assert pairs.loc[0, "delta_teff"] == pytest.approx(100.0)
+    assert pairs.loc[0, "delta_fe_h"] == pytest.approx(0.05)
+    loose = binaries.binary_pairs(_catalog(), bins, max_delta_teff=None, dwarfs_only=False)
+    assert sorted(loose["sep_AU"]) == [100.0, 200.0, 300.0, 600.0]
+
+
+def _field(rng, n=4000):
+    return pd.DataFrame({"source_id": np.arange(1000, 1000 + n),
+                         "teff": rng.uniform(4500, 6500, n), "logg": np.full(n, 4.4),
+                         "fe_h": rng.normal(-0.2, 0.3, n)})
+
+
+def test_field_pairs_match_the_binaries_delta_feh(rng):
+    field = _field(rng)
+    target = np.abs(rng.normal(0.0, 0.06, 300))  # binaries: much closer in [Fe/H] than random pairs
+    pairs = binaries.field_pairs(field, target, 1500, seed=3, batch_size=50_000)
+    assert len(pairs) == 1500
+    assert (pairs["delta_teff"] < 250).all()
+    assert (pairs["index_1"] != pairs["index_2"]).all()
+    p_matched = stats.ks_2samp(pairs["delta_fe_h"], target).pvalue
+    assert p_matched > 0.05
+    # without the rejection step the field pairs are far from the target: the test has power
+    i, j = rng.integers(len(field), size=(2, 1500))
+    unmatched = np.abs(field["fe_h"].to_numpy()[i] - field["fe_h"].to_numpy()[j])
+    assert stats.ks_2samp(unmatched, target).pvalue < 1e-10
+    again = binaries.field_pairs(field, target, 1500, seed=3, batch_size=50_000)
+    pd.testing.assert_frame_equal(pairs, again)
+    other = binaries.field_pairs(field, target, 1500, seed=4, batch_size=50_000)
+    assert not np.array_equal(pairs["index_1"], other["index_1"])
+
+
+def test_field_pairs_exclude_ids(rng):
+    field = _field(rng, 300)
+    excluded = field["source_id"].to_numpy()[:150]
+    pairs = binaries.field_pairs(field, [0.01, 0.05, 0.1], 50, seed=0, exclude_ids=excluded,
+                                 batch_size=5000)
+    assert not set(pairs["source_id_1"]).intersection(excluded)
+    assert not set(pairs["source_id_2"]).intersection(excluded)
+
+
+def test_kde_peak_and_separation_growth(rng):
+    assert binaries.kde_peak(rng.normal(2.0, 0.3, 3000)) == pytest.approx(2.0, abs=0.1)
+    n = 400
+    # binaries: same true chemistry; field pairs: true chemistry differs by tau = 2 sigma
+    bin_pairs, field_pairs = {}, {}
+    for e in ELEMENTS:
+        s = SIGMA[e]
+        truth = rng.normal(0, 2 * s, n)
+        bin_pairs[f"{e}_1"], bin_pairs[f"{e}_2"] = truth + rng.normal(0, s, n), truth + rng.normal(0, s, n)
+        field_pairs[f"{e}_1"] = rng.normal(0, 2 * s, n) + rng.normal(0, s, n)
+        field_pairs[f"{e}_2"] = rng.normal(0, 2 * s, n) + rng.normal(0, s, n)
+    growth = binaries.separation_growth(pd.DataFrame(bin_pairs), pd.DataFrame(field_pairs),
+                                        ELEMENTS, SIGMA)
+    assert list(growth["added"]) == ELEMENTS
+    assert (growth["ratio"] > 1.5).all()                       # expected sqrt(1 + 4) = 2.2
+    assert np.all(np.diff(growth["median_field"] - growth["median_binary"]) > 0)
+    assert (growth["peak_binary"] < growth["peak_field"]).all()
+
+
+# ----------------------------------------------------------------------------- clusters
+def test_teff_trend_known_answer(rng):
+    teff = rng.uniform(4500, 6500, 200)
+    a = 0.1 + 5e-5 * (teff - 5500) + rng.normal(0, 0.02, teff.size)
+    tr = binaries.teff_trend(np.append(teff, np.nan), np.append(a, 0.0))
+    assert tr.n == 200
+    assert tr.slope_per_1000K == pytest.approx(0.05, abs=4 * tr.slope_err * 1000)
+    assert tr.residual_dispersion == pytest.approx(0.02, rel=0.15)
+    assert tr.dispersion == pytest.approx(np.std(a, ddof=1))
+    assert tr.predict(5500) == pytest.approx(0.1, abs=0.01)
+
+
+def test_cluster_members():
+    members = pd.DataFrame({"source_id": [1, 2, 4, 5], "cluster": ["NGC_2632", "NGC_2632 ",
+                                                                   "Melotte_22", "NGC_2632"],
+                            "proba": [0.9, 0.7, 1.0, 0.3]})
+    out = binaries.cluster_members(_catalog(), members)
+    assert sorted(out["source_id"]) == [1, 2]
+
+
+# ----------------------------------------------------------------------------- maps
+def _disk(rng, n=60_000):
+    R = rng.uniform(7.5, 15.0, n)
+    z = rng.uniform(-4.0, 4.0, n)
+    fe_h = 0.3 - 0.06 * (R - 8.0) - 0.2 * np.abs(z) + rng.normal(0, 0.1, n)
+    phi = rng.uniform(-0.5, 0.5, n)
+    return pd.DataFrame({"R": R, "z": z, "fe_h": fe_h, "X": R * np.cos(phi), "Y": R * np.sin(phi),
+                         "Jz": rng.uniform(0, 60, n), "logg": rng.uniform(1, 4.5, n),
+                         "vphi": rng.normal(220, 30, n), "teff": rng.uniform(4500, 5300, n),
+                         "JR": rng.exponential(50, n), "ba_fe": rng.normal(0, 0.2, n),
+                         "eu_fe": rng.normal(0.1, 0.2, n)})
+
+
+def test_rz_maps_recover_known_gradient(rng):
+    df = _disk(rng)
+    df.loc[:99, "fe_h"] = np.nan
+    m = maps.rz_maps(df, ["fe_h"], step=(0.5, 0.5), min_count=20)
+    assert m.mean["fe_h"].shape == (15, 16)
+    Rc, zc = np.meshgrid(m.x_centers, m.y_centers, indexing="ij")
+    truth = 0.3 - 0.06 * (Rc - 8.0) - 0.2 * np.abs(zc)
+    assert np.nanmax(np.abs(m.mean["fe_h"] - truth)) < 0.05
+    assert m.count["fe_h"].sum() == len(df) - 100
+    sparse = maps.rz_maps(df.iloc[:1200], ["fe_h"], step=(0.5, 0.5), min_count=20)
+    assert np.isnan(sparse.mean["fe_h"]).all()  # ~5 stars per bin < 20
+    g = maps.radial_gradient(df, "fe_h")
+    assert g.slope == pytest.approx(-0.06, abs=3 * g.slope_err + 0.005)
+    gz = maps.vertical_gradient(df, "fe_h", R_range=(7.5, 15.0))
+    assert gz.slope == pytest.approx(-0.2, abs=3 * gz.slope_err + 0.01)
+    assert len(m.to_frame()) == 15 * 16
+
+
+def test_binned_maps_known_values():
+    x = np.array([0.1, 0.2, 0.6, 0.7, 1.0, 1.5])
+    y = np.zeros(6)
+    m = maps.binned_maps(x, y, {"a": [1.0, 3.0, 5.0, np.nan, 7.0, 9.0]}, [0, 0.5, 1.0], [-1, 1],
+                         min_count=1)
+    np.testing.assert_allclose(m.mean["a"][:, 0], [2.0, 6.0])  # 1.0 is in the last bin; 1.5 out
+    np.testing.assert_array_equal(m.count["a"][:, 0], [2, 2])
+
+
+def test_thin_disk_and_giant_cuts(rng):
+    df = _disk(rng, 5000)
+    xy = maps.xy_maps(df, ["fe_h"], min_count=1)
+    assert xy.n_stars == int((df["Jz"] < 30).sum())
+    rv = maps.rvphi_maps(df, ["fe_h"], min_count=1, vphi_range=(0, 500), R_range=(7.5, 15.0))
+    assert rv.n_stars == int(((df["Jz"] < 30) & (df["logg"] < 3)).sum())
+
+
+def test_halo_sample_caps_and_is_reproducible(rng):
+    df = _disk(rng)
+    df["R"] = rng.uniform(3, 13, len(df))  # cover the default halo (R, |z|) bins
+    df["z"] = rng.uniform(-6, 6, len(df))
+    eu = maps.halo_sample(df, "eu_fe", seed=1)
+    counts = eu.groupby(["R_bin", "absz_bin"]).size()
+    assert counts.max() == maps.HALO_N_PER_BIN
+    assert len(counts) == 9
+    full_bin = ((df["R"] >= 3) & (df["R"] < 5) & (df["z"].abs() < 2)).sum()
+    assert full_bin > 700 and counts[(0, 0)] == 700
+    assert eu.index.is_unique
+    pd.testing.assert_frame_equal(eu, maps.halo_sample(df, "eu_fe", seed=1))
+    assert not eu.index.equals(maps.halo_sample(df, "eu_fe", seed=2).index)
+    ba = maps.halo_sample(df, "ba_fe", seed=1)
+    assert ba["teff"].between(4800, 5000).all()
+    small = maps.halo_sample(df.iloc[:500], "eu_fe", seed=1)
+    assert len(small) == ((df.iloc[:500]["R"] < 13) & (df.iloc[:500]["z"].abs() < 6)
+                          & ~((df.iloc[:500]["R"] >= 5) & (df.iloc[:500]["R"] < 7))
+                          & ~((df.iloc[:500]["R"] >= 9) & (df.iloc[:500]["R"] < 11))).sum()
+
+
+# ----------------------------------------------------------------------------- figures
+def test_science_figures_smoke(rng):
+    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
+
+    from lamostcannon.plotting import science
+
+    df = _disk(rng, 8000)
+    figs = []
+    growth = pd.DataFrame({"n_elements": [1, 2], "added": ["o_fe", "mg_fe"],
+                           "median_binary": [0.5, 0.8], "median_field": [1.2, 2.0],
+                           "ratio": [2.4, 2.5]})
+    figs.append(science.chemical_distance_figure(rng.gamma(2, 0.4, 100), rng.gamma(4, 0.6, 500),
+                                                 growth=growth, peaks=(0.8, 2.5)))
+    m = maps.rz_maps(df, ["fe_h", "ba_fe"], step=(1.0, 1.0), min_count=5)
+    figs.append(science.rz_maps_figure(m))
+    figs.append(science.xy_maps_figure(maps.xy_maps(df, ["fe_h"], min_count=2)))
+    figs.append(science.rvphi_maps_figure(
+        maps.rvphi_maps(df, ["fe_h", "eu_fe"], min_count=1, step=(1.0, 10.0)),
+        ridge_box=(9, 11, 200, 220)))
+    df["R"] = rng.uniform(3, 13, len(df))
+    sample = maps.halo_sample(df, "ba_fe", seed=0, n_per_bin=50)
+    figs.append(science.halo_transition_figure(sample, "ba_fe", color_by="JR"))
+    teff = rng.uniform(5000, 6200, 40)
+    figs.append(science.cluster_trend_figure(teff, 0.05 + 1e-4 * (teff - 5600)))
+    assert all(isinstance(f, Figure) for f in figs)
+    for f in figs:
+        f.canvas.draw()
+        plt.close(f)

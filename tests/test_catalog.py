@@ -1,0 +1,382 @@
+"""Tests of the catalogue driver (lamostcannon.catalog): chunked labelling, resumption after
+``kill -9``, the Dask path, repeat combination, the Gaia match and the Table 1 schema."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from lamostcannon import catalog, labels
+
+P = 3909
+
+
+# ------------------------------------------------------------------------------------------
+# A stand-in model for the logic tests (the real CannonModel is used further down)
+# ------------------------------------------------------------------------------------------
+
+class StubModel:
+    """Duck-typed model: labels = the first L flux values, chi2 = sum ivar (f - 1)^2."""
+
+    def __init__(self, label_names, offset=0.0):
+        self.label_names = tuple(label_names)
+        self.wavelength = 10 ** (3.5682 + 1e-4 * np.arange(P))
+        self.pixel_ok = np.ones(P, bool)
+        self.theta = np.full((P, 2), offset)
+        self.training_hash = f"stub-{len(label_names)}-{offset}"
+        self.offset = offset
+
+    def test(self, flux, ivar, windows=None, **kwargs):
+        n, L = len(flux), len(self.label_names)
+        resid = ivar * (flux - 1 - self.offset) ** 2
+        return SimpleNamespace(
+            labels=flux[:, :L].astype(float), cov=np.tile(np.eye(L) * 0.01, (n, 1, 1)),
+            chi2=resid.sum(1), chi2_windows={k: resid[:, w].sum(1) for k, w in (windows or {}).items()},
+            n_pixels=(ivar > 0).sum(1), n_iter=np.full(n, 3), converged=flux[:, 0] < 5,
+            flag=np.zeros(n, int))
+
+
+def stub_context(giant_offset=0.0):
+    return catalog.LabelContext.from_models(StubModel(labels.DWARF_LABELS),
+                                            StubModel(labels.GIANT_LABELS, giant_offset))
+
+
+def meta_frame(n, teff=5800.0, logg=4.4, designation=None, snr=50.0):
+    return pd.DataFrame({
+        "obsid": np.arange(n, dtype=np.int64) + 100,
+        "designation": designation if designation is not None else [f"J{i:04d}" for i in range(n)],
+        "ra": np.linspace(10, 20, n), "dec": np.linspace(-5, 5, n), "snr_z": np.full(n, snr),
+        "rv": np.zeros(n), "teff_lasp": np.broadcast_to(teff, n).astype(float),
+        "logg_lasp": np.broadcast_to(logg, n).astype(float)})
+
+
+# ------------------------------------------------------------------------------------------
+# One chunk: model choice, union of labels, flags
+# ------------------------------------------------------------------------------------------
+
+def test_choose_model_eq1_and_unknown():
+    giant, known = catalog.choose_model([4800, 4800, 6000, np.nan, 5000],
+                                        [2.5, 4.5, 3.5, 2.0, np.nan])
+    assert giant.tolist() == [True, False, True, False, False]
+    assert known.tolist() == [True, True, True, False, False]
+
+
+def test_label_chunk_union_of_labels_and_flags(rng):
+    n = 6
+    flux = (1 + 0.01 * rng.standard_normal((n, P))).astype(np.float32)
+    ivar = np.full((n, P), 100, np.float32)
+    ivar[1] = 0                       # no usable pixel
+    flux[2, 0] = 9.0                  # the stub does not converge
+    flux[3, 10] = np.nan              # a non-finite pixel is masked, not fatal
+    meta = meta_frame(n, teff=[5800, 5800, 5800, 5800, 4500, np.nan],
+                      logg=[4.4, 4.4, 4.4, 4.4, 2.0, np.nan])
+    out = catalog.label_chunk(flux, ivar, meta, stub_context(giant_offset=0.5))
+    assert list(out.columns) == list(catalog.observation_columns())
+    assert out["giantmodel"].tolist() == [False, False, False, False, True, False]
+    # dwarf rows have dwarf labels and NaN giant-only labels, and vice versa
+    assert np.isfinite(out.loc[0, "alpha_fe"]) and np.isnan(out.loc[0, "mg_fe"])
+    assert np.isfinite(out.loc[4, "mg_fe"]) and np.isnan(out.loc[4, "alpha_fe"])
+    assert np.isfinite(out.loc[0, "chi2_alpha_fe"]) and np.isnan(out.loc[0, "chi2_mg_fe"])
+    flag = out["flag"].to_numpy()
+    assert flag[1] & catalog.FLAG_NO_PIXELS and np.isnan(out.loc[1, "teff"])
+    assert flag[2] & catalog.FLAG_NOT_CONVERGED
+    assert flag[3] == 0 and out.loc[3, "n_pixels"] == P - 1
+    # no LASP labels: both models tried, the dwarf (offset 0) fits better
+    assert flag[5] & catalog.FLAG_NO_LASP and not out.loc[5, "giantmodel"]
+    assert np.isfinite(out.loc[5, "teff"])
+
+
+def test_label_chunk_validates_shapes():
+    with pytest.raises(ValueError, match=r"\(S, P\)"):
+        catalog.label_chunk(np.ones((2, P)), np.ones((3, P)), meta_frame(2), stub_context())
+
+
+# ------------------------------------------------------------------------------------------
+# Part files and resumption logic
+# ------------------------------------------------------------------------------------------
+
+def test_plan_chunks_covers_rows_once():
+    chunks = catalog.plan_chunks(10, 4)
+    assert chunks == [(0, 0, 4), (1, 4, 8), (2, 8, 10)]
+    with pytest.raises(ValueError):
+        catalog.plan_chunks(10, 0)
+
+
+def test_parts_done_iff_file_exists(tmp_path):
+    df = catalog._empty_frame(3)
+    catalog.write_part(df, tmp_path, 7)
+    (tmp_path / ".part-000002.parquet.999.tmp").write_bytes(b"half a file")  # a killed writer
+    assert catalog.done_chunks(tmp_path) == {7}
+    info = {"n_obs": 3, "chunk_size": 3}
+    with pytest.raises(ValueError, match="no run.json"):
+        catalog._prepare_parts_dir(tmp_path, info, overwrite=False)
+    catalog._prepare_parts_dir(tmp_path, info, overwrite=True)
+    assert catalog.done_chunks(tmp_path) == set() and not list(tmp_path.glob(".*.tmp"))
+    with pytest.raises(ValueError, match="chunk_size"):
+        catalog._prepare_parts_dir(tmp_path, {"n_obs": 3, "chunk_size": 2}, overwrite=False)
+
+
+# ------------------------------------------------------------------------------------------
+# Repeats, Gaia, schema
+# ------------------------------------------------------------------------------------------
+
+def _obs_rows(rows):
+    df = catalog._empty_frame(len(rows))
+    for i, row in enumerate(rows):
+        for key, value in row.items():
+            df.loc[i, key] = value
+    return df.astype(catalog.observation_columns())
+
+
+def test_combine_repeats_snr_weighted_and_or_flags():
+    obs = _obs_rows([
+        dict(obsid=1, designation="A", snr_z=10.0, teff=5000.0, e_teff=100.0, fe_h=0.0,
+             alpha_fe=0.1, ra=1.0, dec=2.0, fe_h_extrap=True),
+        dict(obsid=2, designation="A", snr_z=30.0, teff=5400.0, e_teff=100.0, fe_h=-0.4,
+             alpha_fe=np.nan, ra=1.0001, dec=2.0001),
+        # a failed observation of A is not combined (A has good ones)
+        dict(obsid=3, designation="A", snr_z=90.0, teff=np.nan, flag=catalog.FLAG_NO_PIXELS),
+        # star B: two giant observations outweigh one dwarf observation
+        dict(obsid=4, designation="B", snr_z=20.0, teff=4500.0, giantmodel=True, mg_fe=0.2),
+        dict(obsid=5, designation="B", snr_z=20.0, teff=4700.0, giantmodel=True, mg_fe=0.4,
+             kiel_extrap=True),
+        dict(obsid=6, designation="B", snr_z=30.0, teff=5500.0, giantmodel=False, alpha_fe=0.3),
+        # star C: only a non-converged observation -> kept, flagged
+        dict(obsid=7, designation="C", snr_z=5.0, teff=6000.0, flag=catalog.FLAG_NOT_CONVERGED),
+    ])
+    stars = catalog.combine_repeats(obs).set_index("designation")
+    assert list(stars.index) == ["A", "B", "C"]
+    a, b, c = stars.loc["A"], stars.loc["B"], stars.loc["C"]
+    assert a["teff"] == pytest.approx((10 * 5000 + 30 * 5400) / 40)
+    assert a["fe_h"] == pytest.approx(-0.3)
+    assert a["alpha_fe"] == pytest.approx(0.1)          # NaN values skipped
+    assert a["e_teff"] == pytest.approx(np.hypot(10 * 100, 30 * 100) / 40)
+    assert a["n_obs"] == 2 and a["n_obs_all"] == 3 and a["flag"] == 0
+    assert a["fe_h_extrap"] and not a["kiel_extrap"]    # OR over observations
+    assert a["obsid"] == 2 and a["ra"] == 1.0001        # best combined observation
+    assert a["snr_z"] == pytest.approx(np.hypot(10, 30))
+    assert b["giantmodel"] and b["n_obs"] == 2
+    assert b["teff"] == pytest.approx(4600) and b["mg_fe"] == pytest.approx(0.3)
+    assert np.isnan(b["alpha_fe"]) and b["kiel_extrap"]
+    assert c["flag"] == catalog.FLAG_NOT_CONVERGED and c["teff"] == 6000
+
+
+def test_match_gaia_brightest_within_radius():
+    gaia = pd.DataFrame({"source_id": [11, 12, 13, 14],
+                         "ra": [10.0, 10.0 + 0.5 / 3600, 20.0, 30.0 + 2 / 3600],
+                         "dec": [0.0, 0.0, 0.0, 0.0],
+                         "phot_g_mean_mag": [15.0, 12.0, 14.0, 10.0]})
+    ids = catalog.match_gaia([10.0, 20.0 + 0.3 / 3600, 30.0, np.nan], [0, 0, 0, 0], gaia)
+    assert ids.tolist() == [12, 13, catalog.NO_SOURCE_ID, catalog.NO_SOURCE_ID]
+
+
+def test_catalog_schema_and_round_trip(tmp_path):
+    from astropy.table import Table
+
+    obs = _obs_rows([dict(obsid=1, designation="J1", snr_z=20.0, teff=5000.0, ra=10.0, dec=0.0),
+                     dict(obsid=2, designation="J2", snr_z=20.0, teff=4500.0, giantmodel=True,
+                          ra=20.0, dec=0.0, mg_fe=0.1)])
+    gaia = pd.DataFrame({"source_id": [7], "ra": [10.0], "dec": [0.0], "pmra": [1.0],
+                         "pmdec": [-2.0], "phot_g_mean_mag": [12.0]})
+    dist = pd.DataFrame({"source_id": [7], "r_est": [500.0]})
+    table = catalog.build_catalog(obs, gaia=gaia, distances=dist, fits_path=tmp_path / "c.fits",
+                                  parquet_path=tmp_path / "c.parquet")
+    table1 = ["source_id", "designation", "giantmodel", "teff", "logg", "vmic", "kiel_extrap",
+              "chi2", "fe_h", "fe_h_extrap", "o_fe", "chi2_o_fe", "o_fe_extrap"]
+    assert table.colnames[:len(table1)] == table1
+    for name in ("snr_z", "ra", "dec", "R", "phi", "z", "vR", "vT", "vz", "JR", "Jphi", "Jz",
+                 *[f"chi2_{x}" for x in catalog.ABUNDANCE_LABELS]):
+        assert name in table.colnames
+    assert table["source_id"].tolist() == [7, catalog.NO_SOURCE_ID]
+    assert np.isfinite(table["R"][0]) and np.isnan(table["R"][1])
+    assert str(table["teff"].unit) == "K" and table["JR"].unit == "kpc km / s"
+    assert "extrapolate" in table["fe_h_extrap"].description
+    back = Table.read(tmp_path / "c.parquet")
+    assert back.colnames == table.colnames and str(back["fe_h"].unit) == "dex"
+    from lamostcannon.cleaning import read_table_fits
+
+    fits = read_table_fits(tmp_path / "c.fits")
+    assert fits.colnames == table.colnames and str(fits["fe_h"].unit) == "dex"
+    assert fits["designation"].tolist() == ["J1", "J2"]
+
+
+# ------------------------------------------------------------------------------------------
+# The driver with real Cannon models on a real SpectraStore
+# ------------------------------------------------------------------------------------------
+
+N_OBS = 1200
+CHUNK = 8          # many small chunks, so that a kill lands mid-run
+
+
+def _teacher(names, rng, n=500):
+    """A CannonModel trained on spectra of a random quadratic model (simulate, then recover)."""
+    from lamostcannon import cannon, spectra
+
+    L, T = len(names), cannon.n_terms(len(names))
+    theta = np.zeros((P, T))
+    theta[:, 0] = 1 - 0.3 * rng.random(P) ** 3
+    theta[:, 1:L + 1] = 0.02 * rng.standard_normal((P, L))
+    theta[:, L + 1:] = 0.003 * rng.standard_normal((P, T - L - 1))
+    x = 0.8 * rng.standard_normal((n, L))
+    centre = {"teff": 5800.0, "logg": 4.3, "vmic": 1.2, "fe_h": -0.2}
+    if "mg_fe" in names:
+        centre.update(teff=4700.0, logg=2.5)
+    scale = {"teff": 300.0, "logg": 0.3, "vmic": 0.3, "fe_h": 0.3}
+    lab = (np.array([centre.get(k, 0.1) for k in names])
+           + x * np.array([scale.get(k, 0.1) for k in names]))
+    flux = cannon.vectorize(x) @ theta.T + 0.01 * rng.standard_normal((n, P))
+    model = cannon.CannonModel(names, wavelength=spectra.common_wavelength())
+    return model.train(lab, flux, np.full((n, P), 1e4)), lab
+
+
+@pytest.fixture(scope="module")
+def survey(tmp_path_factory):
+    """Trained dwarf and giant models on disk, a SpectraStore of N_OBS spectra drawn from them,
+    and a LAMOST-like catalogue (some observations without LASP labels, repeats of stars)."""
+    from astropy.table import Table
+
+    from lamostcannon.spectra import SpectraStore
+
+    rng = np.random.default_rng(7)
+    root = tmp_path_factory.mktemp("survey")
+    models = {}
+    for group, names in (("dwarf", labels.DWARF_LABELS), ("giant", labels.GIANT_LABELS)):
+        model, lab = _teacher(names, rng)
+        model.write(root / f"model_{group}.fits")
+        models[group] = (model, lab)
+    giant = rng.random(N_OBS) < 0.4
+    truth = {}
+    flux = np.empty((N_OBS, P), np.float32)
+    for group, sel in (("dwarf", ~giant), ("giant", giant)):
+        model, lab = models[group]
+        draw = lab[rng.integers(0, len(lab), sel.sum())]
+        flux[sel] = model.predict(draw) + 0.02 * rng.standard_normal((sel.sum(), P))
+        truth[group] = (np.flatnonzero(sel), draw)
+    ivar = np.full((N_OBS, P), 1 / 0.02 ** 2, np.float32)
+    ivar[5] = 0.0                                        # an empty spectrum
+    obsid = 10_000 + 3 * np.arange(N_OBS)
+    star = np.arange(N_OBS) // 2 if False else np.where(np.arange(N_OBS) % 10 == 1,
+                                                        np.arange(N_OBS) - 1, np.arange(N_OBS))
+    designation = np.array([f"J{s:06d}" for s in star])  # every 10th star observed twice
+    with SpectraStore.create(root / "survey.zarr", chunk_rows=64) as store:
+        store.append(flux, ivar, pd.DataFrame({"obsid": obsid, "designation": designation,
+                                               "snrz": 50.0}))
+    teff = np.where(giant, 4700.0, 5800.0)
+    logg = np.where(giant, 2.5, 4.4)
+    no_lasp = np.arange(N_OBS) % 25 == 3
+    teff[no_lasp] = np.nan
+    cat = Table({"obsid": obsid, "designation": designation, "ra": np.linspace(0, 50, N_OBS),
+                 "dec": np.linspace(-10, 40, N_OBS), "snrz": rng.uniform(10, 100, N_OBS),
+                 "rv": rng.normal(0, 40, N_OBS), "teff": teff, "logg": logg})
+    cat.write(root / "lamost_catalog.fits")
+    return SimpleNamespace(root=root, store=root / "survey.zarr", catalog=root / "lamost_catalog.fits",
+                           giant=giant, truth=truth, no_lasp=no_lasp, n_chunks=-(-N_OBS // CHUNK))
+
+
+@pytest.fixture(scope="module")
+def reference_run(survey):
+    """An uninterrupted in-process run (n_workers=1), the reference of the other tests."""
+    ctx = catalog.load_context(survey.root)
+    parts = survey.root / "parts_reference"
+    report = catalog.run_inference(survey.store, ctx, lamost_catalog=survey.catalog,
+                                   parts_dir=parts, chunk_size=CHUNK, n_workers=1, progress=False)
+    assert report.chunks_run == survey.n_chunks and report.executor == "serial"
+    return catalog.read_parts(parts, survey.n_chunks)
+
+
+def test_inference_recovers_labels_and_routes_models(survey, reference_run):
+    obs = reference_run
+    assert len(obs) == N_OBS and obs["obsid"].is_unique and (obs["row"] == np.arange(N_OBS)).all()
+    fitted = (obs["flag"] & catalog.FLAG_NO_PIXELS) == 0
+    assert obs.loc[5, "flag"] & catalog.FLAG_NO_PIXELS and fitted.sum() == N_OBS - 1
+    # eq. 1 routing where LASP labels exist, lower chi2 where they do not
+    assert (obs["giantmodel"][fitted] == survey.giant[fitted]).all()
+    assert ((obs["flag"] & catalog.FLAG_NO_LASP) != 0).to_numpy().tolist() == survey.no_lasp.tolist()
+    for group in ("dwarf", "giant"):
+        rows, truth = survey.truth[group]
+        rows_ok = rows[rows != 5]
+        truth = truth[rows != 5]
+        names = labels.model_labels(group == "giant")
+        got = obs.loc[rows_ok, list(names)].to_numpy()
+        assert np.nanmedian(np.abs(got[:, 0] - truth[:, 0])) < 30      # teff, K
+        assert np.nanmedian(np.abs(got[:, 3] - truth[:, 3])) < 0.03    # fe_h
+        other = [n for n in catalog.ALL_LABELS if n not in names]
+        assert obs.loc[rows_ok, other].isna().all().all()
+        assert obs.loc[rows_ok, [f"chi2_{n}" for n in names if n.endswith("_fe")]].notna().all().all()
+    assert obs["converged"][fitted].mean() > 0.95
+
+
+def test_dask_local_cluster_gives_the_same_rows(survey, reference_run):
+    from distributed import Client, LocalCluster
+
+    ctx = catalog.load_context(survey.root)
+    parts = survey.root / "parts_dask"
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                      dashboard_address=None) as cluster, Client(cluster) as client:
+        report = catalog.run_inference(survey.store, ctx, lamost_catalog=survey.catalog,
+                                       parts_dir=parts, chunk_size=CHUNK, client=client,
+                                       progress=False)
+    assert report.executor == "dask" and report.n_workers == 2
+    assert report.peak_memory_mb_per_worker > 0
+    dask_rows = catalog.read_parts(parts, report.n_chunks)
+    pd.testing.assert_frame_equal(dask_rows, reference_run, check_exact=True)
+
+
+_KILL_SCRIPT = textwrap.dedent("""
+    import sys
+    from lamostcannon import catalog
+    root, parts, chunk = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    ctx = catalog.load_context(root)
+    catalog.run_inference(root + "/survey.zarr", ctx, lamost_catalog=root + "/lamost_catalog.fits",
+                          parts_dir=parts, chunk_size=chunk, n_workers=1, progress=False)
+""")
+
+
+def test_resume_after_sigkill_is_identical(survey, reference_run):
+    parts = survey.root / "parts_killed"
+    proc = subprocess.Popen([sys.executable, "-c", _KILL_SCRIPT, str(survey.root), str(parts),
+                             str(CHUNK)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while len(catalog.done_chunks(parts)) < 3 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    done = len(catalog.done_chunks(parts))
+    assert 3 <= done < survey.n_chunks, f"the kill did not land mid-run ({done} chunks done)"
+    # a different chunking must not be mixed into these parts
+    ctx = catalog.load_context(survey.root)
+    with pytest.raises(ValueError, match="chunk_size"):
+        catalog.run_inference(survey.store, ctx, lamost_catalog=survey.catalog, parts_dir=parts,
+                              chunk_size=CHUNK + 1, n_workers=1, progress=False)
+    report = catalog.run_inference(survey.store, ctx, lamost_catalog=survey.catalog,
+                                   parts_dir=parts, chunk_size=CHUNK, n_workers=1, progress=False)
+    assert report.chunks_done_before == done and report.chunks_run == survey.n_chunks - done
+    resumed = catalog.read_parts(parts, survey.n_chunks)
+    assert len(resumed) == N_OBS and resumed["obsid"].is_unique
+    pd.testing.assert_frame_equal(resumed, reference_run, check_exact=True)
+    # and the assembled Parquet file is the same table
+    table = catalog.assemble_observations(parts, path=survey.root / "obs_resumed.parquet")
+    pd.testing.assert_frame_equal(pd.read_parquet(survey.root / "obs_resumed.parquet"),
+                                  reference_run, check_exact=True)
+    assert str(table["teff"].unit) == "K"
+
+
+def test_catalogue_from_inference_combines_repeats(survey, reference_run):
+    table = catalog.build_catalog(reference_run, gaia=None, distances=None,
+                                  fits_path=survey.root / "catalog.fits",
+                                  parquet_path=survey.root / "catalog.parquet")
+    n_stars = reference_run["designation"].nunique()
+    assert len(table) == n_stars < N_OBS
+    assert table["n_obs_all"].sum() == N_OBS
+    assert np.all(table["designation"] == np.sort(np.asarray(table["designation"])))

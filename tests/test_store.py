@@ -1,0 +1,279 @@
+"""lamostcannon.store: the Zarr spectra store and the parallel, resumable ingest.
+
+Synthetic rows for the store mechanics; the real DR10 files (``real_lamost`` fixture) for ingest:
+exact agreement with per-file processing, corrupted copies reported and not fatal, and a real
+``kill -9`` in the middle of an ingest followed by a resume.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from lamostcannon import spectra as sp
+from lamostcannon.store import META_COLUMNS, SpectraStore, ingest
+
+P = sp.N_PIXELS
+
+
+def rows(n, start=0, rng=None):
+    rng = rng or np.random.default_rng(start)
+    flux = rng.normal(1, 0.05, (n, P)).astype(np.float32)
+    ivar = rng.uniform(0, 400, (n, P)).astype(np.float32)
+    meta = pd.DataFrame({"obsid": np.arange(start, start + n), "filename": [f"f{i}.fits" for i in
+                                                                           range(start, start + n)]})
+    return flux, ivar, meta
+
+
+# ------------------------------------------------------------------------------ store mechanics
+
+def test_store_round_trip_read_meta_and_dask(tmp_path):
+    path = tmp_path / "s.zarr"
+    with SpectraStore.create(path, chunk_rows=8) as store:
+        f1, i1, m1 = rows(13)
+        f2, i2, m2 = rows(7, start=13)
+        assert store.append(f1, i1, m1) == range(0, 13)
+        assert store.append(f2, i2, m2) == range(13, 20)
+        store.compact()
+    flux, ivar = np.concatenate([f1, f2]), np.concatenate([i1, i2])
+    store = SpectraStore(path)  # read-only
+    assert len(store) == 20 and store.chunk_rows == 8
+    assert list(store.meta.columns) == list(META_COLUMNS)
+    assert store.meta["obsid"].tolist() == list(range(20))
+    assert store.meta.loc[3, "designation"] == "" and np.isnan(store.meta.loc[3, "z"])
+    f, i = store.read()
+    np.testing.assert_array_equal(f, flux)
+    np.testing.assert_array_equal(i, ivar)
+    f, i = store.read([17, 2, 2, -1])
+    np.testing.assert_array_equal(f, flux[[17, 2, 2, 19]])
+    np.testing.assert_array_equal(store.read(5)[1], ivar[5])
+    np.testing.assert_array_equal(store.read(slice(3, 15, 4))[0], flux[3:15:4])
+    np.testing.assert_array_equal(store.read(np.arange(20) % 3 == 0)[0], flux[::3])
+    with pytest.raises(IndexError):
+        store.read([20])
+    np.testing.assert_array_equal(store.rows_for([5, 99, 13]), [5, -1, 13])
+    dflux, divar = store.to_dask()
+    assert dflux.shape == (20, P) and dflux.chunks[0] == (8, 8, 4)
+    np.testing.assert_array_equal(divar.compute(), ivar)
+    assert float(dflux.sum().compute()) == pytest.approx(float(flux.sum(dtype=np.float64)),
+                                                         rel=1e-6)
+    np.testing.assert_allclose(store.wavelength, sp.common_wavelength())
+    with pytest.raises(PermissionError):
+        store.append(f1, i1, m1)
+    with pytest.raises(ValueError, match=r"shape \(K, 3909\)"):
+        SpectraStore(path, "a").append(f1[:, :10], i1[:, :10], m1)
+
+
+def test_an_interrupted_append_is_rolled_back_on_reopen(tmp_path):
+    """A partially written append: data rows and a metadata part, but no commit."""
+    path = tmp_path / "s.zarr"
+    f1, i1, m1 = rows(10)
+    with SpectraStore.create(path, chunk_rows=4) as store:
+        store.append(f1, i1, m1)
+        # simulate a crash between steps 1-2 and 3 of an append
+        for arr in (store.flux, store.ivar):
+            arr.resize((16, P))
+            arr[10:16] = -7.0
+        (path / "meta" / "part-000000000010-deadbeef.parquet").write_bytes(b"partial")
+    assert len(SpectraStore(path)) == 10  # readers see the committed rows only
+    with SpectraStore(path, "a") as store:
+        assert store.flux.shape == (10, P)
+        assert not (path / "meta" / "part-000000000010-deadbeef.parquet").exists()
+        f2, i2, m2 = rows(5, start=10)
+        store.append(f2, i2, m2)
+    store = SpectraStore(path)
+    np.testing.assert_array_equal(store.read()[0], np.concatenate([f1, f2]))
+    assert store.meta["obsid"].tolist() == list(range(15))
+
+
+def test_one_writer_at_a_time_and_stale_locks_are_taken_over(tmp_path):
+    path = tmp_path / "s.zarr"
+    writer = SpectraStore.create(path)
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        writer.close()
+        (path / ".lock").write_text(str(proc.pid))  # a live foreign writer
+        with pytest.raises(RuntimeError, match="open for writing"):
+            SpectraStore(path, "a")
+        SpectraStore(path)  # readers are not blocked
+    finally:
+        proc.kill()
+        proc.wait()
+    with SpectraStore(path, "a"):  # the writer is gone: its lock is stale
+        pass
+    assert not (path / ".lock").exists()
+    with pytest.raises(FileExistsError):
+        SpectraStore.create(path)
+    with pytest.raises(FileNotFoundError):
+        SpectraStore(tmp_path / "nothing.zarr")
+
+
+# ------------------------------------------------------------------------------ ingest, real files
+
+@pytest.fixture(scope="module")
+def dr10_store(real_lamost, tmp_path_factory):
+    """All 1726 real DR10 files ingested on two worker processes."""
+    path = tmp_path_factory.mktemp("ingest") / "dr10.zarr"
+    files = sorted((real_lamost / "dr10").glob("*.fits.gz"))
+    report = ingest(real_lamost / "dr10", path, n_workers=2, chunk_size=32, commit_rows=512,
+                    progress=False)
+    return path, files, report
+
+
+def test_ingest_of_all_dr10_files_equals_per_file_processing(dr10_store, real_lamost):
+    path, files, report = dr10_store
+    assert len(report) == 1726 and (report["status"] == "stored").all()
+    assert report["row"].tolist() == list(range(1726))
+    assert (path / "ingest_report.csv").is_file()
+    store = SpectraStore(path)
+    assert len(store) == 1726
+    meta = store.meta
+    assert meta["filename"].tolist() == [p.name for p in files]
+    cat = pd.read_csv(real_lamost / "dr10" / "catalog.csv").set_index("filename")
+    assert (meta["obsid"].to_numpy() == cat.loc[meta["filename"], "obsid"].to_numpy()).all()
+    assert meta["obsid"].is_unique and (meta["n_good"] > 2500).all()
+    flux, ivar = store.read()
+    for k, f in enumerate(files):
+        expect_f, expect_i = sp.preprocess(sp.read_lamost(f))
+        np.testing.assert_array_equal(flux[k], expect_f, err_msg=f.name)
+        np.testing.assert_array_equal(ivar[k], expect_i, err_msg=f.name)
+
+
+def test_ingest_again_skips_every_stored_file(dr10_store):
+    path, files, _ = dr10_store
+    report = ingest(files[:40] + files[:3], path, n_workers=1, progress=False)
+    assert (report["status"] == "already_stored").all()
+    assert report["row"].tolist() == list(range(40)) + [0, 1, 2]
+    assert len(SpectraStore(path)) == 1726
+
+
+def _corrupt_copies(real_lamost, tmp_path):
+    """Broken versions of real files, keyed by path, with the reason expected in the report."""
+    from astropy.io import fits
+
+    src = sorted((real_lamost / "dr10").glob("*.fits.gz"))[-5:]
+    broken = {}
+    gz = src[0].read_bytes()
+    (tmp_path / "truncated.fits.gz").write_bytes(gz[: len(gz) * 2 // 3])
+    broken[tmp_path / "truncated.fits.gz"] = "truncated gzip"
+    flipped = bytearray(gz)
+    for k in range(2000, 2010):
+        flipped[k] ^= 0x5A
+    (tmp_path / "flipped.fits.gz").write_bytes(bytes(flipped))
+    broken[tmp_path / "flipped.fits.gz"] = "gzip"
+    raw = bytearray(gzip.decompress(src[1].read_bytes()))
+    raw[2880 + 80 * 3:2880 + 80 * 3 + 8] = b"\x00\x01\x02\x03\x04\x05\x06\x07"
+    (tmp_path / "header.fits").write_bytes(bytes(raw))
+    broken[tmp_path / "header.fits"] = "unreadable header"
+    with fits.open(src[2]) as hdul:
+        header = hdul[0].header.copy()
+        del header["NAXIS1"], header["NAXIS2"]
+        fits.PrimaryHDU(header=header).writeto(tmp_path / "nohdu.fits")
+        broken[tmp_path / "nohdu.fits"] = "missing HDU"
+        table = hdul[1].copy()
+        table.data["IVAR"][:] = 0
+        fits.HDUList([fits.PrimaryHDU(header=header), table]).writeto(tmp_path / "ivar0.fits")
+        broken[tmp_path / "ivar0.fits"] = "no valid pixels"
+        table = hdul[1].copy()
+        table.data["WAVELENGTH"][0, 50] = np.inf
+        fits.HDUList([fits.PrimaryHDU(header=header), table]).writeto(tmp_path / "infwave.fits")
+        broken[tmp_path / "infwave.fits"] = "NaN/inf wavelengths"
+        table = hdul[1].copy()
+        table.data["WAVELENGTH"][0] = table.data["WAVELENGTH"][0][::-1]
+        fits.HDUList([fits.PrimaryHDU(header=header), table]).writeto(tmp_path / "reverse.fits")
+        broken[tmp_path / "reverse.fits"] = "not strictly increasing"
+    (tmp_path / "empty.fits.gz").write_bytes(b"")
+    broken[tmp_path / "empty.fits.gz"] = "not a FITS file"
+    return broken
+
+
+def test_corrupted_files_are_reported_and_the_good_ones_around_them_stored(real_lamost,
+                                                                           tmp_path):
+    good = sorted((real_lamost / "dr10").glob("*.fits.gz"))[:60]
+    broken = _corrupt_copies(real_lamost, tmp_path)
+    duplicate = tmp_path / "copy_of_first.fits.gz"  # same obsid under another name
+    duplicate.write_bytes(good[0].read_bytes())
+    files = list(good[:20]) + list(broken)[:4] + list(good[20:40]) + [duplicate] \
+        + list(broken)[4:] + list(good[40:])
+    store_path = tmp_path / "s.zarr"
+    report = ingest(files, store_path, n_workers=2, chunk_size=4, commit_rows=16, chunk_rows=8,
+                    progress=False).set_index("source")
+    for path, reason in broken.items():
+        row = report.loc[str(path)]
+        assert row["status"] == "failed" and reason in row["reason"], (path.name, row["reason"])
+    assert report.loc[str(duplicate), "status"] == "duplicate"
+    assert (report.loc[[str(p) for p in good], "status"] == "stored").all()
+    on_disk = pd.read_csv(store_path / "ingest_report.csv")
+    assert len(on_disk) == len(files) and (on_disk["status"] == "failed").sum() == len(broken)
+    store = SpectraStore(store_path)
+    assert store.meta["filename"].tolist() == [p.name for p in good]
+    flux, ivar = store.read([0, 59])
+    np.testing.assert_array_equal(flux[1], sp.preprocess(sp.read_lamost(good[59]))[0])
+
+
+def test_formats_folder_ingests_every_layout(real_lamost, tmp_path):
+    report = ingest(real_lamost / "formats", tmp_path / "s.zarr", n_workers=1, progress=False)
+    assert (report["status"] == "stored").all() and len(report) == 3
+    meta = SpectraStore(tmp_path / "s.zarr").meta
+    assert sorted(meta["layout"]) == ["dr1-3", "dr4-9", "dr4-9"]
+    assert sorted(meta["data_release"]) == ["DR1-3", "DR6", "DR7"]
+
+
+KILLED_INGEST = textwrap.dedent("""
+    import sys
+    from lamostcannon.store import ingest
+    if __name__ == "__main__":
+        ingest(sys.argv[1], sys.argv[2], n_workers=1, chunk_size=8, commit_rows=32,
+               chunk_rows=16, progress=False)
+""")
+
+
+def test_resume_after_kill_9_loses_and_duplicates_nothing(real_lamost, tmp_path):
+    store_path = tmp_path / "s.zarr"
+    script = tmp_path / "run.py"
+    script.write_text(KILLED_INGEST)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    proc = subprocess.Popen([sys.executable, str(script), str(real_lamost / "dr10"),
+                             str(store_path)], env=env)
+    commit = store_path / "COMMIT.json"
+    deadline = time.monotonic() + 120
+    committed = 0
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            committed = json.loads(commit.read_text())["n_rows"]
+        except (OSError, ValueError):
+            pass
+        if committed >= 96:
+            break
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the ingest ended before it could be killed"
+    before = SpectraStore(store_path)
+    n_before = len(before)
+    assert 96 <= n_before < 1726
+    assert (store_path / ".lock").exists()  # the killed writer left its lock behind
+
+    report = ingest(real_lamost / "dr10", store_path, n_workers=2, progress=False)
+    assert (report["status"] == "already_stored").sum() == n_before
+    assert (report["status"] == "stored").sum() == 1726 - n_before
+    store = SpectraStore(store_path)
+    assert len(store) == 1726 and store.meta["obsid"].is_unique
+    files = sorted((real_lamost / "dr10").glob("*.fits.gz"))
+    assert store.meta["filename"].tolist() == [p.name for p in files]
+    assert store.flux.shape == (1726, P)
+    flux, ivar = store.read()
+    for k in list(range(n_before - 3, n_before + 3)) + [0, 1725]:
+        f, i = sp.preprocess(sp.read_lamost(files[k]))
+        np.testing.assert_array_equal(flux[k], f)
+        np.testing.assert_array_equal(ivar[k], i)
