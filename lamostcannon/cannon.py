@@ -132,6 +132,14 @@ FLAG_BITS = {
 
 FILE_FORMAT = "lamostcannon-model"
 FILE_FORMAT_VERSION = 1
+#: training settings kept in the model file header: meta key -> (card, comment)
+_META_CARDS = {
+    "ridge": ("TRIDGE", "ridge on Jacobi-scaled normal equations"),
+    "min_stars": ("TMINSTAR", "min usable stars per pixel (-1: 2 x terms)"),
+    "s2_rtol": ("TS2RTOL", "relative tolerance of s2"),
+    "n_outer": ("TNOUTER", "theta/s2 alternations done"),
+    "s2_unconverged": ("TS2UNCV", "pixels whose s2 did not converge"),
+}
 
 
 class ModelFileError(ValueError):
@@ -271,15 +279,18 @@ def _tables(n_labels: int):
             h_fac[q, j] = ek * (ek - 1) if k == l_ else ek * el
     # Sparse map from ordered term pairs (t, u) flattened to monomials, for Q and Gram gathers.
     term_labels = [set(m) for m in terms]
-    return dict(L=L, T=T, K3=K3, K4=K4, monos=monos, a=a, b=b, pair=pair, g_idx=g_idx,
-                g_fac=g_fac, hk=hk, hl=hl, h_idx=h_idx, h_fac=h_fac, terms=terms,
-                term_labels=term_labels)
+    qi, qj = np.triu_indices(L)
+    return dict(L=L, T=T, K3=K3, K4=K4, monos=monos, a=a, b=b, a3=a[:K3].copy(),
+                b3=b[:K3].copy(), pair=pair, g_idx=g_idx, g_fac=g_fac, hk=hk, hl=hl,
+                h_idx=h_idx, h_fac=h_fac, qi=qi, qj=qj, terms=terms, term_labels=term_labels)
 
 
 def _monomials4(x: np.ndarray, tab) -> np.ndarray:
     """All monomials of degree <= 4, shape (S, K4), of standardised labels x (S, L)."""
     eta = vectorize(x)
-    return eta[:, tab["a"]] * eta[:, tab["b"]]
+    out = np.take(eta, tab["a"], axis=1)
+    out *= np.take(eta, tab["b"], axis=1)
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -366,7 +377,7 @@ def _batched_cholesky_solve(a: np.ndarray, b: np.ndarray):
         s = a[:, j, j] - np.einsum("nk,nk->n", low[:, j, :j], low[:, j, :j])
         good = s > 1e-13 * scale
         ok &= good
-        d = np.sqrt(np.where(good, s, 1.0))
+        d = np.sqrt(np.where(s > 0, s, 1.0))
         low[:, j, j] = d
         if j + 1 < m:
             low[:, j + 1:, j] = (a[:, j + 1:, j]
@@ -793,19 +804,30 @@ class CannonModel:
         return out[0] if single else out
 
     # ---- test step ------------------------------------------------------------------------
-    def _quartic_matrix(self) -> np.ndarray:
-        """Q (P_ok, K4): per-pixel ``theta_t theta_u`` summed over the pairs of each monomial."""
+    def _test_arrays(self):
+        """Cached test-step arrays over the trained pixels.
+
+        ``q`` (P_ok, K4): for each pixel, ``theta_t theta_u`` summed over the ordered term pairs
+        of every monomial, with the constant coefficient moved to the data side (the fit uses
+        ``f - theta_0`` and ``theta`` without its constant term, which keeps the polynomial's
+        coefficients small and its evaluation well conditioned).
+        """
         if self._q is None:
             tab = _tables(self.n_labels)
             T, K4 = tab["T"], tab["K4"]
-            th = self.theta[self.pixel_ok]
+            ok = self.pixel_ok
+            th = self.theta[ok].copy()
+            th0 = th[:, 0].copy()
+            th[:, 0] = 0.0
             pair = tab["pair"].ravel()
             q = np.zeros((th.shape[0], K4))
             for start in range(0, th.shape[0], 1024):
                 blk = th[start:start + 1024]
                 prod = (blk[:, :, None] * blk[:, None, :]).reshape(blk.shape[0], T * T)
                 q[start:start + 1024] = _scatter_columns(prod, pair, K4)
-            self._q = q
+            self._q = dict(q=q, theta_c=np.ascontiguousarray(th), theta0=th0,
+                           theta=np.ascontiguousarray(self.theta[ok]), s2=self.s2[ok].copy(),
+                           all_ok=bool(ok.all()))
         return self._q
 
     def _bounds(self, bound):
@@ -879,77 +901,115 @@ class CannonModel:
             limit = threadpool_limits(limits=int(n_threads), user_api="blas")
         t0 = time.perf_counter()
         with limit:
-            q = self._quartic_matrix()
+            arrs = dict(self._test_arrays())            # per-call additions stay local
             lo, hi = self._bounds(bound)
+            arrs["starts"] = np.clip(self.starts, lo, hi)
+            arrs["starts_m4"] = _monomials4(arrs["starts"], _tables(L))
+            if win_names:
+                arrs["win_cols"] = np.flatnonzero(win_mat.any(axis=1))
             for start in range(0, S, chunk_size):
                 sl = slice(start, min(S, start + chunk_size))
-                self._test_chunk(flux[sl], ivar[sl], sl, res, q, lo, hi, win_names, win_mat,
+                self._test_chunk(flux[sl], ivar[sl], sl, res, arrs, lo, hi, win_names, win_mat,
                                  None if x_init is None else x_init[sl], n_starts, max_iter)
                 logger.debug("test step: %d/%d spectra", sl.stop, S)
         dt = time.perf_counter() - t0
+        timing = arrs.pop("timing", {})
+        logger.debug("test step time per phase (s): %s",
+                     {k: round(v, 3) for k, v in timing.items()})
         logger.info("test step: %d spectra in %.2f s (%.3f ms/spectrum); %d flagged", S, dt,
                     1e3 * dt / max(S, 1), int(np.sum(res.flag != 0)))
         return res
 
-    def _test_chunk(self, flux, ivar, sl, res, q, lo, hi, win_names, win_mat, x_init, n_starts,
-                    max_iter):
+    def _test_chunk(self, flux, ivar, sl, res, arrs, lo, hi, win_names, win_mat, x_init,
+                    n_starts, max_iter):
         tab = _tables(self.n_labels)
-        T, K3 = tab["T"], tab["K3"]
+        T = tab["T"]
         ok = self.pixel_ok
-        all_ok = bool(ok.all())
-        f = np.asarray(flux[:, ok] if not all_ok else flux, dtype=np.float64)
-        iv = np.asarray(ivar[:, ok] if not all_ok else ivar, dtype=np.float64)
-        theta = self.theta[ok]
-        s2 = self.s2[ok]
-        with np.errstate(invalid="ignore"):
-            finite_iv = np.isfinite(iv)
-            bad = ~finite_iv | (iv < 0)
-            pos = finite_iv & (iv > 0)
-            finite_f = np.isfinite(f)
-            bad |= pos & ~finite_f
-            use = pos & finite_f
-        flag = np.where(bad.any(axis=1), FLAG_BAD_INPUT, 0)
-        w = np.where(use, iv, 0.0)
-        w /= 1.0 + w * s2
-        f = np.where(use, f, 0.0)
-        n_pix = use.sum(axis=1)
+        clock = [time.perf_counter()]
+        timing = arrs.setdefault("timing", {})
+
+        def lap(name):
+            now = time.perf_counter()
+            timing[name] = timing.get(name, 0.0) + now - clock[0]
+            clock[0] = now
+
+        if arrs["all_ok"]:
+            f = np.array(flux, dtype=np.float64)
+            iv = np.array(ivar, dtype=np.float64)
+        else:
+            f = np.asarray(flux[:, ok], dtype=np.float64)
+            iv = np.asarray(ivar[:, ok], dtype=np.float64)
+        # Inputs: ivar must be finite and >= 0, flux finite where ivar > 0; anything else is
+        # masked and flagged. Cheap row reductions find the rare rows that need the slow path.
+        flag = np.zeros(f.shape[0], dtype=np.int64)
+        with np.errstate(invalid="ignore", over="ignore"):
+            rows = np.flatnonzero(~(np.isfinite(iv.sum(axis=1)) & (iv.min(axis=1) >= 0)))
+            if rows.size:
+                sub = iv[rows]
+                sub[~np.isfinite(sub) | (sub < 0)] = 0.0
+                iv[rows] = sub
+                flag[rows] |= FLAG_BAD_INPUT
+            w = iv * arrs["s2"]
+            w += 1.0
+            np.divide(iv, w, out=w)                      # 1 / (sigma^2 + s^2); 0 if ivar = 0
+            del iv
+            f -= arrs["theta0"]                          # centred flux f - theta_0
+            f[w == 0.0] = 0.0                            # missing data (often NaN) -> 0
+            rows = np.flatnonzero(~np.isfinite(f.sum(axis=1)))
+            if rows.size:
+                sub_f, sub_w = f[rows], w[rows]
+                bad = ~np.isfinite(sub_f)
+                sub_f[bad] = 0.0
+                sub_w[bad] = 0.0
+                f[rows], w[rows] = sub_f, sub_w
+                flag[rows] |= FLAG_BAD_INPUT
+        n_pix = np.count_nonzero(w, axis=1)
         wf = w * f
-        # chi2(x) = sum_m poly_m M4_m(x), the whole likelihood of the spectrum in 1001 numbers.
-        poly = w @ q
-        poly[:, :T] -= 2.0 * (wf @ theta)
+        lap("weights")
+        # chi2(x) = sum_m poly_m M4_m(x): the whole spectrum's likelihood in K4 numbers
+        poly = w @ arrs["q"]
+        poly[:, :T] -= 2.0 * (wf @ arrs["theta_c"])
         poly[:, 0] += np.einsum("sp,sp->s", wf, f)
+        del wf
+        lap("polynomial")
         fit = n_pix > 0
         n = f.shape[0]
-        out_x = np.full((n, self.n_labels), np.nan)
-        out_cov = np.full((n, self.n_labels, self.n_labels), np.nan)
+        L = self.n_labels
+        out_x = np.full((n, L), np.nan)
+        out_cov = np.full((n, L, L), np.nan)
+        out_chi2 = np.full(n, np.nan)
         n_iter = np.zeros(n, dtype=np.int64)
         conv = np.zeros(n, dtype=bool)
-        flag = flag | np.where(fit, 0, FLAG_NO_PIXELS) | np.where(fit & (n_pix < T),
-                                                                   FLAG_FEW_PIXELS, 0)
+        flag |= np.where(fit, 0, FLAG_NO_PIXELS) | np.where(fit & (n_pix < T), FLAG_FEW_PIXELS, 0)
         if fit.any():
             fi = np.flatnonzero(fit)
-            pf = poly[fi]
-            xs, it, cv, fl, hess = _fit_labels(pf, self.starts, lo, hi, tab, n_starts, max_iter,
-                                               None if x_init is None else x_init[fi])
+            pf = poly if fi.size == n else poly[fi]
+            xs, chi, it, cv, fl, hess = _fit_labels(
+                pf, arrs["starts_m4"], arrs["starts"], lo, hi, tab, n_starts, max_iter,
+                None if x_init is None else x_init[fi])
             out_x[fi] = xs
+            out_chi2[fi] = chi
             n_iter[fi] = it
             conv[fi] = cv
             flag[fi] |= fl
-            cov_std, pd = _inverse_spd(0.5 * hess)
+            cov_std, pd = _inverse_spd(0.5 * hess)      # inverse Hessian of chi2 / 2
             flag[fi[~pd]] |= FLAG_COV_NOT_PD
             cov_std[~pd] = np.nan
             out_cov[fi] = cov_std
-        # chi2 from the explicit residuals at the best fit
-        x_eval = np.where(np.isfinite(out_x), out_x, 0.0)
-        r = f - vectorize(x_eval) @ theta.T
-        wr2 = w * r * r
-        chi2 = wr2.sum(axis=1)
-        chi2[~fit] = np.nan
+        lap("newton")
+        # chi2 at the best fit from the polynomial (the minimised objective itself); chi2 in
+        # the windows from explicit residuals on the windows' pixels
         res.labels[sl] = self.scaler.inverse_transform(out_x)
         res.cov[sl] = self.scaler.inverse_transform_cov(out_cov)
-        res.chi2[sl] = chi2
+        res.chi2[sl] = out_chi2
         if win_names:
-            cw = wr2 @ win_mat
+            cols = arrs["win_cols"]
+            x_eval = np.where(np.isfinite(out_x), out_x, 0.0)
+            r = vectorize(x_eval) @ arrs["theta_c"][cols].T
+            np.subtract(f[:, cols], r, out=r)
+            r *= r
+            r *= w[:, cols]
+            cw = r @ win_mat[cols]
             cw[~fit] = np.nan
             for k, name in enumerate(win_names):
                 res.chi2_windows[name][sl] = cw[:, k]
@@ -957,6 +1017,7 @@ class CannonModel:
         res.n_iter[sl] = n_iter
         res.converged[sl] = conv
         res.flag[sl] = flag
+        lap("chi2")
 
     # ---- slow reference --------------------------------------------------------------------
     def test_reference(self, flux, ivar, *, bound: float = 1.0, init=None):
@@ -1047,9 +1108,9 @@ class CannonModel:
         hdr["NPIX"] = (self.n_pixels, "pixels P")
         hdr["NTRAIN"] = (int(self.n_train), "training spectra")
         hdr["TRNHASH"] = (self.training_hash or "", "sha256 of training labels+flux+ivar")
-        for key, val in self.meta.items():
-            if isinstance(val, (int, float, np.integer, np.floating)) and key != "train_seconds":
-                hdr[f"HIERARCH TRAIN {key.upper()}"] = val
+        for key, (card, comment) in _META_CARDS.items():
+            if key in self.meta:
+                hdr[card] = (self.meta[key], comment)
         hdr["HASWAVE"] = (self.wavelength is not None, "WAVELENGTH HDU present")
         hdr["HASMASK"] = (self.label_mask is not None, "LABELMASK HDU present")
         hdus = [fits.PrimaryHDU(header=hdr)]
@@ -1189,9 +1250,9 @@ class CannonModel:
         model.training_hash = str(hdr.get("TRNHASH", "")) or None
         model.n_train = int(hdr.get("NTRAIN", 0))
         model.meta = {"version": hdr.get("LCVERS"), "date": hdr.get("DATE")}
-        for key in hdr:
-            if key.startswith("TRAIN "):
-                model.meta[key[6:].lower()] = hdr[key]
+        for key, (card, _) in _META_CARDS.items():
+            if card in hdr:
+                model.meta[key] = hdr[card]
         logger.info("read model %s (%d labels, %d pixels, trained with lamostcannon %s)", path,
                     L, P, hdr.get("LCVERS"))
         return model
@@ -1405,9 +1466,11 @@ class _Quartic:
         L = tab["L"]
         quad = x[:, tab["qi"]] * x[:, tab["qj"]]                 # (n, L(L+1)/2)
         eta = np.concatenate([np.ones((x.shape[0], 1)), x, quad], axis=1)
-        m3 = eta[:, tab["a3"]] * eta[:, tab["b3"]]
-        grad = np.einsum("nkj,nj->nk", self.g, m3)
-        hflat = np.einsum("nqj,nj->nq", self.h, eta)
+        # np.take keeps C order (a fancy index along axis 1 gives F order and slow products)
+        m3 = np.take(eta, tab["a3"], axis=1)
+        m3 *= np.take(eta, tab["b3"], axis=1)
+        grad = np.matmul(self.g, m3[:, :, None])[:, :, 0]
+        hflat = np.matmul(self.h, eta[:, :, None])[:, :, 0]
         hess = np.empty((x.shape[0], L, L))
         hess[:, tab["hk"], tab["hl"]] = hflat
         hess[:, tab["hl"], tab["hk"]] = hflat
@@ -1421,15 +1484,21 @@ class _Quartic:
         return val, grad, hess
 
 
-def _newton(quartic: _Quartic, x0, lo, hi, max_iter, xtol_newton=1e-5, xtol=1e-9):
-    """Bounded damped Newton (Levenberg-Marquardt) on chi2 for a batch of spectra.
+def _newton(quartic: _Quartic, x0, lo, hi, max_iter, xtol_newton=1e-3, xtol=1e-9,
+            radius0=1.0, target=None, target_ok=None, join=0.1):
+    """Bounded Newton iteration with a trust radius on chi2, for a batch of spectra.
 
-    Each iteration solves ``(H + lambda * mean(diag H) I) dx = -grad`` by a batched Cholesky
-    (``lambda`` raised until the matrix is positive definite), clips ``x + dx`` to the bounds,
-    and accepts the point if chi2 did not rise (``lambda`` /= 4, else ``lambda`` *= 4 and the
-    step is retried from the old point). Converged: an accepted undamped Newton step shorter than
-    ``xtol_newton`` (quadratic convergence leaves an error ~ its square), or any step shorter
-    than ``xtol``. Stars that are done are dropped from the work arrays.
+    Each iteration takes the Newton step ``-H^-1 grad`` (batched Cholesky); where the Hessian is
+    not positive definite (far from a minimum) it takes the saddle-free step with the absolute
+    eigenvalues of H (a descent direction). The step is shortened to the star's trust radius (standardised units,
+    2-norm), ``x + dx`` is clipped to the bounds and accepted if chi2 did not rise. An accepted
+    step that was shortened doubles the radius; a rejected step sets it to a quarter of the step
+    length. Converged: an accepted, full, positive-definite Newton step shorter than
+    ``xtol_newton`` (quadratic convergence leaves an error of order its square, ~1e-6), or a
+    radius below ``xtol``. With ``target`` (R, n, L) a run also stops (as converged) when it comes
+    within ``join`` (max norm) of one of its star's targets where ``target_ok`` (R, n): it has
+    joined a basin already explored. Stars that
+    are done are dropped from the work arrays.
 
     Returns x (n, L), chi2 (n,), iterations (n,), converged (n,).
     """
@@ -1440,38 +1509,51 @@ def _newton(quartic: _Quartic, x0, lo, hi, max_iter, xtol_newton=1e-5, xtol=1e-9
     conv = np.zeros(n, dtype=bool)
     idx = np.arange(n)                      # work row -> star
     live = np.ones(n, dtype=bool)
-    lam = np.zeros(n)
+    rad = np.full(n, float(radius0))
     q = quartic
     xa, fa, ga, ha = x.copy(), f, g, h
-    eye = np.eye(L)
     tol_f = 1e-13 * np.maximum(np.abs(q.p01[:, 0]), 1.0)
     for _ in range(max_iter):
-        scale = np.einsum("nii->n", ha) / L
-        scale = np.where(scale > 0, scale, 1.0)
+        rows = np.flatnonzero(live)
         step = np.zeros_like(xa)
-        pending = live.copy()
-        for _try in range(30):
-            rows = np.flatnonzero(pending)
-            if rows.size == 0:
+        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+            st, pd = _batched_cholesky_solve(ha[rows], -ga[rows])
+        step[rows] = st
+        posdef = np.zeros(xa.shape[0], dtype=bool)
+        posdef[rows] = pd
+        if not pd.all():
+            # indefinite Hessian (far from the minimum): saddle-free step with |eigenvalues|
+            r2 = rows[~pd]
+            with np.errstate(invalid="ignore"):
+                e, v = np.linalg.eigh(np.nan_to_num(ha[r2]))
+            e = np.abs(e)
+            e = np.maximum(e, 1e-6 * e.max(axis=1, keepdims=True) + 1e-300)
+            step[r2] = -np.einsum("nij,nj->ni", v, np.einsum("nji,nj->ni", v, ga[r2]) / e)
+        bad = ~np.all(np.isfinite(step), axis=1)
+        if bad.any():                       # NaN/inf in the polynomial: give up on these
+            step[bad] = 0.0
+            live &= ~bad
+            if not live.any():
                 break
-            hh = ha[rows] + (lam[rows] * scale[rows])[:, None, None] * eye
-            st, pd = _batched_cholesky_solve(hh, -ga[rows])
-            step[rows[pd]] = st[pd]
-            pending[rows[pd]] = False
-            lam[rows[~pd]] = np.maximum(10.0 * lam[rows[~pd]], 1e-4)
+        length = np.sqrt(np.einsum("ni,ni->n", step, step))
+        short = length > rad
+        step *= np.where(short, rad / np.where(length > 0, length, 1.0), 1.0)[:, None]
         xt = np.clip(xa + step, lo, hi)
         ft, gt, ht = q.all(xt)
         accept = live & (ft <= fa + tol_f)
         dx = np.max(np.abs(xt - xa), axis=1)
-        newton = accept & (lam == 0.0)
+        full = accept & posdef & ~short
         xa[accept] = xt[accept]
         fa = np.where(accept, ft, fa)
         ga[accept] = gt[accept]
         ha[accept] = ht[accept]
         n_it[idx[live]] += 1
-        lam = np.where(accept, lam / 4.0, np.maximum(lam * 4.0, 1e-3))
-        lam[lam < 1e-6] = 0.0
-        done = live & ((newton & (dx < xtol_newton)) | (dx < xtol))
+        taken = np.minimum(length, rad)
+        rad = np.where(accept, np.where(short, 2.0 * rad, rad), 0.25 * taken)
+        done = live & ((full & (dx < xtol_newton)) | (rad < xtol) | (accept & (dx < xtol)))
+        if target is not None:
+            near = np.max(np.abs(xa[None] - target[:, idx]), axis=2) < join
+            done |= live & np.any(near & target_ok[:, idx], axis=0)
         conv[idx[done]] = True
         x[idx[live]] = xa[live]
         f[idx[live]] = fa[live]
@@ -1481,28 +1563,41 @@ def _newton(quartic: _Quartic, x0, lo, hi, max_iter, xtol_newton=1e-5, xtol=1e-9
         if live.sum() <= 0.5 * live.size:   # compact the work arrays
             q = q.subset(live)
             idx, xa, fa, ga, ha = idx[live], xa[live], fa[live], ga[live], ha[live]
-            lam, tol_f = lam[live], tol_f[live]
+            rad, tol_f = rad[live], tol_f[live]
             live = np.ones(idx.size, dtype=bool)
     return x, f, n_it, conv
 
 
-def _fit_labels(poly, starts, lo, hi, tab, n_starts, max_iter, x_init=None):
+_JOIN = 0.1
+
+
+def _fit_labels(poly, cand_m4, cand, lo, hi, tab, n_starts, max_iter, x_init=None):
     """Multi-start Newton fits of the quartic chi2 for n spectra.
 
-    Returns x (n, L), n_iter, converged, flags, Hessian of chi2 at x (n, L, L).
+    ``cand`` (K, L) are the (clipped) starting points and ``cand_m4`` (K, K4) their monomials;
+    chi2 at all of them is one product. The first run starts at the best candidate. Each further
+    run (``n_starts - 1`` of them, plus one from ``x_init`` when given) starts at the best
+    candidate more than 1 (standardised, max norm) away from every minimum found so far, to
+    explore another basin, and stops early once it comes within 0.1 of a minimum already found.
+
+    Returns x (n, L), chi2 (n,), n_iter, converged, flags, Hessian of chi2 at x (n, L, L).
     """
     n = poly.shape[0]
-    cand = np.clip(starts, lo, hi)
-    c_chi2 = poly @ _monomials4(cand, tab).T                   # (n, K): chi2 at every start
+    c_chi2 = poly @ cand_m4.T                                  # (n, K): chi2 at every start
     order = np.argsort(c_chi2, axis=1)
     quartic = _Quartic(poly, tab)
-    runs = []
-    n_runs = max(1, int(n_starts))
-    for r in range(min(n_runs, cand.shape[0])):
-        runs.append(cand[order[:, r]])
-    if x_init is not None:
-        runs.append(np.where(np.isfinite(x_init), x_init, cand[order[:, 0]]))
-    results = [_newton(quartic, x0, lo, hi, max_iter) for x0 in runs]
+    first = cand[order[:, 0]]
+    results = [_newton(quartic, first, lo, hi, max_iter)]
+    found = [results[0][0]]
+    starts = ["far"] * (max(1, int(n_starts)) - 1) + (["init"] if x_init is not None else [])
+    for kind in starts:
+        if kind == "init":
+            x0 = np.where(np.isfinite(x_init), x_init, first)
+        else:
+            x0 = cand[order[:, len(found)]]
+        results.append(_newton(quartic, x0, lo, hi, max_iter, target=np.stack(found),
+                               target_ok=np.stack([res[3] for res in results]), join=_JOIN))
+        found.append(results[-1][0])
     chis = np.stack([r[1] for r in results])                   # (R, n)
     best = np.argmin(chis, axis=0)
     pick = np.arange(n)
@@ -1518,7 +1613,7 @@ def _fit_labels(poly, starts, lo, hi, tab, n_starts, max_iter, x_init=None):
         convs = np.stack([r[3] for r in results])
         best_chi = chis[best, pick]
         dist = np.max(np.abs(xs - x[None]), axis=2)
-        other = convs & (chis - best_chi[None] < 1.0) & (dist > 1e-2)
+        other = convs & (chis - best_chi[None] < 1.0) & (dist > 0.1)
         flags |= np.where(other.any(axis=0), FLAG_MULTIPLE_MINIMA, 0)
-    _, _, hess = quartic.all(x)
-    return x, n_iter, conv, flags, hess
+    chi2, _, hess = quartic.all(x)
+    return x, chi2, n_iter, conv, flags, hess

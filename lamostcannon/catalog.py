@@ -600,8 +600,28 @@ def _label_store_chunk(store_path: str, start: int, stop: int, meta: pd.DataFram
     return label_chunk(flux, ivar, meta, ctx, rows=np.arange(start, stop))
 
 
+def _reset_peak_rss() -> None:
+    """Reset this process's peak-RSS counter (Linux ``/proc/self/clear_refs``; else a no-op).
+
+    Worker processes inherit the parent's ``ru_maxrss`` across fork and exec, so without a reset
+    a worker's peak would include the driver's.
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass
+
+
 def _peak_rss_mb() -> float:
-    """Peak resident memory of this process, MB."""
+    """Peak resident memory of this process since the last :func:`_reset_peak_rss`, MB."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     import resource
     import sys
 
@@ -724,6 +744,7 @@ def run_inference(store_path, ctx: LabelContext | None = None, *, lamost_catalog
         if client is None:
             from threadpoolctl import threadpool_limits
 
+            _reset_peak_rss()
             with threadpool_limits(limits=threads_per_worker):
                 for i, start, stop in pending:
                     df = _label_store_chunk(store_path, start, stop,
@@ -758,9 +779,13 @@ def _run_dask(client, store_path, pending, meta, ctx, parts_dir, bar, max_in_fli
     """Submit one task per chunk (at most ``max_in_flight`` at a time) and write parts as they come."""
     from distributed import as_completed
 
-    n_workers = max(len(client.scheduler_info(n_workers=-1).get("workers", {})), 1) \
-        if _accepts_n_workers(client) else max(len(client.scheduler_info().get("workers", {})), 1)
+    try:
+        info = client.scheduler_info(n_workers=-1)  # distributed >= 2025 lists 5 by default
+    except TypeError:
+        info = client.scheduler_info()
+    n_workers = max(len(info.get("workers", {})), 1)
     max_in_flight = max_in_flight or 2 * n_workers
+    client.run(_reset_peak_rss)
     [ctx_future] = client.scatter([ctx], broadcast=True, hash=False)
     token = hashlib.sha256(str(parts_dir).encode()).hexdigest()[:8]
     todo = list(pending)
@@ -783,15 +808,6 @@ def _run_dask(client, store_path, pending, meta, ctx, parts_dir, bar, max_in_fli
             bar.update(1)
         if todo:
             queue.add(submit())
-
-
-def _accepts_n_workers(client) -> bool:
-    import inspect
-
-    try:
-        return "n_workers" in inspect.signature(client.scheduler_info).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 def assemble_observations(parts_dir=None, n_chunks: int | None = None, path=None):

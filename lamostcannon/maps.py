@@ -34,6 +34,8 @@ HALO_R_BINS = ((3.0, 5.0), (7.0, 9.0), (11.0, 13.0))
 HALO_ABSZ_BINS = ((0.0, 2.0), (2.0, 4.0), (4.0, 6.0))
 #: teff window [K] per element for the halo-transition plots (Ba only, paper Fig 13).
 HALO_TEFF_RANGE = {"ba_fe": (4800.0, 5000.0)}
+#: The paper's working quality cut on the whole-spectrum chi^2 (section 5: "chi2 < 7000").
+PAPER_CHI2_MAX = 7000.0
 
 
 @dataclass
@@ -77,6 +79,47 @@ class LabelMaps:
             data[lab] = self.mean[lab].ravel()
             data[f"n_{lab}"] = self.count[lab].ravel()
         return pd.DataFrame(data)
+
+
+def add_cartesian(table):
+    """Return a DataFrame copy of ``table`` with ``X``, ``Y`` [kpc] and ``vphi`` [km/s] added.
+
+    The catalogue (paper Table 1) stores Galactocentric cylindrical ``R``, ``phi`` [rad] and
+    ``vT``; in the right-handed frame of :mod:`lamostcannon.kinematics` (Sun at ``X = +8``,
+    ``phi = atan2(Y, X)``) ``X = R cos(phi)``, ``Y = R sin(phi)`` and ``vphi = -vT`` (positive
+    for prograde, disk stars). Columns already present are left as they are.
+    """
+    import pandas as pd
+
+    df = (table if isinstance(table, pd.DataFrame) else table.to_pandas()).copy()
+    R, phi = _col(df, "R"), _col(df, "phi")
+    if "X" not in df.columns:
+        df["X"] = R * np.cos(phi)
+    if "Y" not in df.columns:
+        df["Y"] = R * np.sin(phi)
+    if "vphi" not in df.columns:
+        df["vphi"] = -_col(df, "vT")
+    return df
+
+
+def quality_mask(table, chi2_max=PAPER_CHI2_MAX, *, flag_column="flag", bad_flags=None):
+    """Rows usable for science: finite ``chi2 < chi2_max`` (the paper's working cut) and, when
+    the table has ``flag_column``, none of the ``bad_flags`` bits set (default
+    :data:`lamostcannon.catalog.BAD_FLAGS`: no pixels, not converged, non-finite labels).
+    ``chi2_max=None`` skips the chi^2 cut.
+
+    Returns a boolean array (S,)."""
+    chi2 = _col(table, "chi2")
+    ok = np.isfinite(chi2)
+    if chi2_max is not None:
+        with np.errstate(invalid="ignore"):
+            ok &= chi2 < chi2_max
+    cols = list(getattr(table, "colnames", None) or getattr(table, "columns", []))
+    if flag_column is not None and flag_column in cols:
+        if bad_flags is None:
+            from .catalog import BAD_FLAGS as bad_flags
+        ok &= (np.asarray(table[flag_column]).astype(np.int64) & int(bad_flags)) == 0
+    return ok
 
 
 def _edges(lo, hi, step):

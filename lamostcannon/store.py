@@ -200,7 +200,8 @@ class SpectraStore:
                            "flux = 1, ivar = 0 where there is no data"})
         for name in ("flux", "ivar"):
             group.create_array(name, shape=(0, N_PIXELS), chunks=(chunk_rows, N_PIXELS),
-                               dtype="float32", compressors=[_codec()], fill_value=0.0 if name == "ivar" else 1.0,
+                               dtype="float32", compressors=[_codec()],
+                               fill_value=0.0 if name == "ivar" else 1.0,
                                dimension_names=("observation", "pixel"))
         wave = group.create_array("wavelength", shape=(N_PIXELS,), dtype="float64",
                                   dimension_names=("pixel",), attributes={"unit": "Angstrom"})
@@ -405,8 +406,10 @@ class SpectraStore:
         """
         import dask.array as da
 
-        flux = da.from_zarr(self.flux)[: self._n]
-        ivar = da.from_zarr(self.ivar)[: self._n]
+        # by path, so that the graph pickles to distributed workers, which open the store
+        chunks = (self.chunk_rows, N_PIXELS)
+        flux = da.from_zarr(str(self.path), component="flux", chunks=chunks)[: self._n]
+        ivar = da.from_zarr(str(self.path), component="ivar", chunks=chunks)[: self._n]
         return flux, ivar
 
     def refresh(self) -> None:
@@ -560,7 +563,8 @@ def ingest(files_or_folder: str | PathLike | Iterable[str | PathLike],
     deduplicate : bool
         Store each obsid once (files without an OBSID card, obsid -1, are not deduplicated).
     skip_existing : bool
-        Skip files whose absolute path is already in the store (resume).
+        Skip files whose absolute path is already in the store (resume). Files that failed in
+        an earlier run are tried again.
     use_ormask, min_good_pixels
         See :func:`~lamostcannon.spectra.resample`.
 
@@ -598,9 +602,9 @@ def ingest(files_or_folder: str | PathLike | Iterable[str | PathLike],
             first = stored.drop_duplicates("source").set_index("source")
             done = pd.Index(sources).isin(first.index)
             if done.any():
-                for i in np.flatnonzero(done):
-                    status[i] = "already_stored"
-                    obsid_col[i] = int(first.at[sources[i], "obsid"])
+                status[done] = "already_stored"
+                obsid_col[done] = first["obsid"].reindex(
+                    pd.Index(sources)[done]).to_numpy(np.int64)
                 todo = np.flatnonzero(~done)
                 log.info("%s: %d of %d files already stored; skipping them", store.path,
                          int(done.sum()), len(sources))
@@ -664,8 +668,9 @@ def ingest(files_or_folder: str | PathLike | Iterable[str | PathLike],
             report.loc[sel, "row"] = rows.reindex(report.loc[sel, "source"]).to_numpy()
         _write_atomic(store.path / REPORT_NAME, lambda p: report.to_csv(p, index=False))
         counts = report["status"].value_counts().to_dict()
-        log.info("%s: ingest done, %s; store holds %d observations", store.path, counts,
-                 len(store))
+        log.log(logging.WARNING if counts.get("failed") else logging.INFO,
+                "%s: ingest done, %s; store holds %d observations", store.path, counts,
+                len(store))
     return report
 
 

@@ -104,7 +104,14 @@ def _as_matrix(values, label_names=None):
     return arr, names
 
 
-def _limit_threads():
+_WORK: dict = {}
+
+
+def _init_worker(work):
+    """Worker start: keep the CV inputs (inherited without copying under fork) and use one BLAS
+    thread per process, so that ``n_jobs`` processes share the cores instead of fighting."""
+    _WORK.clear()
+    _WORK.update(work)
     try:
         from threadpoolctl import threadpool_limits
 
@@ -113,13 +120,14 @@ def _limit_threads():
         pass
 
 
-def _run_fold(fold, label_names, train_labels, train_flux, train_ivar, test_flux, test_ivar,
-              model_kwargs, test_kwargs):
+def _run_fold(fold):
     from .cannon import CannonModel
 
-    model = CannonModel(list(label_names), **model_kwargs)
-    model.train(train_labels, train_flux, train_ivar)
-    res = model.test(test_flux, test_ivar, **test_kwargs)
+    w = _WORK
+    held = w["folds"] == fold
+    model = CannonModel(list(w["names"]), **w["model_kwargs"])
+    model.train(w["labels"][~held], w["flux"][~held], w["ivar"][~held])
+    res = model.test(w["flux"][held], w["ivar"][held], **w["test_kwargs"])
     out = {"labels": np.asarray(res.labels, dtype=float)}
     for key in ("chi2", "converged"):
         if getattr(res, key, None) is not None:
@@ -183,29 +191,30 @@ def cross_validate(labels, flux, ivar, label_names, k: int = 12, seed=None, *, f
     n_jobs = max(1, min(int(n_jobs), len(fold_ids)))
     test_kwargs = dict(test_kwargs or {})
 
-    tasks = []
-    for f in fold_ids:
-        held = folds == f
-        tasks.append((int(f), names, y[~held], flux[~held], ivar[~held], flux[held], ivar[held],
-                      model_kwargs, test_kwargs))
-
+    work = {"folds": folds, "names": names, "labels": y, "flux": flux, "ivar": ivar,
+            "model_kwargs": model_kwargs, "test_kwargs": test_kwargs}
     results = {}
     if n_jobs == 1:
-        for t in tasks:
-            f, out = _run_fold(*t)
-            results[f] = out
-            log.info("CV fold %d/%d done", len(results), len(tasks))
+        _WORK.clear()
+        _WORK.update(work)
+        try:
+            for f in fold_ids:
+                results[int(f)] = _run_fold(int(f))[1]
+                log.info("CV fold %d/%d done", len(results), len(fold_ids))
+        finally:
+            _WORK.clear()
     else:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
         ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-        with ProcessPoolExecutor(n_jobs, mp_context=ctx, initializer=_limit_threads) as pool:
-            futures = [pool.submit(_run_fold, *t) for t in tasks]
+        with ProcessPoolExecutor(n_jobs, mp_context=ctx, initializer=_init_worker,
+                                 initargs=(work,)) as pool:
+            futures = [pool.submit(_run_fold, int(f)) for f in fold_ids]
             for fut in as_completed(futures):
                 f, out = fut.result()
                 results[f] = out
-                log.info("CV fold %d/%d done", len(results), len(tasks))
+                log.info("CV fold %d/%d done", len(results), len(fold_ids))
 
     inferred = np.full_like(y, np.nan)
     extra = {}

@@ -202,6 +202,40 @@ def test_halo_sample_caps_and_is_reproducible(rng):
                           & ~((df.iloc[:500]["R"] >= 9) & (df.iloc[:500]["R"] < 11))).sum()
 
 
+def test_add_cartesian_follows_the_kinematics_frame():
+    # Sun-like star: R = 8, phi = 0, vT = -232.24 (right-handed frame, disk stars have vT < 0)
+    df = pd.DataFrame({"R": [8.0, 10.0, 5.0], "phi": [0.0, np.pi / 2, np.pi], "vT": [-232.24, -200.0, 30.0]})
+    out = maps.add_cartesian(df)
+    np.testing.assert_allclose(out["X"], [8.0, 0.0, -5.0], atol=1e-12)
+    np.testing.assert_allclose(out["Y"], [0.0, 10.0, 0.0], atol=1e-12)
+    np.testing.assert_allclose(out["vphi"], [232.24, 200.0, -30.0])  # prograde positive
+    assert "X" not in df.columns  # a copy, the input is untouched
+    kept = maps.add_cartesian(out.assign(vphi=[1.0, 2.0, 3.0]))
+    np.testing.assert_allclose(kept["vphi"], [1.0, 2.0, 3.0])  # existing columns are kept
+
+
+def test_add_cartesian_agrees_with_kinematics():
+    from lamostcannon import kinematics
+
+    kin = kinematics.kinematics([120.0, 300.0], [20.0, -10.0], [1.5, 3.0], [-5.0, 2.0], [3.0, -4.0],
+                                [20.0, -60.0], with_actions=False)
+    out = maps.add_cartesian(kin.drop(columns=["X", "Y", "vphi"]))
+    np.testing.assert_allclose(out[["X", "Y", "vphi"]].to_numpy(), kin[["X", "Y", "vphi"]].to_numpy(),
+                               atol=1e-9)
+
+
+def test_quality_mask():
+    from lamostcannon.catalog import FLAG_NO_LASP, FLAG_NOT_CONVERGED
+
+    df = pd.DataFrame({"chi2": [100.0, 6999.0, 7000.0, np.nan, 50.0, 60.0],
+                       "flag": [0, 0, 0, 0, FLAG_NO_LASP, FLAG_NOT_CONVERGED]})
+    np.testing.assert_array_equal(maps.quality_mask(df), [True, True, False, False, True, False])
+    np.testing.assert_array_equal(maps.quality_mask(df, chi2_max=None),
+                                  [True, True, True, False, True, False])
+    np.testing.assert_array_equal(maps.quality_mask(df.drop(columns="flag"), 1000.0),
+                                  [True, False, False, False, True, True])
+
+
 # ----------------------------------------------------------------------------- figures
 def test_science_figures_smoke(rng):
     import matplotlib.pyplot as plt

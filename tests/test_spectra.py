@@ -9,7 +9,6 @@ from __future__ import annotations
 import gzip
 import itertools
 import logging
-import math
 import shutil
 
 import numpy as np
@@ -36,7 +35,7 @@ def synthetic(flux=None, ivar=None, z=0.0, n=sp.N_PIXELS, start=0, **meta):
                              dict({"z": z, "filename": "synthetic"}, **meta))
 
 
-# ---------------------------------------------------------------------------- grid and known answers
+# ------------------------------------------------------------------------- grid and known answers
 
 def test_common_grid_is_the_stated_one():
     lam = sp.common_wavelength()

@@ -30,8 +30,8 @@ def rows(n, start=0, rng=None):
     rng = rng or np.random.default_rng(start)
     flux = rng.normal(1, 0.05, (n, P)).astype(np.float32)
     ivar = rng.uniform(0, 400, (n, P)).astype(np.float32)
-    meta = pd.DataFrame({"obsid": np.arange(start, start + n), "filename": [f"f{i}.fits" for i in
-                                                                           range(start, start + n)]})
+    meta = pd.DataFrame({"obsid": np.arange(start, start + n),
+                         "filename": [f"f{i}.fits" for i in range(start, start + n)]})
     return flux, ivar, meta
 
 

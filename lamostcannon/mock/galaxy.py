@@ -154,7 +154,7 @@ def icrs_to_galactocentric_xyz(ra_deg, dec_deg, dist_kpc):
 def _vcirc_table():
     from galpy.potential import MWPotential2014, vcirc
 
-    R = np.linspace(0.05, 80.0, 800)
+    R = np.linspace(0.05, 80.0, 320)
     v = np.asarray(vcirc(MWPotential2014, R / RO_KPC)) * VO_KMS
     return R, v
 
@@ -417,8 +417,8 @@ def draw_velocities(population, age, R, z, rng):
 
     Disks: Gaussian ellipsoid; thin-disk dispersions grow with age as
     ``sigma_R = 40 ((age + 0.15)/10)**0.33``, ``sigma_z = 25 ((age + 0.15)/10)**0.45``,
-    ``sigma_T = 0.65 sigma_R``; thick disk (60, 45, 45) km/s; both falling as
-    ``exp(-(R - R_sun)/(2 h_R))``. Mean rotation ``v_c(R)`` minus the asymmetric drift
+    ``sigma_T = 0.65 sigma_R``; thick disk (60, 45, 45) km/s; both scaled by
+    ``exp(-(R - R_sun)/(2 h_R))`` clipped to [0.5, 1.6]. Mean rotation ``v_c(R)`` minus the asymmetric drift
     ``sigma_R**2/(2 v_c) (sigma_T**2/sigma_R**2 - 1 + R/h_R + R/(2 h_R))``.
     Haloes: spherical Gaussian ellipsoid; in situ (110, 85, 85) km/s with mean 60 km/s rotation,
     accreted (165, 75, 70) km/s with mean 10 km/s (anisotropy beta ~ 0.8, Gaia-Enceladus-like).
@@ -438,7 +438,7 @@ def draw_velocities(population, age, R, z, rng):
                 sT = 0.65 * sR
             else:
                 sR, sT, sz, hR = np.full(k, 60.0), np.full(k, 45.0), np.full(k, 45.0), 2.0
-            fall = np.exp(-(np.clip(R[m], 3.0, 20.0) - R_SUN_KPC) / (2.0 * hR))
+            fall = np.clip(np.exp(-(R[m] - R_SUN_KPC) / (2.0 * hR)), 0.5, 1.6)
             sR, sT, sz = sR * fall, sT * fall, sz * fall
             Rm = np.clip(R[m], 2.0, None)
             drift = sR**2 / (2.0 * vc[m]) * ((sT / sR) ** 2 - 1.0 + Rm / hR + Rm / (2.0 * hR))
@@ -460,6 +460,24 @@ def draw_velocities(population, age, R, z, rng):
             vz[m] = vr * cos_t - vth * sin_t
             vT[m] = vph
     return vR, vT, vz
+
+
+def from_observables(ra, dec, dist_kpc, pmra, pmdec, rv):
+    """Galactocentric Cartesian position (kpc) and cylindrical velocity (vR, vT, vz; km/s, vT > 0
+    with the disk) of ICRS observables: the inverse of :func:`to_observables`."""
+    import astropy.units as u
+    from astropy.coordinates import ICRS
+
+    c = ICRS(ra=np.asarray(ra) * u.deg, dec=np.asarray(dec) * u.deg,
+             distance=np.asarray(dist_kpc) * u.kpc, pm_ra_cosdec=np.asarray(pmra) * u.mas / u.yr,
+             pm_dec=np.asarray(pmdec) * u.mas / u.yr,
+             radial_velocity=np.asarray(rv) * u.km / u.s).transform_to(galactocentric_frame())
+    x, y, z = (c.cartesian.xyz.to_value(u.kpc))
+    vx, vy, vz = (c.velocity.d_xyz.to_value(u.km / u.s))
+    R = np.hypot(x, y)
+    vR = (x * vx + y * vy) / R
+    vT = (y * vx - x * vy) / R
+    return x, y, z, vR, vT, vz
 
 
 def to_observables(x, y, z, vR, vT, vz):

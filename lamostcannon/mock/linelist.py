@@ -1,38 +1,50 @@
 """The atomic and molecular line data behind the mock spectra (:mod:`lamostcannon.mock.synth`).
 
-The line list has three parts, all stored in one package file ``lamostcannon/data/linelist.csv``
-(regenerate it with ``python -m lamostcannon.mock.linelist``; the build is deterministic):
+The line list is one package file, ``lamostcannon/data/linelist.csv``; regenerate it with
+``python -m lamostcannon.mock.linelist`` (deterministic; the empirical part needs the real LAMOST
+DR10 folder, :func:`lamostcannon.paths.real_lamost_dir`). Column ``source`` says where a line
+comes from:
 
 ``known``
     Strong and well-known lines at their laboratory air wavelengths (Ca II H&K and the infrared
-    triplet, Mg b, Na D, Ca I 4227, the strongest Fe I/II, Ti II, Sr II, Ba II, Mn I, Cr I, Al I,
-    Si I/II, O I triplet, K I, Li I ...) with approximate excitation potentials ``chi`` (eV) and
-    oscillator strengths ``loggf`` recalled from the standard compilations (VALD, NIST; values good
-    to a few tenths of a dex, which is all a mock needs). Damped (``wide``) lines carry an approximate
-    solar equivalent width ``ew_sun`` (Angstrom, from the solar atlas literature, e.g. Moore et al.
-    1966) that fixes their van der Waals damping enhancement ``damp``.
+    triplet, Mg b, Na D, Ca I 4227, the strongest Fe I/II, Ti I/II, Sr II, Ba II, Y II, Eu II,
+    Mn I, Cr I, Al I, Si I/II, O I, K I, Li I ...) with approximate excitation potentials ``chi``
+    (eV) and oscillator strengths ``loggf`` recalled from the standard compilations (VALD, NIST;
+    good to a few tenths of a dex, which is all a mock needs). Damped (``wide``) lines carry an
+    approximate solar equivalent width ``ew_sun`` (A; solar atlas literature, e.g. Moore et al.
+    1966; Ca II H&K set to the effective values that match LAMOST composites) that fixes their
+    van der Waals damping enhancement.
 ``window``
     One line at the centre of every GALAH line window of the paper's Table 2 (Wheeler et al. 2020,
-    appendix C), with the window's element. The windows are centred on the GALAH lines, so the
-    window midpoint is the line wavelength to ~0.05 A. Where the real line is one of the known
-    lines above, the known data are used; otherwise ``chi`` is a typical value for the species and
-    ``loggf`` is set so that the line has a solar equivalent width typical of GALAH lines
-    (20-90 mA, drawn reproducibly).
+    appendix C) that holds no known line, with the window's element. The windows are centred on the
+    GALAH lines, so the midpoint is the line wavelength to ~0.05 A; ``chi`` is drawn from the
+    species' typical range and ``loggf`` is set so that the line has a solar equivalent width
+    typical of GALAH lines (20-90 mA, drawn reproducibly).
+``empirical``
+    The weak-line forest between 3800 and 9000 A: absorption components found by a CLEAN
+    decomposition of a composite of real LAMOST DR10 solar-type dwarfs (even obsids only; the odd
+    ones are held out for the realism tests), divided by the mock of the known and window lines.
+    Each component (a blend at R ~ 1400) gets a species and ``chi`` drawn like the pseudo-random
+    forest and the ``loggf`` that reproduces its equivalent width in the composite star, so its
+    dependence on the labels is the generator's physics. Used at low resolution only.
 ``forest``
     A documented pseudo-random forest of weak iron-group and other metal lines (Fe I/II, Ti I/II,
-    Cr I, Ni I, V I, Mn I, Co I, Ca I, Sc II, Si I, Mg I, Na I, Zr II, Ce II, Nd II, C I) standing in
-    for the tens of thousands of real lines we cannot list from memory. The line density falls with
-    wavelength roughly as lambda^-3.5 (as in the solar spectrum, dense in the blue), excitation
-    potentials are drawn per species from typical ranges, and ``loggf`` is set so that the solar
-    equivalent widths follow a power law dN/dlog W ~ W^-0.5 between 2 and 150 mA. The forest's
-    seed is fixed, so the "mock Sun" is the same everywhere.
+    Cr I, Ni I, V I, Mn I, Co I, Ca I, Sc II, Si I, Mg I, Na I, Zr II, Ce II, Nd II, C I) where the
+    empirical forest cannot be measured (below 3800 A, above 8940 A, telluric bands, the dichroic
+    overlap, sky-line residuals; :data:`EMPIRICAL_MASK`), or everywhere with ``forest="random"``.
+    Its density falls as lambda^-3.5 (dense in the blue, as in the solar spectrum), excitation
+    potentials come from typical ranges per species, and ``loggf`` is set so that solar equivalent
+    widths follow dN/dlog W ~ W^-0.5 between 2 and 150 mA. The seed is fixed (one mock Sun).
 
-Hydrogen lines (Balmer H-alpha to H12 and Paschen P10-P16) and molecular bands (CN, CH G band, MgH,
+Hydrogen lines (Balmer H-alpha to H16 and Paschen P10-P16) and molecular bands (CN, CH G band, MgH,
 TiO, CaH) are tabulated separately in :data:`HYDROGEN_LINES` and :data:`MOLECULAR_BANDS`.
 
 All wavelengths here are air (as in the atlases and in the paper's Table 2); the list stores both
 ``wave_air`` and ``wave_vac`` (Angstrom), using :func:`air_to_vacuum` (the Morton 2000/VALD
 formula). LAMOST works in vacuum, GALAH in air.
+
+The empirical forest is derived from public LAMOST data (Guoshoujing Telescope); see
+https://www.lamost.org/policies/ for the acknowledgement its use requires.
 """
 
 from __future__ import annotations
@@ -133,7 +145,7 @@ GALAH_WINDOWS = {
 # A solar EW marks a strongly damped ("wide") line whose damping constant is calibrated on it.
 KNOWN_LINES = [
     # calcium
-    ("Ca II", 3933.66, 0.00, 0.13, 20.0), ("Ca II", 3968.47, 0.00, -0.18, 15.0),
+    ("Ca II", 3933.66, 0.00, 0.13, 14.0), ("Ca II", 3968.47, 0.00, -0.18, 10.5),
     ("Ca II", 8498.02, 1.69, -1.42, 1.4), ("Ca II", 8542.09, 1.70, -0.46, 3.6),
     ("Ca II", 8662.14, 1.69, -0.72, 2.6),
     ("Ca I", 4226.73, 0.00, 0.24, 1.5), ("Ca I", 4454.78, 1.90, 0.26, None),
@@ -302,24 +314,24 @@ HYDROGEN_LINES = [
 # relative strength (log), effective dissociation + excitation energy D (eV) in the
 # Saha-Boltzmann-like temperature factor 10^(D (theta - theta_ref)), theta_ref, gravity slope).
 MOLECULAR_BANDS = [
-    ("CN 3883", "CN", ("C", "N"), 3883.0, -1, 35.0, -0.9, 5.0, 0.87, -0.25),
-    ("CN 4216", "CN", ("C", "N"), 4216.0, -1, 45.0, -1.4, 5.0, 0.87, -0.25),
+    ("CN 3883", "CN", ("C", "N"), 3883.0, -1, 35.0, -1.4, 5.0, 0.87, -0.25),
+    ("CN 4216", "CN", ("C", "N"), 4216.0, -1, 45.0, -2.3, 5.0, 0.87, -0.25),
     ("CN 7874", "CN", ("C", "N"), 7874.0, +1, 120.0, -2.6, 5.0, 0.87, -0.25),
     ("CN 8100", "CN", ("C", "N"), 8100.0, +1, 150.0, -2.7, 5.0, 0.87, -0.25),
-    ("CH G band", "CH", ("C",), 4314.0, -1, 28.0, -0.8, 2.8, 0.87, 0.0),
+    ("CH G band", "CH", ("C",), 4314.0, -1, 28.0, -0.35, 1.5, 0.87, 0.15),
     ("MgH 5211", "MgH", ("Mg",), 5211.0, -1, 90.0, 0.0, 5.0, 1.12, 0.6),
     ("MgH 4780", "MgH", ("Mg",), 4780.0, -1, 60.0, -0.5, 5.0, 1.12, 0.6),
-    ("TiO 4761", "TiO", ("Ti", "O"), 4761.0, +1, 60.0, -0.4, 9.0, 1.33, 0.1),
-    ("TiO 4954", "TiO", ("Ti", "O"), 4954.0, +1, 70.0, -0.2, 9.0, 1.33, 0.1),
-    ("TiO 5167", "TiO", ("Ti", "O"), 5167.0, +1, 80.0, -0.1, 9.0, 1.33, 0.1),
-    ("TiO 5448", "TiO", ("Ti", "O"), 5448.0, +1, 60.0, -0.3, 9.0, 1.33, 0.1),
-    ("TiO 5847", "TiO", ("Ti", "O"), 5847.0, +1, 90.0, -0.1, 9.0, 1.33, 0.1),
-    ("TiO 6159", "TiO", ("Ti", "O"), 6159.0, +1, 110.0, 0.0, 9.0, 1.33, 0.1),
-    ("TiO 6651", "TiO", ("Ti", "O"), 6651.0, +1, 90.0, -0.2, 9.0, 1.33, 0.1),
-    ("TiO 7054", "TiO", ("Ti", "O"), 7054.0, +1, 130.0, 0.15, 9.0, 1.33, 0.1),
-    ("TiO 7589", "TiO", ("Ti", "O"), 7589.0, +1, 100.0, -0.3, 9.0, 1.33, 0.1),
-    ("TiO 8432", "TiO", ("Ti", "O"), 8432.0, +1, 110.0, -0.5, 9.0, 1.33, 0.1),
-    ("TiO 8860", "TiO", ("Ti", "O"), 8860.0, +1, 100.0, -0.6, 9.0, 1.33, 0.1),
+    ("TiO 4761", "TiO", ("Ti", "O"), 4761.0, +1, 60.0, -0.4, 9.0, 1.40, 0.1),
+    ("TiO 4954", "TiO", ("Ti", "O"), 4954.0, +1, 70.0, -0.2, 9.0, 1.40, 0.1),
+    ("TiO 5167", "TiO", ("Ti", "O"), 5167.0, +1, 80.0, -0.1, 9.0, 1.40, 0.1),
+    ("TiO 5448", "TiO", ("Ti", "O"), 5448.0, +1, 60.0, -0.3, 9.0, 1.40, 0.1),
+    ("TiO 5847", "TiO", ("Ti", "O"), 5847.0, +1, 90.0, -0.1, 9.0, 1.40, 0.1),
+    ("TiO 6159", "TiO", ("Ti", "O"), 6159.0, +1, 110.0, 0.0, 9.0, 1.40, 0.1),
+    ("TiO 6651", "TiO", ("Ti", "O"), 6651.0, +1, 90.0, -0.2, 9.0, 1.40, 0.1),
+    ("TiO 7054", "TiO", ("Ti", "O"), 7054.0, +1, 130.0, 0.15, 9.0, 1.40, 0.1),
+    ("TiO 7589", "TiO", ("Ti", "O"), 7589.0, +1, 100.0, -0.3, 9.0, 1.40, 0.1),
+    ("TiO 8432", "TiO", ("Ti", "O"), 8432.0, +1, 110.0, -0.5, 9.0, 1.40, 0.1),
+    ("TiO 8860", "TiO", ("Ti", "O"), 8860.0, +1, 100.0, -0.6, 9.0, 1.40, 0.1),
     ("CaH 6382", "CaH", ("Ca",), 6382.0, +1, 50.0, -0.6, 6.0, 1.33, 0.8),
     ("CaH 6750", "CaH", ("Ca",), 6750.0, +1, 80.0, -0.8, 6.0, 1.33, 0.8),
 ]
@@ -386,7 +398,106 @@ def _forest_density(wave):
     return 2.6 * (np.asarray(wave) / 4000.0) ** -3.5
 
 
-def build_linelist(seed: int = FOREST_SEED):
+#: Regions (air A) where no empirical forest line is placed: tellurics, sky residuals, the
+#: dichroic overlap, and the surroundings of hydrogen and damped lines (modelled explicitly).
+EMPIRICAL_MASK = [(3680.0, 3800.0), (5570.0, 5585.0), (5800.0, 5950.0), (6295.0, 6305.0),
+                  (6860.0, 6960.0), (7160.0, 7340.0), (7590.0, 7700.0), (8120.0, 8350.0),
+                  (8940.0, 9140.0)]
+
+#: The calibration set of the empirical forest: LAMOST DR10 solar-type dwarfs with EVEN obsid.
+#: Spectra with odd obsid are held out for the realism tests.
+EMPIRICAL_SELECTION = {"teff": (5500.0, 6100.0), "logg_min": 4.1, "feh": (-0.35, 0.25),
+                       "snrg_min": 50.0}
+
+
+def _empirical_components(known, lamost_dir):
+    """CLEAN decomposition of a real G-dwarf composite into LSF-shaped absorption components.
+
+    Returns (wave_air, ew (A), labels of the composite). See :func:`build_linelist`.
+    """
+    import pandas as pd
+
+    from .. import spectra
+    from . import synth
+
+    cat = pd.read_csv(lamost_dir / "dr10" / "catalog.csv")
+    sel = EMPIRICAL_SELECTION
+    use = (cat.teff.between(*sel["teff"]) & (cat.logg > sel["logg_min"])
+           & cat.feh.between(*sel["feh"]) & (cat.snrg > sel["snrg_min"]) & (cat.obsid % 2 == 0))
+    rows = cat[use]
+    wave = spectra.common_wavelength()
+    flux = []
+    for name in rows.filename:
+        f, iv = spectra.resample(spectra.read_lamost(lamost_dir / "dr10" / name))
+        good = (iv > 0).astype(float)
+        cont = spectra.continuum(f, good)
+        ok = (good > 0) & (cont > 0)
+        flux.append(np.where(ok, f / np.where(ok, cont, 1.0), np.nan))
+    composite = np.nanmedian(np.array(flux), axis=0)
+    labels = {"teff": float(rows.teff.median()), "logg": float(rows.logg.median()),
+              "fe_h": float(rows.feh.median())}
+    log.info("empirical forest: composite of %d DR10 spectra, median labels %s", len(rows), labels)
+    stars = synth.solar_scaled_stars(labels["teff"], labels["logg"], labels["fe_h"])
+    labels["vmic"] = float(stars.vmic.iloc[0])
+    model = synth._prepare_model(known)
+    lab = synth._label_columns(stars)
+    tau_known = synth._rest_tau(lab, model)[0, synth._PAD:synth._PAD + synth.LAMOST_NPIX]
+    planck = synth.planck(wave, lab["teff"])[0]
+    ok = np.isfinite(composite)
+    allowed = ok.copy()
+    air = vacuum_to_air(wave)
+    for lo, hi in EMPIRICAL_MASK:
+        allowed &= ~((air >= lo) & (air <= hi))
+    for w in [h[1] for h in HYDROGEN_LINES]:
+        allowed &= np.abs(air - w) > (12.0 if w > 6000 else 8.0)
+    for w in known.wave_air[known.wide]:
+        allowed &= np.abs(air - w) > 3.0
+    sig = synth._SIGMA_LSF_PIX
+    x = np.arange(-8, 9)
+    grid = np.arange(wave.size)
+    pos, ew_pix = [], []
+    tau_emp = np.zeros(wave.size)
+    for _ in range(4):  # CLEAN against a mock re-normalised with the components found so far
+        mock = planck * np.exp(-(tau_known + tau_emp))
+        cont = spectra.continuum(mock, ok.astype(float))
+        ratio = np.where(ok, composite / (mock / cont), 1.0)
+        resid = np.where(allowed, -np.log(np.clip(ratio, 0.02, 1.0)), 0.0)
+        for _ in range(20000):                              # CLEAN with loop gain 0.5
+            p = int(np.argmax(resid))
+            peak = resid[p]
+            if peak < 0.004:
+                break
+            if 0 < p < wave.size - 1:
+                y0, y1, y2 = resid[p - 1], resid[p], resid[p + 1]
+                den = y0 - 2 * y1 + y2
+                c = p + (0.5 * (y0 - y2) / den if den < 0 else 0.0)
+            else:
+                c = float(p)
+            amp = 0.5 * peak
+            cols = p + x
+            okc = (cols >= 0) & (cols < wave.size)
+            resid[cols[okc]] -= amp * np.exp(-0.5 * ((cols[okc] - c) / sig) ** 2)
+            pos.append(c)
+            ew_pix.append(amp * np.sqrt(2 * np.pi) * sig)
+        if pos:
+            tau_emp = np.zeros(wave.size)
+            for c, e in zip(pos, ew_pix):
+                tau_emp += e * np.exp(-0.5 * ((grid - c) / sig) ** 2) / (np.sqrt(2 * np.pi) * sig)
+    pos = np.array(pos)
+    ew_pix = np.array(ew_pix)
+    # merge components closer than 0.35 px (EW-weighted position)
+    order = np.argsort(pos)
+    pos, ew_pix = pos[order], ew_pix[order]
+    group = np.concatenate([[0], np.cumsum(np.diff(pos) > 0.35)])
+    ew_g = np.bincount(group, ew_pix)
+    pos_g = np.bincount(group, ew_pix * pos) / ew_g
+    wave_vac = 10.0 ** (synth.LAMOST_LOG10_START + synth.LAMOST_LOG10_STEP * pos_g)
+    ew = ew_g * synth._pixel_width(wave_vac)
+    keep = ew > 0.003
+    return vacuum_to_air(wave_vac[keep]), ew[keep], labels
+
+
+def build_linelist(seed: int = FOREST_SEED, forest: str = "empirical", lamost_dir=None):
     """Assemble the line list (known + window + forest lines) as a pandas DataFrame.
 
     Columns: ``species`` (e.g. "Fe I"), ``element``, ``ion`` (1 neutral, 2 singly ionised),
@@ -396,11 +507,29 @@ def build_linelist(seed: int = FOREST_SEED):
 
     ``loggf`` of window lines without known data and of forest lines is solved so that the line
     has a target equivalent width in the mock Sun (:func:`lamostcannon.mock.synth.solar_ew`).
+
+    ``forest="empirical"`` (default; needs the real LAMOST DR10 folder, ``lamost_dir`` or
+    :func:`lamostcannon.paths.real_lamost_dir`) places the weak-line forest where real spectra have
+    absorption: a median composite of the calibration set (:data:`EMPIRICAL_SELECTION`, even
+    obsids only, continuum-normalised alike) is divided by the mock made from the known and window
+    lines alone, and the remaining absorption is decomposed by CLEAN (loop gain 0.5, down to 0.4%
+    depth) into LSF-shaped components outside :data:`EMPIRICAL_MASK`. Each component becomes a line
+    ``source="empirical"`` of a species drawn like the pseudo-random forest, with its excitation
+    potential drawn from the species' range and ``loggf`` solved so the mock composite star has the
+    component's equivalent width. Their temperature, gravity and abundance dependence is then
+    the generator's physics, not the data's. The decomposition is repeated four times, each time
+    against the mock re-normalised with the components found so far (the continuum normalisation
+    depends on the absorption). At R = 1800 a component stands for a blend, so these
+    lines are not used at R = 28,000 (GALAH windows). The pseudo-random forest fills the masked
+    regions. ``forest="random"`` uses the pseudo-random forest everywhere.
     """
     import pandas as pd
 
     from . import synth
 
+    if forest not in ("empirical", "random"):
+        raise ValueError(f"forest must be 'empirical' or 'random'; got {forest!r}")
+    mode = forest
     rng = np.random.default_rng(seed)
     rows = []
     for species, wave, chi, loggf, ew_sun in KNOWN_LINES:
@@ -453,6 +582,37 @@ def build_linelist(seed: int = FOREST_SEED):
                                 target_ew=t))
     forest = pd.DataFrame(forest_rows)
 
+    if mode == "empirical":
+        from .. import paths
+
+        base_table = pd.concat([known, window], ignore_index=True)
+        solve_known = base_table.loggf.isna()
+        base_table.loc[solve_known, "loggf"] = synth.solve_loggf_for_solar_ew(
+            base_table[solve_known])
+        base_table["wave_vac"] = air_to_vacuum(base_table.wave_air)
+        folder = paths.real_lamost_dir() if lamost_dir is None else lamost_dir
+        emp_air, emp_ew, labels = _empirical_components(base_table, folder)
+        erng = np.random.default_rng(seed + 1)
+        pick = erng.choice(len(_FOREST_SPECIES), size=emp_air.size, p=weights / weights.sum())
+        emp_rows = []
+        for w, p, ew in zip(emp_air, pick, emp_ew):
+            species, _, (c0, c1) = _FOREST_SPECIES[p]
+            element, ion = split_species(species)
+            emp_rows.append(dict(species=species, element=element, ion=ion, wave_air=round(w, 3),
+                                 chi=round(erng.uniform(c0, c1), 2), loggf=np.nan, ew_sun=np.nan,
+                                 wide=False, source="empirical",
+                                 note="LAMOST composite blend", target_ew=ew))
+        empirical = pd.DataFrame(emp_rows)
+        empirical["loggf"] = synth.solve_loggf_for_solar_ew(empirical, labels)
+        # the pseudo-random forest only where the empirical one is masked
+        air = forest.wave_air.to_numpy()
+        masked = np.zeros(air.size, bool)
+        for lo, hi in EMPIRICAL_MASK:
+            masked |= (air >= lo) & (air <= hi)
+        forest = pd.concat([forest[masked], empirical], ignore_index=True)
+        log.info("empirical forest: %d lines (+%d pseudo-random in masked regions)",
+                 len(empirical), int(masked.sum()))
+
     table = pd.concat([known, window, forest], ignore_index=True)
     solve = table.loggf.isna()
     table.loc[solve, "loggf"] = synth.solve_loggf_for_solar_ew(table[solve])
@@ -471,14 +631,15 @@ def linelist_path():
     return paths.PACKAGE_DATA / "linelist.csv"
 
 
-def write_linelist(path=None, seed: int = FOREST_SEED):
+def write_linelist(path=None, seed: int = FOREST_SEED, forest: str = "empirical"):
     """Build the line list and write it as CSV with a provenance header."""
     path = linelist_path() if path is None else path
-    table = build_linelist(seed)
+    table = build_linelist(seed, forest=forest)
     header = (
         "# lamostcannon mock line list (lamostcannon.mock.linelist.build_linelist, "
-        f"seed {seed}); wavelengths in Angstrom (air and vacuum), chi in eV; see the module "
-        "docstring.\n"
+        f"seed {seed}, forest {forest}); wavelengths in Angstrom (air and vacuum), chi in eV; "
+        "see the module docstring. The empirical forest is derived from public LAMOST DR10 "
+        "spectra (Guoshoujing Telescope; https://www.lamost.org/policies/).\n"
     )
     tmp = path.with_name("." + path.name + ".tmp")
     with open(tmp, "w") as fh:

@@ -114,17 +114,21 @@ def galactic_lb(ra, dec):
     return c.l.to_value(u.deg), c.b.to_value(u.deg)
 
 
-#: Extra LAMOST completeness in the equatorial stripe -10 < dec < 10 (the LAMOST-K2 and
-#: equatorial plates), which sets the size of the GALAH overlap.
-STRIPE_BOOST = 4.0
+#: LAMOST completeness: a base rate, x1.6 towards the anticentre, x2 for faint stars in the
+#: equatorial stripe -10 < dec < 10 and complete for bright (G < 14.5) stars there (the LAMOST-K2
+#: and equatorial bright plates). The last sets the size of the GALAH overlap.
+LAMOST_BASE = 0.16
+STRIPE_BOOST = 2.0
 
 
 def lamost_probability(ra, dec, g, l, b):
     """Chance that LAMOST observes a star (0 outside dec > -10, 9 < G < 17)."""
     f_mag = np.interp(g, [9.0, 14.0, 15.0, 17.0], [1.0, 1.0, 0.6, 0.35])
     anticentre = (np.abs(l - 180.0) < 45.0) & (np.abs(b) < 30.0)
-    f_sky = np.where(anticentre, 1.6, 1.0) * np.where(np.abs(dec) < 10.0, STRIPE_BOOST, 1.0)
-    p = np.clip(0.25 * f_mag * f_sky, 0.0, 1.0)
+    stripe = np.abs(dec) < 10.0
+    f_sky = np.where(anticentre, 1.6, 1.0) * np.where(stripe, STRIPE_BOOST, 1.0)
+    p = np.clip(LAMOST_BASE * f_mag * f_sky, 0.0, 1.0)
+    p = np.where(stripe & (g < 14.5), 1.0, p)
     return np.where((dec > -10.0) & (g > 9.0) & (g < 17.0), p, 0.0)
 
 
@@ -607,27 +611,48 @@ def make_gaia(stars: pd.DataFrame, rng) -> pd.DataFrame:
 
 
 def bailer_jones_distances(source_id, parallax, parallax_error, length_kpc=1.35,
-                           chunk=20_000) -> pd.DataFrame:
-    """Mode and 16/84% quantiles (pc) of the exponentially decreasing space density posterior
-    (Bailer-Jones 2015, Bailer-Jones et al. 2018) with length scale ``length_kpc``."""
+                           chunk=20_000, n_grid=240) -> pd.DataFrame:
+    """Bailer-Jones et al. (2018)-like distances (pc): the mode ``r_est`` of the exponentially
+    decreasing space density posterior with length scale ``length_kpc`` and a 68% interval
+    ``[r_lo, r_hi]`` (the 15.87/84.13% quantiles, widened to contain the mode when needed).
+
+    The posterior is evaluated on a per-star logarithmic grid spanning +-6 sigma in parallax.
+    """
     plx = np.asarray(parallax, float)
     sig = np.asarray(parallax_error, float)
     n = len(plx)
     r_est, r_lo, r_hi = np.empty(n), np.empty(n), np.empty(n)
-    grid = np.geomspace(0.005, 80.0, 600)
     L = length_kpc
+    t = np.linspace(0.0, 1.0, n_grid)[None, :]
     for a in range(0, n, chunk):
         p, s = plx[a:a + chunk, None], sig[a:a + chunk, None]
-        r = grid[None, :]
+        hi_plx = p + 6 * s
+        lo_plx = p - 6 * s
+        r_min = np.clip(1.0 / np.maximum(hi_plx, 1e-3), 0.002, 60.0)
+        r_max = np.where(lo_plx > 0, 1.0 / np.maximum(lo_plx, 1e-6), 80.0)
+        r_max = np.clip(np.maximum(r_max, 1.5 * r_min), 0.003, 80.0)
+        r = r_min * (r_max / r_min) ** t
         logpost = 2 * np.log(r) - r / L - 0.5 * ((p - 1.0 / r) / s) ** 2
-        post = np.exp(logpost - logpost.max(axis=1, keepdims=True)) * r  # per log r
-        cdf = np.cumsum(post, axis=1)
+        post = np.exp(logpost - logpost.max(axis=1, keepdims=True)) * r  # density per log r
+        cdf = np.cumsum(0.5 * (post[:, 1:] + post[:, :-1]), axis=1)
+        cdf = np.concatenate([np.zeros((len(p), 1)), cdf], axis=1)
         cdf /= cdf[:, -1:]
-        i_mode = np.argmax(logpost, axis=1)
-        r_est[a:a + chunk] = grid[i_mode]
-        for q, outq in ((0.1587, r_lo), (0.8413, r_hi)):
-            k = (cdf < q).sum(axis=1).clip(0, len(grid) - 1)
-            outq[a:a + chunk] = grid[k]
+        i = np.clip(np.argmax(logpost, axis=1), 1, n_grid - 2)
+        rows = np.arange(len(p))
+        y0, y1, y2 = logpost[rows, i - 1], logpost[rows, i], logpost[rows, i + 1]
+        den = y0 - 2 * y1 + y2
+        shift = np.where(den < 0, 0.5 * (y0 - y2) / np.where(den < 0, den, -1.0), 0.0)
+        lr = np.log(r[rows, i]) + np.clip(shift, -1, 1) * (np.log(r[rows, 1]) - np.log(r[rows, 0]))
+        mode = np.exp(lr)
+        q = []
+        for level in (0.158655, 0.841345):
+            k = np.clip((cdf < level).sum(axis=1), 1, n_grid - 1)
+            c0, c1 = cdf[rows, k - 1], cdf[rows, k]
+            f = np.clip((level - c0) / np.maximum(c1 - c0, 1e-300), 0, 1)
+            q.append(np.exp(np.log(r[rows, k - 1]) + f * (np.log(r[rows, k]) - np.log(r[rows, k - 1]))))
+        r_est[a:a + chunk] = mode
+        r_lo[a:a + chunk] = np.minimum(q[0], mode)
+        r_hi[a:a + chunk] = np.maximum(q[1], mode)
     return pd.DataFrame({"source_id": np.asarray(source_id, np.int64), "r_est": r_est * 1000.0,
                          "r_lo": r_lo * 1000.0, "r_hi": r_hi * 1000.0})
 
@@ -692,6 +717,14 @@ def build_universe(size: str = "small", seed: int = 2020, n_lamost: int | None =
     stars["cluster"] = stars["cluster"].fillna("")
     l, b = galactic_lb(stars["ra"], stars["dec"])
     stars["l"], stars["b"] = l, b
+    # Galactocentric phase space of the added stars (secondaries, cluster) from their observables
+    add = (stars["kind"] != "field").to_numpy()
+    x, y, z, vR, vT, vz = galaxy.from_observables(
+        *(stars.loc[add, c].to_numpy() for c in ("ra", "dec", "distance", "pmra", "pmdec", "rv")))
+    stars.loc[add, "x"], stars.loc[add, "y"], stars.loc[add, "z"] = x, y, z
+    stars.loc[add, "R"] = np.hypot(x, y)
+    stars.loc[add, "phi"] = np.degrees(np.arctan2(y, -x))
+    stars.loc[add, "vR"], stars.loc[add, "vT"], stars.loc[add, "vz"] = vR, vT, vz
 
     rng_l = np.random.default_rng(seeds["lamost"])
     stars["n_obs"] = np.where(stars["in_lamost"], n_visits(len(stars), rng_l), 0)

@@ -6,35 +6,39 @@ The Cannon is a quadratic polynomial in the labels. Mock spectra drawn from a po
 it fit its own assumptions and every test would look too good. These spectra instead come from a
 (much simplified) line-formation recipe: an atomic line list, Saha-Boltzmann populations, a
 continuous opacity, a curve of growth, pressure-broadened hydrogen lines, molecular bands, a
-Planck continuum, interstellar reddening, an instrument with two arms and photon, sky and read noise.
+Planck continuum, interstellar reddening, an instrument with two arms, and photon, sky and read
+noise.
 The flux therefore depends on the labels in a strongly non-linear way (exponentials in 1/teff,
 saturation, ionisation balance), as real spectra do.
 
 The recipe, step by step
 ------------------------
-Notation: :math:`\theta = 5040/T_{\rm eff}`; abundances :math:`\log\epsilon_X = A_\odot(X) +
+Notation: :math:`\theta = 5040/T` (T the layer temperature of step 1); abundances
+:math:`\log\epsilon_X = A_\odot(X) +
 [{\rm Fe/H}] + [X/{\rm Fe}]` (Asplund et al. 2009 solar values; ``<x>_fe`` from the labels for the
 11 GALAH elements, 0 for every other element, i.e. they scale with iron).
 
-1. **Atmosphere in one layer.** Each star is represented by a single line-forming layer. Its
-   electron pressure is an interpolation table in teff for the Sun's gravity (log Pe from -1.6 at
-   3000 K through 1.0 at 5777 K to 3.6 at 15000 K, appropriate to tau_5000 ~ 0.3) scaled by
-   ``0.5 (logg - 4.44)`` (hydrostatic equilibrium with H- opacity) and, for cool stars where metals
-   supply the electrons, ``+0.4 [Fe/H]``.
-2. **Ionisation (Saha).** ``log(N_{i+1}/N_i) = -0.176 + 2.5 log T - theta chi_ion - log Pe``
-   (partition functions set to their ratio 1; two ionisations per element), giving the fraction of
-   each element in the neutral, singly and doubly ionised stage; hydrogen the same with 13.6 eV.
-3. **Excitation (Boltzmann).** The lower level population scales as ``10^(-theta chi)``.
+1. **Atmosphere in one layer.** Each star is represented by a single line-forming layer at
+   ``T_layer = 0.9 teff`` (:data:`T_LAYER`; grey atmosphere near tau ~ 0.1, and the excitation
+   temperature of solar Fe I), so :math:`\theta = 5040 / T_{\rm layer}`. Its electron pressure is
+   an interpolation table in teff for the Sun's gravity (log Pe from -1.6 at 3000 K through 1.0
+   at 5777 K to 3.6 at 15000 K) scaled by ``0.5 (logg - 4.44)`` (hydrostatic equilibrium with H-
+   opacity) and, for cool stars where metals supply the electrons, ``+0.4 [Fe/H]``.
+2. **Ionisation (Saha).** ``log(N_{i+1}/N_i) = -0.176 + log(U_{i+1}/U_i) + 2.5 log T - theta
+   chi_ion - log Pe`` with constant representative partition functions U
+   (:data:`lamostcannon.mock.linelist.PARTITION`), three stages per element; hydrogen alike.
+3. **Excitation (Boltzmann).** The lower level population is ``g 10^(-theta chi) / U``.
 4. **Continuous opacity** per hydrogen nucleus: H- (``Pe theta^2.5 10^(0.754 theta)``, the
    classic Gray (2005) scaling) plus hydrogen bound-free from n = 3 (``10^(-12.09 theta)``,
    normalised to equal H- at 7500 K, logg 4.44). Its wavelength dependence is ignored.
    With 1-4 the line strength of a majority-ionised species' neutral line is nearly
    gravity-independent, and its ionised lines strengthen at low gravity, as in real stars.
 5. **Line centre optical depth** ``tau0 = K0 gf (lambda/5000 A) 10^(log eps - 12) f_stage
-   10^(-theta chi) / kappa / (v_D / 2 km/s)``, with the Doppler velocity ``v_D^2 = 2kT/m +
+   10^(-theta chi) / U / kappa / (v_D / 2 km/s)``, with the Doppler velocity ``v_D^2 = 2kT/m +
    vmic^2``. The single constant ``K0`` makes Fe I 6151.62 A (chi = 2.18 eV, log gf = -3.30) have
    its solar equivalent width of 50 mA.
-6. **Curve of growth.** ``W = Delta lambda_D F(tau0, a)`` with ``F = int (1 - exp(-tau0 H(a,x))) dx``
+6. **Curve of growth.** ``W = Delta lambda_D F(tau0, a)`` with
+   ``F = int (1 - exp(-tau0 H(a,x))) dx``
    tabulated once from the exact Voigt function ``H`` (``scipy.special.wofz``); linear for weak
    lines, ``~ sqrt(ln tau0)`` (so sensitive to vmic) when saturated, ``~ sqrt(a tau0)`` when damped.
    The damping parameter ``a = 0.015 damp (lambda/5000) (2 km/s / v_D) 10^(0.5 (logg - 4.44))
@@ -42,24 +46,31 @@ Notation: :math:`\theta = 5040/T_{\rm eff}`; abundances :math:`\log\epsilon_X = 
    ``damp`` is calibrated on their solar equivalent widths).
 7. **Hydrogen.** Balmer (H-alpha ... H16) and Paschen (P10-P16) lines scale with the n = 2 (10.2 eV)
    or n = 3 (12.09 eV) population of neutral hydrogen over the continuous opacity, times a Stark
-   width ``(Pe / Pe_sun)^(2/3)``; their profile is the pure-wing profile
-   ``1 - exp(-C / Delta lambda^2)`` (EW = 2 sqrt(pi C)), calibrated on the solar Balmer equivalent
-   widths. Strength peaks near 9000 K and wings are gravity-sensitive in hot stars, as observed.
+   width ``(Pe / Pe_sun)^(2/3)``, raised to the power :data:`H_RESPONSE` = 0.37 (an empirical
+   compression: the wings form over a wide range of depths; with it the H-alpha EW follows the
+   observed spectral-type sequence, ~1 A at 4000 K, 4 A solar, ~11 A at 10,000 K). Their profile is
+   the pure-wing profile ``1 - exp(-C / Delta lambda^2)`` (EW = 2 sqrt(pi C)) with a core depth
+   limited to :data:`D_MAX_HYDROGEN`, calibrated on solar Balmer equivalent widths. Strength peaks
+   near 10,000 K and wings are gravity-sensitive, as observed.
 8. **Molecular bands** (CN, CH G band, MgH, TiO, CaH) are band heads with an exponential
    fall-off (to the red or violet) and a fixed pseudo-random rotational texture, with pseudo optical
-   depth ``10^(c + [A/H] + [B/H] + D (theta - theta_ref) + beta (logg - logg_ref))`` (a
-   Saha-Boltzmann-like dissociation equilibrium; D ~ dissociation energy; MgH/CaH stronger in dwarfs,
-   CN in giants). TiO appears below ~4000 K.
+   depth ``10^(c + [A/H] + [B/H] + D (theta_eff - theta_ref) + beta (logg - 4.44))`` (theta_eff =
+   5040/teff; a Saha-Boltzmann-like dissociation equilibrium; D ~ dissociation energy; MgH and CaH
+   stronger in dwarfs, CN in giants, CH weaker in giants as after the first dredge-up), capped at
+   tau ~ 3. TiO appears below ~4000 K.
 9. **Low resolution.** The line profiles are convolved with a Gaussian line-spread function of
-   constant R = 1800 (FWHM 2.41 px of the 1e-4 dex grid, plus the pixel width) -- the intrinsic
-   profiles (0.1 A) are far below the LAMOST resolution, so a weak line is ``W x LSF``. Strong,
-   damped lines (Ca II H&K, Ca triplet, Mg b, Na D, ...) use precomputed LSF-convolved damping
-   profiles for a grid of widths. All absorbers are combined as a low-resolution pseudo optical
-   depth, ``flux = exp(-sum tau)``, which keeps blends positive and saturating.
+   constant effective R = 1400 (:data:`LAMOST_R`; FWHM 3.1 px of the 1e-4 dex grid, plus the
+   pixel width). LAMOST's nominal R is 1800, but a composite of real DR10 G dwarfs prefers the
+   broader LSF. The intrinsic profiles (0.1 A) are far below this resolution, so a weak line is
+   ``W x LSF``. Strong, damped lines (Ca II H&K, Ca triplet, Mg b, Na D, ...) use precomputed
+   LSF-convolved damping profiles for a grid of widths (core depth limited to
+   :data:`D_MAX_METAL`). All absorbers are combined as a low-resolution pseudo optical depth,
+   ``flux = exp(-sum tau)``, which keeps blends positive and saturating.
 10. **Observed frame.** The summed rest-frame optical depth is shifted by ``log10(1 + rv/c)`` (an
     exact translation on the log-lambda grid, done with an FFT phase shift after removing a linear
-    trend). Telluric O2 (B, A) and H2O bands are added in the observed frame.
-11. **Continuum.** A Planck function at teff, reddened with the Cardiello, Clayton & Mathis (1989)
+    trend). Weak telluric O2 (B, A) and H2O bands (residuals after the pipeline's correction) are
+    added in the observed frame.
+11. **Continuum.** A Planck function at teff, reddened with the Cardelli, Clayton & Mathis (1989)
     law (R_V = 3.1) for ``ebv``, times a smooth flux-calibration residual with the LAMOST dichroic
     bump near 5900 A and a random low-order tilt per spectrum.
 12. **Instrument and noise.** Counts = flux x throughput (blue arm peaking near 5000 A, red arm
@@ -72,18 +83,27 @@ Notation: :math:`\theta = 5040/T_{\rm eff}`; abundances :math:`\log\epsilon_X = 
     ``ivar = 0``, flux sometimes 0), occasional dead red ends (bit 8), cosmic-ray-like spikes
     (``ormask`` bit 2 only; ivar kept), bright sky pixels (``ormask`` bit 4).
 
-GALAH windows: the same line physics (steps 1-7, hydrogen wings included, molecules omitted) at
-R = 28,000, computed at high resolution (``exp(-tau)`` with a Voigt approximation
+The line list (:mod:`lamostcannon.mock.linelist`): real wavelengths and approximate atomic data
+for the strong and well-known lines, one line per GALAH Table 2 window, and a weak-line forest whose
+positions and solar-type strengths come from a CLEAN decomposition of a composite of real DR10
+G-dwarf spectra (held-out stars are used for the realism tests); everything else (how each line
+changes with teff, logg, vmic and abundances) is the physics above.
+
+GALAH windows: the same line physics (steps 1-7, hydrogen wings included, molecules and the
+empirical low-resolution blends omitted) at R = 28,000, computed at high resolution
+(``exp(-tau)`` with a Voigt approximation
 ``H ~ exp(-x^2) + a / (sqrt(pi) (1 + x^2))`` on a grid three times finer than the pixels, then a
 Gaussian LSF), continuum-normalised, air wavelengths, only in the paper's Table 2 windows.
 
 Approximations (deliberate; this is a mock, not a model atmosphere)
 -------------------------------------------------------------------
-One layer instead of an atmosphere (no temperature gradient, no source function: lines saturate
-to zero flux at high resolution); partition functions ignored; LTE; continuous opacity without
+One layer instead of an atmosphere (no temperature gradient; no source function, except the
+core-depth limits of damped lines at low resolution: other lines saturate to zero flux at high
+resolution); partition functions constant; LTE; continuous opacity without
 wavelength dependence and without metals or scattering; pure-wing hydrogen profiles (Lorentzian
-1/Delta lambda^2 rather than Holtsmark); no rotation or macroturbulence; the forest of weak lines
-is pseudo-random (real wavelengths only for the strong and the GALAH lines, see
+1/Delta lambda^2 rather than Holtsmark); no rotation or macroturbulence; the weak-line forest is
+made of low-resolution blends at empirical wavelengths with randomly assigned species and
+excitation potentials (pseudo-random outside 3800-9000 A and in masked regions, see
 :mod:`lamostcannon.mock.linelist`); constant resolving power; the LSF and the sky do not vary
 from fibre to fibre; relative flux calibration is good to a few per cent. The rv shift is
 non-relativistic (``z = rv/c``), as in the LAMOST pipeline.
@@ -109,13 +129,15 @@ LAMOST_LOG10_START = 3.5682
 LAMOST_LOG10_STEP = 1e-4
 LAMOST_NPIX = 3909
 
-#: Resolving powers.
-LAMOST_R = 1800.0
+#: Resolving powers. LAMOST's nominal R is 1800 (at 5500 A); a composite of real DR10 G-dwarf
+#: spectra is matched best (rms of the normalised flux) by a Gaussian LSF of R ~ 1300-1500 in the
+#: blue arm and ~1100 in the red arm, so the mock adopts the effective value 1400 everywhere.
+LAMOST_R_NOMINAL = 1800.0
+LAMOST_R = 1400.0
 GALAH_R = 28000.0
 
 C_KMS = 299792.458
 _LN10 = np.log(10.0)
-_K_EV = 8.617333262e-5
 _AMU_KMS2 = 2 * 1.380649e-23 / 1.66053907e-27 / 1e6  # 2k/amu in (km/s)^2 per K
 
 #: The Sun as the mock sees it (calibration point).
@@ -135,7 +157,8 @@ _SIGMA_LSF_PIX = float(np.sqrt((1.0 / (LAMOST_R * 2.0 * np.sqrt(2 * np.log(2)) *
 _BANK_W = np.concatenate([[0.0], np.geomspace(0.12, 60.0, 28)])   # damping widths, pixels
 _BANK_HALF = 420                   # half-extent of damped profiles (pixels)
 _BANK_SUB = 8                      # sub-pixel sampling of the profile bank
-_REQUIRED = ("teff", "logg", "vmic", "fe_h", "rv", "ebv", "snrg") + tuple(f"{x}_fe" for x in ELEMENTS)
+_REQUIRED = (("teff", "logg", "vmic", "fe_h", "rv", "ebv", "snrg")
+             + tuple(f"{x}_fe" for x in ELEMENTS))
 
 
 def lamost_wavelength() -> np.ndarray:
@@ -183,9 +206,6 @@ def stage_log_fractions(teff, log_pe, chi1, chi2, u=(1.0, 1.0, 1.0)):
     return -log_sum, r1 - log_sum, r2 - log_sum
 
 
-_T_HBF_REF, _PE_HBF_REF = 7500.0, None
-
-
 @functools.lru_cache(maxsize=1)
 def _hbf_norm():
     """Normalisation of hydrogen bound-free opacity: equal to H- at 7500 K, logg 4.44."""
@@ -222,8 +242,10 @@ def atmosphere(teff, logg, fe_h) -> dict:
 # Curve of growth
 # ------------------------------------------------------------------------------------------------
 
-_COG_LT = np.arange(-6.0, 11.0001, 0.05)
-_COG_LA = np.arange(-4.0, 1.0001, 0.25)
+_COG_DLT = 0.05
+_COG_DLA = 0.1
+_COG_LT = np.arange(-6.0, 11.0001, _COG_DLT)
+_COG_LA = np.arange(-4.0, 1.0001, _COG_DLA)
 
 
 @functools.lru_cache(maxsize=1)
@@ -239,36 +261,48 @@ def _cog_table() -> np.ndarray:
         tau = 10.0 ** _COG_LT[:, None] * h[None, :]
         integrand = -np.expm1(-tau)
         integral = np.sum(0.5 * (integrand[:, 1:] + integrand[:, :-1]) * np.diff(x), axis=1)
-        tail = 10.0 ** _COG_LT * a / (np.sqrt(np.pi) * x[-1])  # beyond x_max the line is optically thin
+        tail = 10.0 ** _COG_LT * a / (np.sqrt(np.pi) * x[-1])  # optically thin beyond x_max
         table[:, j] = 2.0 * (integral + tail)
     return table
 
 
+@functools.lru_cache(maxsize=1)
+def _cog_flat():
+    """The table transposed and flattened (a-major) with its forward differences, float32."""
+    t = _cog_table().T.astype(np.float32)          # (n_a, n_tau)
+    d = np.diff(t, axis=1, append=t[:, -1:])
+    return t.ravel(), d.ravel()
+
+
 def reduced_width(log_tau0, log_a):
-    """Curve of growth W / Delta lambda_D for arrays of log10 tau0 and log10 a (bilinear table)."""
-    table = _cog_table()
+    """Curve of growth W / Delta lambda_D for arrays of log10 tau0 and log10 a.
+
+    Linear interpolation in log tau0 (step 0.05) at the nearest tabulated log a (step 0.1, which
+    changes W by < 0.6% in the damping regime); ``sqrt(pi) tau0`` below the table.
+    """
+    flat, diff = _cog_flat()
     lt = np.asarray(log_tau0, dtype=np.float32)
     la = np.asarray(log_a, dtype=np.float32)
-    u = np.clip((lt - _COG_LT[0]) / 0.05, 0.0, _COG_LT.size - 1.0001)
-    v = np.clip((la - _COG_LA[0]) / 0.25, 0.0, _COG_LA.size - 1.0001)
+    n_tau = _COG_LT.size
+    u = (lt - np.float32(_COG_LT[0])) * np.float32(1.0 / _COG_DLT)
+    np.clip(u, 0.0, n_tau - 1.0, out=u)
     i = u.astype(np.int32)
-    j = v.astype(np.int32)
     du = u - i
-    dv = v - j
-    t = table.astype(np.float32)
-    f = ((1 - du) * ((1 - dv) * t[i, j] + dv * t[i, j + 1])
-         + du * ((1 - dv) * t[i + 1, j] + dv * t[i + 1, j + 1]))
-    # below the table: linear regime
+    j = ((la - np.float32(_COG_LA[0])) * np.float32(1.0 / _COG_DLA) + np.float32(0.5))
+    np.clip(j, 0.0, _COG_LA.size - 1.0, out=j)
+    idx = j.astype(np.int32) * n_tau + i
+    f = np.take(flat, idx) + du * np.take(diff, idx)
     weak = lt < _COG_LT[0]
-    if np.any(weak):
-        f = np.where(weak, np.sqrt(np.pi) * 10.0 ** lt, f)
+    if weak.any():
+        f = np.where(weak, np.float32(np.sqrt(np.pi)) * np.power(np.float32(10.0), lt), f)
     return f
 
 
 def _log_tau0_from_reduced_width(reduced, log_a):
     """Invert the curve of growth for each line (nearest tabulated a)."""
     table = _cog_table()
-    j = np.clip(np.rint((np.asarray(log_a) - _COG_LA[0]) / 0.25).astype(int), 0, _COG_LA.size - 1)
+    j = np.clip(np.rint((np.asarray(log_a) - _COG_LA[0]) / _COG_DLA).astype(int), 0,
+                _COG_LA.size - 1)
     out = np.empty(np.shape(reduced))
     for jj in np.unique(j):
         sel = j == jj
@@ -290,6 +324,7 @@ class _Lines:
     species: np.ndarray      # index into species_list
     wide: np.ndarray
     species_list: tuple      # (element, stage)
+    galah: np.ndarray        # used at high resolution (not an empirical low-resolution blend)
 
 
 def _label_columns(stars) -> dict:
@@ -340,13 +375,6 @@ def _species_terms(species_list, lab: dict, atm: dict):
     return terms, vdop
 
 
-def _log_damping(lab: dict, vdop_lines, wave, damp):
-    """log10 of the Voigt damping parameter a (step 6)."""
-    star = (np.log10(0.015) + 0.5 * (lab["logg"] - 4.44) + 0.3 * np.log10(lab["teff"] / 5777.0))
-    return (star[:, None] + np.log10(damp)[None, :] + np.log10(wave / 5000.0)[None, :]
-            - np.log10(vdop_lines / 2.0))
-
-
 def _sun_labels(n: int = 1) -> dict:
     lab = {k: np.full(n, v) for k, v in SUN.items()}
     for x in ELEMENTS:
@@ -355,13 +383,20 @@ def _sun_labels(n: int = 1) -> dict:
 
 
 def _line_quantities(lines_wave, chi, base, damp, species_idx, species_list, lab):
-    """log tau0, log a and Doppler width (A) for every star x line."""
+    """log tau0, log a and Doppler width (A) for every star x line, float32 (S, N) each."""
+    f32 = np.float32
     atm = atmosphere(lab["teff"], lab["logg"], lab["fe_h"])
     terms, vdop = _species_terms(species_list, lab, atm)
-    vd = vdop[:, species_idx]
-    log_tau0 = (base[None, :] + terms[:, species_idx] - atm["theta"][:, None] * chi[None, :])
-    log_a = _log_damping(lab, vd, lines_wave, damp)
-    dlam = lines_wave[None, :] * vd / C_KMS
+    log_vd = np.log10(vdop / 2.0).astype(f32)
+    log_tau0 = np.take(terms.astype(f32), species_idx, axis=1)
+    log_tau0 += np.asarray(base, f32)[None, :]
+    log_tau0 -= atm["theta"].astype(f32)[:, None] * np.asarray(chi, f32)[None, :]
+    star = (np.log10(0.015) + 0.5 * (lab["logg"] - 4.44)
+            + 0.3 * np.log10(lab["teff"] / 5777.0)).astype(f32)
+    line = (np.log10(damp) + np.log10(np.asarray(lines_wave) / 5000.0)).astype(f32)
+    lvd = np.take(log_vd, species_idx, axis=1)
+    log_a = star[:, None] + line[None, :] - lvd
+    dlam = np.power(f32(10.0), lvd) * (2.0 * np.asarray(lines_wave) / C_KMS).astype(f32)[None, :]
     return log_tau0, log_a, dlam
 
 
@@ -382,7 +417,7 @@ def _k0() -> float:
 
 
 def solar_ew(table, damp=None) -> np.ndarray:
-    """Equivalent widths (A) of lines (DataFrame with species, wave_air, chi, loggf) in the mock Sun."""
+    """Equivalent widths (A) in the mock Sun of lines (DataFrame: species, wave_air, chi, loggf)."""
     from .linelist import split_species
 
     species = [split_species(s) for s in table["species"]]
@@ -396,8 +431,9 @@ def solar_ew(table, damp=None) -> np.ndarray:
     return (dl * reduced_width(lt, la))[0].astype(float)
 
 
-def solve_loggf_for_solar_ew(table) -> np.ndarray:
-    """log gf giving each line (with ``target_ew``, A) that equivalent width in the mock Sun."""
+def solve_loggf_for_solar_ew(table, labels: dict | None = None) -> np.ndarray:
+    """log gf giving each line (with ``target_ew``, A) that equivalent width in the mock Sun
+    (or in the star with ``labels``: teff, logg, vmic, fe_h; solar-scaled abundances)."""
     from .linelist import split_species
 
     species = [split_species(s) for s in table["species"]]
@@ -405,8 +441,11 @@ def solve_loggf_for_solar_ew(table) -> np.ndarray:
     idx = np.array([species_list.index(s) for s in species])
     wave = np.asarray(table["wave_air"], float)
     base0 = np.log10(wave / 5000.0) + _k0()
+    lab = _sun_labels()
+    if labels is not None:
+        lab.update({k: np.full(1, float(v)) for k, v in labels.items()})
     lt, la, dl = _line_quantities(wave, np.asarray(table["chi"], float), base0, np.ones(wave.size),
-                                  idx, species_list, _sun_labels())
+                                  idx, species_list, lab)
     need = _log_tau0_from_reduced_width(np.asarray(table["target_ew"], float) / dl[0], la[0])
     return need - lt[0]
 
@@ -428,10 +467,26 @@ def _solve_damp(wave, chi, loggf, species, ew_sun) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=1)
-def _lines() -> _Lines:
-    from .linelist import load_linelist, split_species
+def _default_model() -> dict:
+    """The packaged line list prepared for synthesis (cached)."""
+    from .linelist import load_linelist
 
-    t = load_linelist()
+    return _prepare_model(load_linelist())
+
+
+def _prepare_model(table) -> dict:
+    """Line data, the narrow-line LSF basis and the damped-line profiles for a line table."""
+    lines = _prepare_lines(table)
+    return {"lines": lines, "narrow": _make_narrow_basis(lines), "wide": _make_wide_setup(lines)}
+
+
+def _lines() -> _Lines:
+    return _default_model()["lines"]
+
+
+def _prepare_lines(t) -> _Lines:
+    from .linelist import split_species
+
     species = [split_species(s) for s in t["species"]]
     species_list = tuple(sorted(set(species)))
     idx = np.array([species_list.index(s) for s in species])
@@ -446,7 +501,9 @@ def _lines() -> _Lines:
                   chi=t["chi"].to_numpy(float),
                   base=t["loggf"].to_numpy(float) + np.log10(wave_air / 5000.0) + _k0(),
                   damp=damp, species=idx, wide=t["wide"].to_numpy(bool),
-                  species_list=species_list)
+                  species_list=species_list,
+                  galah=(t["source"] != "empirical").to_numpy(bool) if "source" in t
+                  else np.ones(len(t), bool))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -454,7 +511,7 @@ def _lines() -> _Lines:
 # ------------------------------------------------------------------------------------------------
 
 #: Solar Balmer equivalent widths (A) used to calibrate the hydrogen line strengths.
-_H_EW_SUN = {"H-alpha": 4.0, "H-beta": 3.6, "H-gamma": 2.9, "H-delta": 2.4, "H-epsilon": 2.0,
+_H_EW_SUN = {"H-alpha": 4.0, "H-beta": 3.2, "H-gamma": 2.9, "H-delta": 2.2, "H-epsilon": 2.0,
              "H8": 1.6, "H9": 1.3, "H10": 1.05, "H11": 0.85, "H12": 0.7, "H13": 0.6, "H14": 0.5,
              "H15": 0.42, "H16": 0.36}
 
@@ -500,11 +557,16 @@ def _hydrogen() -> dict:
 H_RESPONSE = 0.37
 
 #: Extra weakening (dex) of the Paschen lines relative to the n = 3 population scaling.
-PASCHEN_OFFSET = -0.6
+PASCHEN_OFFSET = -1.2
 
 
 def hydrogen_wing_parameter(lab: dict) -> np.ndarray:
-    """Wing parameter C (A^2) of every hydrogen line, shape (S, n_H); EW = 2 sqrt(pi C)."""
+    """Wing parameter C (A^2) of every hydrogen line, shape (S, n_H); EW = 2 sqrt(pi C).
+
+    ``lab``: a DataFrame or mapping with ``teff``, ``logg``, ``fe_h``. Line order of
+    :data:`lamostcannon.mock.linelist.HYDROGEN_LINES`.
+    """
+    lab = {k: np.atleast_1d(np.asarray(lab[k], float)) for k in ("teff", "logg", "fe_h")}
     h = _hydrogen()
     rel = _hydrogen_log_strength(lab, h["n_low"]) - h["log_sun"][None, :]
     return 10.0 ** (H_RESPONSE * rel + h["log_c_sun"][None, :])
@@ -514,12 +576,18 @@ def hydrogen_wing_parameter(lab: dict) -> np.ndarray:
 # Low-resolution bases (cached): narrow-line LSF matrix, damped-profile banks, molecular bands
 # ------------------------------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=1)
-def _profile_bank() -> np.ndarray:
-    """Pseudo optical depth per unit EW (pixel units) of LSF x (1 - exp(-w^2/x^2)), by width w.
+#: Largest intrinsic depth of damped metal lines and of hydrogen lines (a one-layer stand-in for
+#: the source function: real strong-line cores keep some flux).
+D_MAX_METAL = 0.92
+D_MAX_HYDROGEN = 0.62
 
-    Shape (len(_BANK_W), 2 * _BANK_HALF * _BANK_SUB + 1), sampled every 1/_BANK_SUB pixel.
-    Row 0 (w = 0) is the Gaussian LSF itself (a weak line).
+
+@functools.lru_cache(maxsize=2)
+def _profile_bank(d_max: float = 1.0) -> np.ndarray:
+    """Pseudo optical depth per unit EW (pixel units) of LSF x d_max (1 - exp(-w^2/x^2)), by w.
+
+    Shape (len(_BANK_W), 2 * _BANK_HALF * _BANK_SUB + 1), sampled every 1/_BANK_SUB pixel; the
+    EW of row k is ``2 sqrt(pi) d_max w_k``. Row 0 (w = 0) is the Gaussian LSF itself (a weak line).
     """
     h = 1.0 / 64.0
     n = 2 * 2048 * 64  # fine grid of +-2048 px
@@ -534,10 +602,10 @@ def _profile_bank() -> np.ndarray:
     with np.errstate(divide="ignore"):
         inv_y2 = np.where(y == 0, np.inf, 1.0 / np.where(y == 0, 1.0, y) ** 2)
     for k, w in enumerate(_BANK_W[1:], start=1):
-        depth = -np.expm1(-(w ** 2) * inv_y2)
+        depth = -d_max * np.expm1(-(w ** 2) * inv_y2)
         conv = np.fft.irfft(np.fft.rfft(depth) * transfer, n)
         conv = np.clip(conv[keep], 0.0, 1.0 - 1e-7)
-        bank[k] = -np.log1p(-conv) / (2.0 * np.sqrt(np.pi) * w)
+        bank[k] = -np.log1p(-conv) / (2.0 * np.sqrt(np.pi) * d_max * w)
     return bank.astype(np.float32)
 
 
@@ -551,12 +619,10 @@ def _pixel_position(wave_vac):
     return (np.log10(wave_vac) - LAMOST_LOG10_START) / LAMOST_LOG10_STEP + _PAD
 
 
-@functools.lru_cache(maxsize=1)
-def _narrow_basis():
+def _make_narrow_basis(lines: _Lines):
     """Sparse (N_lines, _NEXT) LSF basis for all lines: pseudo-tau per unit EW in pixel units."""
     from scipy import sparse
 
-    lines = _lines()
     pos = _pixel_position(lines.wave_vac)
     half = 7
     rows, cols, vals = [], [], []
@@ -575,45 +641,54 @@ def _narrow_basis():
     return mat
 
 
-def _bank_slices(wave_vac):
-    """For damped lines: extended-grid pixel columns and bank sub-sample indices (n, 2H+1)."""
+_WIDE_HALF = {"metal": 160, "hydrogen": 260}   # extent (pixels) of damped profiles on each side
+
+
+def _bank_slices(wave_vac, half):
+    """For damped lines: first extended-grid column and bank sub-sample indices (n, 2 half + 1)."""
     pos = _pixel_position(np.atleast_1d(wave_vac))
     centre = np.rint(pos).astype(int)
-    cols = centre[:, None] + np.arange(-_BANK_HALF, _BANK_HALF + 1)[None, :]
+    cols = centre[:, None] + np.arange(-half, half + 1)[None, :]
     sub = np.rint((cols - pos[:, None]) * _BANK_SUB).astype(int) + _BANK_HALF * _BANK_SUB
-    sub = np.clip(sub, 0, 2 * _BANK_HALF * _BANK_SUB)
-    valid = (cols >= 0) & (cols < _NEXT)
-    return np.clip(cols, 0, _NEXT - 1), sub, valid
+    return cols, sub
 
 
-@functools.lru_cache(maxsize=1)
-def _wide_setup():
-    """Profiles (n_wide, n_w, 2H+1) of the damped metal lines and of the hydrogen lines."""
-    bank = _profile_bank()
-    lines = _lines()
+def _make_wide_setup(lines: _Lines):
+    """Damped metal and hydrogen lines: per line the grid slice and profiles (n_w, length)."""
     out = {}
-    for name, waves in (("metal", lines.wave_vac[lines.wide]), ("hydrogen", _hydrogen()["wave_vac"])):
-        cols, sub, valid = _bank_slices(waves)
-        prof = bank[:, sub]                       # (n_w, n_lines, 2H+1)
-        prof = np.where(valid[None], prof, 0.0).transpose(1, 0, 2).astype(np.float32)
-        out[name] = (cols, prof)
+    for name, waves, d_max in (("metal", lines.wave_vac[lines.wide], D_MAX_METAL),
+                               ("hydrogen", _hydrogen()["wave_vac"], D_MAX_HYDROGEN)):
+        bank = _profile_bank(d_max)
+        cols, sub = _bank_slices(waves, _WIDE_HALF[name])
+        entries = []
+        for c, sb in zip(cols, sub):
+            ok = (c >= 0) & (c < _NEXT)
+            if not ok.any():
+                entries.append((0, 0, np.zeros((_BANK_W.size, 0), np.float32)))
+                continue
+            c0, c1 = int(c[ok][0]), int(c[ok][-1]) + 1
+            entries.append((c0, c1, np.ascontiguousarray(bank[:, sb[ok]], dtype=np.float32)))
+        out[name] = (entries, d_max)
     return out
 
 
-def _apply_wide(tau, ew_pix, cols, prof):
+def _apply_wide(tau, ew_pix, entries, d_max):
     """Add damped-line pseudo optical depth to ``tau`` (S, _NEXT) given EW in pixels (S, n)."""
-    w = ew_pix / (2.0 * np.sqrt(np.pi))
+    w = ew_pix / (2.0 * np.sqrt(np.pi) * d_max)
     u = np.interp(np.log(np.maximum(w, 1e-6)), np.log(_BANK_W[1:]), np.arange(1, _BANK_W.size))
     # below the first nonzero width: interpolate linearly in w towards the LSF (row 0)
-    small = w < _BANK_W[1]
-    u = np.where(small, w / _BANK_W[1], u)
+    u = np.where(w < _BANK_W[1], w / _BANK_W[1], u)
     k = np.clip(np.floor(u).astype(int), 0, _BANK_W.size - 2)
-    t = (u - k).astype(np.float32)
+    t = u - k
     rows = np.arange(tau.shape[0])
-    for j in range(ew_pix.shape[1]):
-        p = prof[j]
-        shape = (1 - t[:, j, None]) * p[k[:, j]] + t[:, j, None] * p[k[:, j] + 1]
-        tau[rows[:, None], cols[j][None, :]] += ew_pix[:, j, None].astype(np.float32) * shape
+    weights = np.zeros((tau.shape[0], _BANK_W.size), np.float32)
+    for j, (c0, c1, prof) in enumerate(entries):
+        if c1 <= c0:
+            continue
+        weights[:] = 0.0
+        weights[rows, k[:, j]] = (1.0 - t[:, j]) * ew_pix[:, j]
+        weights[rows, k[:, j] + 1] += t[:, j] * ew_pix[:, j]
+        tau[:, c0:c1] += weights @ prof
 
 
 def _texture(wave, seed):
@@ -656,9 +731,9 @@ def _band_tau(lab: dict) -> np.ndarray:
     for b, (name, mol, elems, head, direction, length, c, dis, th_ref, beta) in enumerate(
             MOLECULAR_BANDS):
         ab = sum(_log_eps(e, lab) - SOLAR_ABUNDANCE[e] for e in elems)
-        # falls off again in the hottest stars through the neutral fraction; capped to avoid overflow
+        # capped at tau ~ 3 (saturated bands) and 1e-8 (avoids underflow)
         log_tau = c + ab + dis * (theta - th_ref) + beta * (lab["logg"] - 4.44)
-        out[:, b] = 10.0 ** np.clip(log_tau, -8.0, 1.0)
+        out[:, b] = 10.0 ** np.clip(log_tau, -8.0, 0.5)
     return out
 
 
@@ -731,11 +806,12 @@ def _telluric_tau() -> np.ndarray:
 
     wave = lamost_wavelength()
     tau = np.zeros_like(wave)
-    for head, length, depth in ((7594.0, 25.0, 0.10), (6867.0, 12.0, 0.04)):
+    for head, length, depth in ((7594.0, 25.0, 0.05), (6867.0, 12.0, 0.02)):
         hv = float(air_to_vacuum(head))
         d = wave - hv
         tau += depth * np.where(d >= 0, np.exp(-np.maximum(d, 0) / length), 0.0)
-    for centre, width, depth in ((7250.0, 45.0, 0.015), (8230.0, 55.0, 0.015), (9050.0, 70.0, 0.03)):
+    for centre, width, depth in ((7250.0, 45.0, 0.015), (8230.0, 55.0, 0.015),
+                                 (9050.0, 70.0, 0.03)):
         tau += depth * np.exp(-0.5 * ((wave - float(air_to_vacuum(centre))) / width) ** 2)
     ker = np.exp(-0.5 * (np.arange(-6, 7) / _SIGMA_LSF_PIX) ** 2)
     return np.convolve(tau, ker / ker.sum(), mode="same")
@@ -753,114 +829,190 @@ def _calibration_residual(wave, n, rng):
 # LAMOST synthesis
 # ------------------------------------------------------------------------------------------------
 
-def _rest_tau(lab: dict) -> np.ndarray:
+def _rest_tau(lab: dict, model: dict | None = None) -> np.ndarray:
     """Rest-frame low-resolution pseudo optical depth on the extended grid, (S, _NEXT) float32."""
-    lines = _lines()
+    model = _default_model() if model is None else model
+    lines = model["lines"]
     lt, la, dl = _line_quantities(lines.wave_air, lines.chi, lines.base, lines.damp, lines.species,
                                   lines.species_list, lab)
-    ew = dl.astype(np.float32) * reduced_width(lt, la)                # (S, N) A
-    ew_pix = ew / _pixel_width(lines.wave_vac).astype(np.float32)[None, :]
+    ew_pix = dl * reduced_width(lt, la)                                # (S, N) A
+    ew_pix *= (1.0 / _pixel_width(lines.wave_vac)).astype(np.float32)[None, :]   # -> pixels
     wide = lines.wide
-    narrow_ew = np.where(wide[None, :], 0.0, ew_pix).astype(np.float32)
-    tau = np.asarray((_narrow_basis().T @ narrow_ew.T).T, dtype=np.float32)
-    setup = _wide_setup()
-    cols, prof = setup["metal"]
-    _apply_wide(tau, ew_pix[:, wide], cols, prof)
+    narrow_ew = np.where(wide[None, :], np.float32(0.0), ew_pix)
+    tau = np.ascontiguousarray((model["narrow"].T @ narrow_ew.T).T, dtype=np.float32)
+    setup = model["wide"]
+    _apply_wide(tau, ew_pix[:, wide], *setup["metal"])
     h = _hydrogen()
     c_h = hydrogen_wing_parameter(lab)                                 # A^2
     ew_h = 2.0 * np.sqrt(np.pi * c_h) / _pixel_width(h["wave_vac"])[None, :]
-    cols, prof = setup["hydrogen"]
-    _apply_wide(tau, ew_h, cols, prof)
+    _apply_wide(tau, ew_h, *setup["hydrogen"])
     tau += (_band_tau(lab).astype(np.float32) @ _band_shapes())
     return tau
 
 
+def lamost_absorption(stars, *, rest_frame: bool = True) -> np.ndarray:
+    """Noiseless line absorption ``exp(-tau)`` at the LAMOST resolution on its grid, (S, 3909).
+
+    The mock's "true normalised spectrum": lines, hydrogen and molecular bands only (no
+    continuum, reddening, tellurics, instrument or noise). ``rest_frame=False`` applies each star's
+    ``rv`` (column needed then). Columns as for :func:`synthesize_lamost` (``rv``, ``ebv``,
+    ``snrg`` may be absent).
+    """
+    cols = {c: (stars[c] if c in stars else np.zeros(len(stars["teff"])))
+            for c in _REQUIRED}
+    lab = _label_columns(cols)
+    with _single_blas_thread():
+        tau = _rest_tau(lab)
+        if not rest_frame:
+            tau = _shift(tau, np.log10(1.0 + lab["rv"] / C_KMS) / LAMOST_LOG10_STEP)
+    tau = np.maximum(tau[:, _PAD:_PAD + LAMOST_NPIX], 0.0)
+    return np.exp(-tau).astype(np.float32)
+
+
+def equivalent_widths(stars) -> np.ndarray:
+    """Equivalent widths (A) of every line of the packaged line list for each star, (S, N) float32.
+
+    Row order of :func:`lamostcannon.mock.linelist.load_linelist`; hydrogen lines and molecular
+    bands are not included (see :func:`hydrogen_wing_parameter`).
+    """
+    cols = {c: (stars[c] if c in stars else np.zeros(len(stars["teff"])))
+            for c in _REQUIRED}
+    lab = _label_columns(cols)
+    lines = _lines()
+    lt, la, dl = _line_quantities(lines.wave_air, lines.chi, lines.base, lines.damp, lines.species,
+                                  lines.species_list, lab)
+    return dl * reduced_width(lt, la)
+
+
 def _shift(tau: np.ndarray, shift_pix: np.ndarray) -> np.ndarray:
-    """Translate each row by ``shift_pix`` pixels (FFT phase shift after removing a linear trend)."""
+    """Translate each row by ``shift_pix`` pixels (FFT phase shift after removing a linear trend,
+    zero-padded to a fast FFT length)."""
+    from scipy import fft
+
     n = tau.shape[1]
-    x = np.arange(n, dtype=np.float64)
-    first, last = tau[:, :1].astype(np.float64), tau[:, -1:].astype(np.float64)
-    slope = (last - first) / (n - 1)
+    n_fft = fft.next_fast_len(n + 16, real=True)
+    x = np.arange(n, dtype=np.float32)
+    first, last = tau[:, :1], tau[:, -1:]
+    slope = (last - first) / np.float32(n - 1)
     detr = tau - (first + slope * x[None, :])
-    freq = np.fft.rfftfreq(n)
-    phase = np.exp(-2j * np.pi * freq[None, :] * shift_pix[:, None])
-    out = np.fft.irfft(np.fft.rfft(detr, axis=1) * phase, n, axis=1)
-    out += first + slope * (x[None, :] - shift_pix[:, None])
+    freq = np.fft.rfftfreq(n_fft).astype(np.float32)
+    shift32 = shift_pix.astype(np.float32)[:, None]
+    phase = np.exp(np.complex64(-2j * np.pi) * freq[None, :] * shift32)
+    spec = fft.rfft(detr, n=n_fft, axis=1, workers=-1)
+    spec *= phase
+    out = fft.irfft(spec, n=n_fft, axis=1, workers=-1)[:, :n]
+    out += first + slope * (x[None, :] - shift_pix.astype(np.float32)[:, None])
     return out
 
 
-def _synth_chunk(lab: dict, rng: np.random.Generator) -> dict:
-    n = lab["teff"].size
+def _draw_runs(rng, n, mean, min_len, max_len):
+    """Poisson(mean) runs of pixels per spectrum: (spectrum index, start, length) arrays."""
+    counts = rng.poisson(mean, n)
+    star = np.repeat(np.arange(n), counts)
+    length = rng.integers(min_len, max_len, star.size)
+    start = rng.integers(0, LAMOST_NPIX - max_len, star.size)
+    return star, start, length
+
+
+def _run_pixels(star, start, length):
+    """Row and column indices of all pixels in the runs."""
+    rows = np.repeat(star, length)
+    offsets = np.arange(length.sum()) - np.repeat(np.cumsum(length) - length, length)
+    return rows, np.repeat(start, length) + offsets
+
+
+def _median_good(values, good):
+    """Row medians over ``good`` pixels (bad ones replaced alternately by -inf/+inf, which leaves
+    the median of the good ones unchanged to within a pixel); 0 where nothing is good."""
+    alt = np.where(np.arange(values.shape[1]) % 2 == 0, -np.inf, np.inf).astype(values.dtype)
+    med = np.median(np.where(good, values, alt[None, :]), axis=1)
+    med = np.where(np.isfinite(med) & (good.sum(axis=1) > 0), med, 0.0)
+    return np.maximum(med, 0.0).astype(np.float32)
+
+
+@functools.lru_cache(maxsize=1)
+def _static_observed():
+    """Wavelength-only arrays of the observed frame (float32): wave, extinction curve, throughput,
+    sky counts x throughput, telluric tau, water-band selector."""
     wave = lamost_wavelength()
+    thr = throughput(wave)
+    water = (wave > 7000) & ((wave < 7550) | (wave > 7800))
+    f = np.float32
+    return {"wave": wave.astype(f), "ext": ccm_extinction(wave).astype(f), "thr": thr.astype(f),
+            "sky": (_sky_counts() * thr).astype(f), "tell": _telluric_tau().astype(f),
+            "water": water, "gband": (wave >= SNR_BANDS["g"][0]) & (wave < SNR_BANDS["g"][1])}
+
+
+def _synth_chunk(lab: dict, rng: np.random.Generator) -> dict:
+    f32 = np.float32
+    n = lab["teff"].size
+    st = _static_observed()
+    wave, thr, sky = st["wave"], st["thr"], st["sky"]
     tau_rest = _rest_tau(lab)
     shift = np.log10(1.0 + lab["rv"] / C_KMS) / LAMOST_LOG10_STEP
     tau = _shift(tau_rest, shift)[:, _PAD:_PAD + LAMOST_NPIX]
-    airmass = rng.uniform(1.0, 1.6, n)
-    water = rng.lognormal(0.0, 0.4, n)
-    tell = _telluric_tau()
-    tau = np.maximum(tau, 0.0) + airmass[:, None] * tell[None, :] * np.where(
-        (wave > 7000) & ((wave < 7550) | (wave > 7800)), water[:, None], 1.0)
-    rest_wave = wave[None, :] / (1.0 + lab["rv"][:, None] / C_KMS)
-    sed = planck(wave, lab["teff"]) * (wave[None, :] / rest_wave) ** 0  # observed-frame Planck
-    sed *= 10.0 ** (-0.4 * lab["ebv"][:, None] * ccm_extinction(wave)[None, :])
-    sed *= _calibration_residual(wave, n, rng)
-    shape = sed * np.exp(-tau)                                          # (S, P), arbitrary scale
-    thr = throughput(wave)
-    sky = _sky_counts() * thr
-    read2 = 25.0
-    gband = (wave >= SNR_BANDS["g"][0]) & (wave < SNR_BANDS["g"][1])
-    counts_unit = shape * thr[None, :]
-    ref = np.median(counts_unit[:, gband], axis=1)
-    sky_g = np.median(sky[gband]) + read2
+    np.maximum(tau, 0.0, out=tau)
+    airmass = rng.uniform(1.0, 1.6, n).astype(f32)
+    water = rng.lognormal(0.0, 0.4, n).astype(f32)
+    tau += airmass[:, None] * st["tell"][None, :] * np.where(st["water"][None, :], water[:, None],
+                                                              f32(1.0))
+    # continuum: Planck x reddening x calibration residual (the SED is smooth, so its rv shift
+    # is immaterial); the line absorption exp(-tau); everything float32
+    x = f32(1.438777e8) / (wave[None, :] * lab["teff"].astype(f32)[:, None])
+    sed = (wave / f32(5000.0))[None, :] ** f32(-5.0) / np.expm1(np.minimum(x, f32(80.0)))
+    sed *= np.power(f32(10.0), f32(-0.4) * lab["ebv"].astype(f32)[:, None] * st["ext"][None, :])
+    sed *= _calibration_residual(wave, n, rng).astype(f32)
+    np.negative(tau, out=tau)
+    np.exp(tau, out=tau)
+    counts = sed * tau                                                  # (S, P), arbitrary scale
+    counts *= thr[None, :]
+    read2 = f32(25.0)
+    ref = np.median(counts[:, st["gband"]], axis=1)
+    sky_g = float(np.median(sky[st["gband"]])) + float(read2)
     s2 = np.maximum(lab["snrg"], 0.5) ** 2
-    n_g = 0.5 * s2 * (1.0 + np.sqrt(1.0 + 4.0 * sky_g / s2))           # counts giving the target S/N
-    counts = counts_unit * (n_g / ref)[:, None]
-    var_counts = counts + sky[None, :] + read2 + (0.02 * sky[None, :]) ** 2
+    n_g = 0.5 * s2 * (1.0 + np.sqrt(1.0 + 4.0 * sky_g / s2))   # counts giving the target S/N
+    counts *= (n_g / np.maximum(ref, 1e-30)).astype(f32)[:, None]
+    var = counts + (sky + read2 + (f32(0.02) * sky) ** 2)[None, :]
     # flux units: counts / throughput / gain-like constant, with a random calibration scale
-    gain = 3.0 * rng.lognormal(0.0, 0.15, n)
-    conv = 1.0 / (thr[None, :] * gain[:, None])
-    flux_true = counts * conv
-    sigma = np.sqrt(var_counts) * conv
-    noise = rng.standard_normal((n, LAMOST_NPIX), dtype=np.float32)
-    flux = (flux_true + sigma * noise).astype(np.float32)
-    ivar = (1.0 / sigma ** 2).astype(np.float32)
+    gain = (3.0 * rng.lognormal(0.0, 0.15, n)).astype(f32)
+    conv = f32(1.0) / (thr[None, :] * gain[:, None])
+    sigma = np.sqrt(var)
+    sigma *= conv
+    noise = rng.standard_normal((n, LAMOST_NPIX), dtype=f32)
+    noise *= sigma
+    flux = counts * conv
+    flux += noise
+    ivar = f32(1.0) / (sigma * sigma)
     andmask = np.zeros((n, LAMOST_NPIX), np.int32)
     ormask = np.zeros((n, LAMOST_NPIX), np.int32)
     # bright sky: sky variance dominates
     bright = (sky[None, :] > 3.0 * np.maximum(counts, 1.0)) & (sky[None, :] > 150.0)
     ormask[bright] |= MASK_BITS["BRIGHTSKY"]
-    # bad columns and dead pixels
-    n_runs = rng.poisson(1.2, n)
+    # bad columns and dead pixels (andmask, ivar 0), dead red ends
+    star, start, length = _draw_runs(rng, n, 1.2, 2, 10)
+    rows, cols = _run_pixels(star, start, length)
+    andmask[rows, cols] |= MASK_BITS["BADPIX"]
     n_dead = rng.poisson(1.5, n)
-    for s in range(n):
-        for _ in range(n_runs[s]):
-            start = rng.integers(0, LAMOST_NPIX - 10)
-            length = rng.integers(2, 10)
-            andmask[s, start:start + length] |= MASK_BITS["BADPIX"]
-        andmask[s, rng.integers(0, LAMOST_NPIX, n_dead[s])] |= MASK_BITS["BADPIX"]
-    dead_end = rng.uniform(size=n) < 0.1
-    for s in np.nonzero(dead_end)[0]:
-        andmask[s, LAMOST_NPIX - rng.integers(3, 40):] |= MASK_BITS["NODATA"]
+    andmask[np.repeat(np.arange(n), n_dead), rng.integers(0, LAMOST_NPIX, n_dead.sum())] |= (
+        MASK_BITS["BADPIX"])
+    dead = np.nonzero(rng.uniform(size=n) < 0.1)[0]
+    end_len = rng.integers(3, 40, dead.size)
+    rows, cols = _run_pixels(dead, LAMOST_NPIX - end_len, end_len)
+    andmask[rows, cols] |= MASK_BITS["NODATA"]
     bad = andmask != 0
     ivar[bad] = 0.0
-    zero_flux = bad & (rng.uniform(size=(n, 1)) < 0.5)
-    flux[zero_flux] = 0.0
-    # cosmic rays: positive spikes, flagged in ormask only
-    n_cr = rng.poisson(2.0, n)
-    for s in range(n):
-        for _ in range(n_cr[s]):
-            p = rng.integers(0, LAMOST_NPIX - 1)
-            width = rng.integers(1, 3)
-            flux[s, p:p + width] += (rng.uniform(5, 60) * sigma[s, p:p + width]).astype(np.float32)
-            ormask[s, p:p + width] |= MASK_BITS["COSMIC"]
+    flux[bad & (rng.uniform(size=(n, 1)) < 0.5)] = 0.0
+    # cosmic rays: positive spikes of 5-60 sigma, flagged in ormask only
+    star, start, length = _draw_runs(rng, n, 2.0, 1, 3)
+    rows, cols = _run_pixels(star, start, length)
+    amp = np.repeat(rng.uniform(5.0, 60.0, star.size), length)
+    flux[rows, cols] += (amp * sigma[rows, cols]).astype(np.float32)
+    ormask[rows, cols] |= MASK_BITS["COSMIC"]
     out = {"flux": flux, "ivar": ivar, "andmask": andmask, "ormask": ormask}
     snr = flux * np.sqrt(ivar)
     for band, (lo, hi) in SNR_BANDS.items():
         sel = (wave >= lo) & (wave < hi)
-        vals = np.where(ivar[:, sel] > 0, snr[:, sel], np.nan)
-        with np.errstate(all="ignore"):
-            med = np.nanmedian(vals, axis=1)
-        out[f"snr{band}"] = np.nan_to_num(np.maximum(med, 0.0), nan=0.0).astype(np.float32)
+        out[f"snr{band}"] = _median_good(snr[:, sel], ivar[:, sel] > 0)
     sigma_v = np.hypot(3.0, 150.0 / np.maximum(lab["snrg"], 1.0))
     out["z"] = (lab["rv"] + sigma_v * rng.standard_normal(n)) / C_KMS
     return out
@@ -904,13 +1056,26 @@ def synthesize_lamost(stars, rng: np.random.Generator, *, chunk_size: int = 2000
         return out
     parts = []
     sub = min(chunk_size, 500)  # internal block size keeps temporaries small
-    for start in range(0, n, chunk_size):
-        stop = min(n, start + chunk_size)
-        for s0 in range(start, stop, sub):
-            s1 = min(stop, s0 + sub)
-            parts.append(_synth_chunk({k: v[s0:s1] for k, v in lab.items()}, rng))
-        log.debug("synthesised LAMOST spectra %d-%d of %d", start, stop, n)
+    with _single_blas_thread():
+        for start in range(0, n, chunk_size):
+            stop = min(n, start + chunk_size)
+            for s0 in range(start, stop, sub):
+                s1 = min(stop, s0 + sub)
+                parts.append(_synth_chunk({k: v[s0:s1] for k, v in lab.items()}, rng))
+            log.debug("synthesised LAMOST spectra %d-%d of %d", start, stop, n)
     return {k: np.concatenate([p[k] for p in parts]) for k in keys}
+
+
+def _single_blas_thread():
+    """Context limiting BLAS to one thread: the products here are small and many, and threaded
+    BLAS on them is up to 50x slower on a loaded machine. A no-op without threadpoolctl."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover
+        import contextlib
+
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=1, user_api="blas")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -941,6 +1106,7 @@ def _galah_setup() -> dict:
     for lo, hi in merged:
         step = 0.5 * (lo + hi) / GALAH_SAMPLING
         p = np.arange(lo, hi + 0.5 * step, step)
+        p = p[p <= hi]
         sigma = 0.5 * (lo + hi) / (GALAH_R * 2.3548)
         margin = 5 * sigma
         f = np.arange(lo - margin, hi + margin + step / 6, step / _GALAH_OVERSAMPLE)
@@ -965,6 +1131,7 @@ def _galah_setup() -> dict:
     near = np.zeros(lines.wave_air.size, bool)
     for lo, hi in merged:
         near |= (lines.wave_air > lo - reach) & (lines.wave_air < hi + reach)
+    near &= lines.galah
     idx = np.nonzero(near)[0]
     pair_line, pair_pix, pair_dx = [], [], []
     for j, li in enumerate(idx):
@@ -1064,7 +1231,8 @@ def synthesize_galah_windows(true_stars, reported_stars, snr, rng: np.random.Gen
 
 def solar_scaled_stars(teff, logg, fe_h, *, rv=0.0, ebv=0.0, snrg=100.0, vmic=None):
     """A DataFrame of stars with solar-scaled abundances ([alpha/Fe] = +0.4 x -[Fe/H] for
-    [Fe/H] < 0, capped at 0.3, for O, Mg, Si, Ca, Ti; other [X/Fe] = 0) and a vmic from logg."""
+    [Fe/H] < 0, capped at 0.3, for O, Mg, Si, Ca, Ti; other [X/Fe] = 0) and, unless given,
+    ``vmic = 1 + 0.3 (4.44 - logg)`` km/s within 0.8-2.5 (roughly the GALAH relation)."""
     import pandas as pd
 
     teff = np.atleast_1d(np.asarray(teff, float))
@@ -1074,7 +1242,7 @@ def solar_scaled_stars(teff, logg, fe_h, *, rv=0.0, ebv=0.0, snrg=100.0, vmic=No
         return np.broadcast_to(np.asarray(v, float), (n,)).copy()
 
     logg, fe_h = col(logg), col(fe_h)
-    vmic = col(1.0 + 0.4 * (4.44 - logg).clip(0, None) / 2.5 if vmic is None else vmic)
+    vmic = col(np.clip(1.0 + 0.3 * (4.44 - logg), 0.8, 2.5) if vmic is None else vmic)
     alpha = np.clip(-0.3 * fe_h, 0.0, 0.3)
     data = {"teff": teff, "logg": logg, "vmic": vmic, "fe_h": fe_h}
     for x in ELEMENTS:

@@ -121,8 +121,10 @@ def flag_fractions(stars):
             names.append(col)
             fractions.append(df[col].to_numpy(bool)[has].mean())
     flags = df["flag"].to_numpy(int)
+    short = {catalog.FLAG_NO_PIXELS: "no usable pixels", catalog.FLAG_NOT_CONVERGED: "not converged",
+             catalog.FLAG_NO_LASP: "no LAMOST teff/logg", catalog.FLAG_NONFINITE: "non-finite labels"}
     for bit, text in catalog.FLAG_BITS.items():
-        names.append(f"flag {bit}: {text.split(';')[0][:28]}")
+        names.append(f"flag {bit}: {short.get(bit, text[:24])}")
         fractions.append(((flags & bit) != 0).mean())
     fig, ax = plt.subplots(figsize=(6, 0.28 * len(names) + 1))
     y = np.arange(len(names))
