@@ -44,15 +44,18 @@ With ``w_p = 1 / (sigma_p^2 + s_p^2)`` the chi-square of one spectrum is a quadr
 ``eta``, ``chi2(x) = eta^T A eta - 2 b^T eta + c`` with ``A = Theta^T W Theta``,
 ``b = Theta^T W f`` and ``c = f^T W f``, i.e. a polynomial of degree 4 in ``x``. Its ``C(L+4, 4)``
 coefficients come for a whole chunk of spectra from one matrix product ``W (S x P) @ Q (P x K4)``
-(``Q`` holds the per-pixel products ``theta_i theta_j`` summed per monomial, precomputed once).
-After that the maximum-likelihood labels cost nothing per pixel: chi2, its gradient and its exact
-Hessian are evaluated from the polynomial, and a damped Newton (Levenberg-Marquardt) iteration,
-vectorised over stars, runs from the best ``n_starts`` of a fixed set of starting points (the
-training mean and k-means centres of the training labels, screened by evaluating chi2 at all of
-them). Labels are kept inside ``[min - bound, max + bound]`` of the training labels in
-standardised units. The formal covariance is the inverse Hessian of ``chi2 / 2`` at the best fit,
-in physical units. Chi2 over the whole spectrum and in pixel windows is recomputed from the
-explicit residuals at the best fit.
+(``Q`` holds the per-pixel products ``theta_i theta_j`` summed per monomial, precomputed once;
+the constant ``theta_0`` is subtracted from the flux first, which keeps the coefficients small).
+After that, the maximum-likelihood labels cost nothing per pixel: chi2, its gradient and its
+exact Hessian come from the polynomial, and a bounded Newton iteration with a trust radius
+(saddle-free steps where the Hessian is indefinite), vectorised over spectra, runs from the best
+of a fixed set of starting points (the training mean and k-means centres of the training labels,
+ranked by evaluating chi2 at all of them with one more product); ``n_starts - 1`` further runs
+start at the next-ranked points and stop early when they fall into a basin already found. Labels
+are kept inside ``[min - bound, max + bound]`` of the training labels in standardised units. The
+formal covariance is the inverse Hessian of ``chi2 / 2`` at the best fit, in physical units. The
+reported chi2 is the minimised objective at the best fit; chi2 in pixel windows is recomputed
+from the explicit residuals there. Memory is bounded by ``chunk_size`` spectra per thread.
 
 Flag bits of :attr:`TestResult.flag` (see :data:`FLAG_BITS`)
 --------------------------------------------------------------
@@ -392,15 +395,6 @@ def _batched_cholesky_solve(a: np.ndarray, b: np.ndarray):
     return x, ok
 
 
-def _symmetric_from_upper(flat: np.ndarray, tab) -> np.ndarray:
-    """(n, L(L+1)/2) upper-triangle entries -> (n, L, L) symmetric matrices."""
-    L = tab["L"]
-    out = np.empty((flat.shape[0], L, L))
-    out[:, tab["hk"], tab["hl"]] = flat
-    out[:, tab["hl"], tab["hk"]] = flat
-    return out
-
-
 # --------------------------------------------------------------------------------------------
 # Test-step results
 # --------------------------------------------------------------------------------------------
@@ -694,6 +688,14 @@ class CannonModel:
         Returns
         -------
         self
+
+        Notes
+        -----
+        Alternates the exact weighted least squares for theta at fixed s^2 with the exact 1-D
+        maximisation of eq. 5 in s^2 at fixed theta, for all pixels at once, until s^2 moves
+        by less than ``s2_rtol * (s^2 + sigma^2)`` (sigma^2 the pixel's harmonic-mean noise
+        variance); see the module docstring. Sets ``theta``, ``s2``, ``pixel_ok``, ``scaler``,
+        ``label_range``, ``starts``, ``training_hash`` and ``meta`` (settings and counts).
         """
         t0 = time.perf_counter()
         lab = _labels_array(labels, self.label_names)
@@ -753,9 +755,8 @@ class CannonModel:
         ok[idx[~good]] = False
         todo = idx[good]
         n_outer = 0
-        for n_outer in range(1, max_outer + 1):
-            if todo.size == 0:
-                break
+        while todo.size and n_outer < max_outer:
+            n_outer += 1
             new = np.empty(todo.size)
             for a in range(0, todo.size, pixel_chunk):
                 rows = todo[a:a + pixel_chunk]
@@ -860,7 +861,9 @@ class CannonModel:
         init : array_like (S, L), optional
             Extra physical starting labels per spectrum (e.g. survey pipeline values).
         n_threads : int, optional
-            Limit BLAS threads for this call (threadpoolctl); default leaves them as they are.
+            Threads to use. Default: the current BLAS thread limit (so ``threadpoolctl``
+            limits are respected). With more than one, chunks run concurrently in worker threads
+            with single-threaded BLAS each (memory grows to ``n_threads`` chunks).
 
         Returns
         -------
@@ -895,23 +898,42 @@ class CannonModel:
             chi2_windows={n: np.full(S, np.nan) for n in win_names},
             n_pixels=np.zeros(S, dtype=np.int64), n_iter=np.zeros(S, dtype=np.int64),
             converged=np.zeros(S, dtype=bool), flag=np.zeros(S, dtype=np.int64))
-        limit = contextlib.nullcontext()
-        if n_threads is not None:
-            from threadpoolctl import threadpool_limits
-            limit = threadpool_limits(limits=int(n_threads), user_api="blas")
+        from threadpoolctl import threadpool_limits
+
+        workers = _blas_threads() if n_threads is None else int(n_threads)
+        n_chunks = -(-S // chunk_size)
+        workers = max(1, min(workers, n_chunks))
         t0 = time.perf_counter()
-        with limit:
-            arrs = dict(self._test_arrays())            # per-call additions stay local
-            lo, hi = self._bounds(bound)
-            arrs["starts"] = np.clip(self.starts, lo, hi)
-            arrs["starts_m4"] = _monomials4(arrs["starts"], _tables(L))
-            if win_names:
-                arrs["win_cols"] = np.flatnonzero(win_mat.any(axis=1))
-            for start in range(0, S, chunk_size):
-                sl = slice(start, min(S, start + chunk_size))
-                self._test_chunk(flux[sl], ivar[sl], sl, res, arrs, lo, hi, win_names, win_mat,
-                                 None if x_init is None else x_init[sl], n_starts, max_iter)
-                logger.debug("test step: %d/%d spectra", sl.stop, S)
+        arrs = dict(self._test_arrays())                # per-call additions stay local
+        lo, hi = self._bounds(bound)
+        arrs["starts"] = np.clip(self.starts, lo, hi)
+        arrs["starts_m4"] = _monomials4(arrs["starts"], _tables(L))
+        arrs["timing"] = {}
+        if win_names:
+            arrs["win_cols"] = np.flatnonzero(win_mat.any(axis=1))
+
+        def run(start):
+            sl = slice(start, min(S, start + chunk_size))
+            self._test_chunk(flux[sl], ivar[sl], sl, res, arrs, lo, hi, win_names, win_mat,
+                             None if x_init is None else x_init[sl], n_starts, max_iter)
+            logger.debug("test step: spectra %d-%d done", sl.start, sl.stop)
+
+        starts = range(0, S, chunk_size)
+        if workers == 1:
+            limit = (contextlib.nullcontext() if n_threads is None else
+                     threadpool_limits(limits=1, user_api="blas"))
+            with limit:
+                for start in starts:
+                    run(start)
+        else:
+            # one chunk per worker thread, each with single-threaded BLAS: numpy releases the
+            # GIL in its loops, so the element-wise and Newton work runs in parallel too
+            from concurrent.futures import ThreadPoolExecutor
+
+            with threadpool_limits(limits=1, user_api="blas"), \
+                    ThreadPoolExecutor(max_workers=workers) as pool:
+                for _ in pool.map(run, starts):
+                    pass
         dt = time.perf_counter() - t0
         timing = arrs.pop("timing", {})
         logger.debug("test step time per phase (s): %s",
@@ -926,7 +948,7 @@ class CannonModel:
         T = tab["T"]
         ok = self.pixel_ok
         clock = [time.perf_counter()]
-        timing = arrs.setdefault("timing", {})
+        timing = arrs["timing"]
 
         def lap(name):
             now = time.perf_counter()
@@ -1107,7 +1129,7 @@ class CannonModel:
         hdr["NTERM"] = (self.n_terms, "quadratic terms T = (L^2+3L)/2+1")
         hdr["NPIX"] = (self.n_pixels, "pixels P")
         hdr["NTRAIN"] = (int(self.n_train), "training spectra")
-        hdr["TRNHASH"] = (self.training_hash or "", "sha256 of training labels+flux+ivar")
+        hdr["TRNHASH"] = self.training_hash or ""      # sha256 of training labels+flux+ivar
         for key, (card, comment) in _META_CARDS.items():
             if key in self.meta:
                 hdr[card] = (self.meta[key], comment)
@@ -1420,17 +1442,27 @@ def _starting_points(x: np.ndarray, k: int) -> np.ndarray:
 # Test-step internals
 # --------------------------------------------------------------------------------------------
 
+def _blas_threads() -> int:
+    """The BLAS thread limit in force (threadpoolctl), 1 if unknown."""
+    try:
+        from threadpoolctl import threadpool_info
+
+        counts = [i.get("num_threads", 1) for i in threadpool_info()
+                  if i.get("user_api") == "blas"]
+        return max(1, int(min(counts))) if counts else 1
+    except Exception:  # pragma: no cover - threadpoolctl missing or broken
+        return 1
+
+
 def _inverse_spd(h: np.ndarray):
-    """Inverse of a batch of symmetric matrices (n, L, L); ``ok`` False where not PD."""
+    """Inverse of a batch of symmetric matrices (n, L, L); ``ok`` False where not PD (NaN there)."""
     n, L, _ = h.shape
-    eye = np.broadcast_to(np.eye(L), (n, L, L))
-    inv = np.empty_like(h)
-    ok = np.ones(n, dtype=bool)
-    for k in range(L):
-        col, good = _batched_cholesky_solve(h, np.ascontiguousarray(eye[:, :, k]))
-        inv[:, :, k] = col
-        ok &= good
-    inv = 0.5 * (inv + np.swapaxes(inv, 1, 2))
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        _, ok = _batched_cholesky_solve(np.nan_to_num(h), np.ones((n, L)))
+    inv = np.full_like(h, np.nan)
+    if ok.any():
+        inv[ok] = np.linalg.inv(h[ok])
+        inv[ok] = 0.5 * (inv[ok] + np.swapaxes(inv[ok], 1, 2))
     return inv, ok
 
 

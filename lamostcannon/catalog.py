@@ -665,8 +665,8 @@ def run_inference(store_path, ctx: LabelContext | None = None, *, lamost_catalog
     Parameters
     ----------
     store_path : path
-        The spectra store (:class:`lamostcannon.spectra.SpectraStore`; Zarr with ``flux``/``ivar``
-        (N, P) float32 and an ``obsid`` per row).
+        The :class:`lamostcannon.spectra.SpectraStore` (flux/ivar (N, 3909) float32 and a
+        metadata row with ``obsid`` per observation); Dask workers must see the same path.
     ctx : LabelContext, optional
         Models, windows and extrapolation boundaries; default :func:`load_context`.
     lamost_catalog : Table, DataFrame or path, optional
@@ -698,7 +698,7 @@ def run_inference(store_path, ctx: LabelContext | None = None, *, lamost_catalog
     from .config import settings
 
     t0 = time.perf_counter()
-    store_path = str(Path(store_path).resolve()) if "://" not in str(store_path) else str(store_path)
+    store_path = str(Path(store_path).resolve())
     ctx = ctx if ctx is not None else load_context()
     parts_dir = Path(parts_dir or default_parts_dir())
     if lamost_catalog is None:

@@ -754,13 +754,15 @@ def read_table_fits(path):
         t = Table(hdu.data)  # no unit parsing here; done below
         t = Table(t, copy=True)
     for i, name in enumerate(t.colnames, start=1):
+        if t[name].dtype.kind == "S":
+            t[name] = np.char.decode(t[name], "ascii")
+        elif t[name].dtype.byteorder == ">":  # FITS is big-endian; pandas/arrow want native
+            t[name] = t[name].astype(t[name].dtype.newbyteorder("="))
         unit = header.get(f"TUNIT{i}")
         if unit:
             t[name].unit = u.Unit(unit, parse_strict="silent")
         if header.get(f"TCOMM{i}"):
             t[name].description = header[f"TCOMM{i}"]
-        if t[name].dtype.kind == "S":
-            t[name] = np.char.decode(t[name], "ascii")
     for key in header:
         if key.startswith(_SKIP_META) or key[:5] in ("TTYPE", "TFORM", "TUNIT", "TCOMM", "TDIM"):
             continue

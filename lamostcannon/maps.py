@@ -355,3 +355,39 @@ def vertical_gradient(table, label, *, absz_range=(0.0, 3.0), R_range=(7.5, 9.0)
     with np.errstate(invalid="ignore"):
         sel = (R >= R_range[0]) & (R < R_range[1])
     return gradient(np.abs(z[sel]), v[sel], _edges(*absz_range, step), min_count=min_count)
+
+
+def gradient_table(table, labels, *, truth=None, radial_kw=None, vertical_kw=None):
+    """Radial and vertical gradients of several labels in one table.
+
+    Parameters
+    ----------
+    table : DataFrame with ``R``, ``z`` [kpc] and the ``labels``.
+    labels : label names, e.g. ``["fe_h", "o_fe"]``.
+    truth : optional DataFrame row-aligned with ``table`` holding the true values of the labels
+        (e.g. the mock's truth table joined on ``source_id``); the same gradients are then measured
+        on the true labels *at the catalogue's positions* (so only the labels differ) and added
+        as ``true_dR``, ``true_dz``.
+    radial_kw, vertical_kw : keywords for :func:`radial_gradient` and :func:`vertical_gradient`.
+
+    Returns
+    -------
+    DataFrame indexed by label: ``dR``, ``dR_err`` [unit/kpc] near the plane and ``dz``,
+    ``dz_err`` [unit/kpc] with ``|z|`` (slopes and standard errors of :func:`gradient`).
+    """
+    import pandas as pd
+
+    radial_kw, vertical_kw = dict(radial_kw or {}), dict(vertical_kw or {})
+    if truth is not None and len(truth) != len(table):
+        raise ValueError(f"truth has {len(truth)} rows, table {len(table)}; join them first")
+    rows = []
+    for lab in labels:
+        g_R = radial_gradient(table, lab, **radial_kw)
+        g_z = vertical_gradient(table, lab, **vertical_kw)
+        row = dict(label=lab, dR=g_R.slope, dR_err=g_R.slope_err, dz=g_z.slope, dz_err=g_z.slope_err)
+        if truth is not None:
+            t = {"R": _col(table, "R"), "z": _col(table, "z"), lab: _col(truth, lab)}
+            row["true_dR"] = radial_gradient(t, lab, **radial_kw).slope
+            row["true_dz"] = vertical_gradient(t, lab, **vertical_kw).slope
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("label")

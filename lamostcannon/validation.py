@@ -126,17 +126,17 @@ def _run_fold(fold):
     w = _WORK
     held = w["folds"] == fold
     model = CannonModel(list(w["names"]), **w["model_kwargs"])
-    model.train(w["labels"][~held], w["flux"][~held], w["ivar"][~held])
+    model.train(w["labels"][~held], w["flux"][~held], w["ivar"][~held], **w["train_kwargs"])
     res = model.test(w["flux"][held], w["ivar"][held], **w["test_kwargs"])
     out = {"labels": np.asarray(res.labels, dtype=float)}
-    for key in ("chi2", "converged"):
+    for key in ("chi2", "converged", "flag"):
         if getattr(res, key, None) is not None:
             out[key] = np.asarray(getattr(res, key))
     return fold, out
 
 
 def cross_validate(labels, flux, ivar, label_names, k: int = 12, seed=None, *, folds=None,
-                   n_jobs=None, ids=None, test_kwargs=None, **model_kwargs):
+                   n_jobs=None, ids=None, train_kwargs=None, test_kwargs=None, **model_kwargs):
     """k-fold cross-validation of a :class:`lamostcannon.cannon.CannonModel`.
 
     For each fold a model is trained on the other ``k - 1`` folds and tests (infers the labels of)
@@ -159,15 +159,16 @@ def cross_validate(labels, flux, ivar, label_names, k: int = 12, seed=None, *, f
         ``LAMOSTCANNON_WORKERS`` setting, at most ``k``. ``1`` runs in this process.
     ids : array (S,), optional
         Star identifiers copied to an ``id`` column.
-    test_kwargs : dict, optional
-        Keyword arguments of ``CannonModel.test``.
+    train_kwargs, test_kwargs : dict, optional
+        Keyword arguments of ``CannonModel.train`` and ``CannonModel.test``.
     **model_kwargs
         Keyword arguments of ``CannonModel`` (e.g. ``wavelength``, ``label_mask``).
 
     Returns
     -------
     pandas DataFrame, one row per star in input order: ``fold``, ``true_<label>``,
-    ``inferred_<label>`` for each label, and ``chi2``, ``converged`` when the test step gives them.
+    ``inferred_<label>`` for each label, and ``chi2``, ``converged``, ``flag`` (the test step's
+    bitmask) when the test step gives them.
     """
     import pandas as pd
 
@@ -190,9 +191,10 @@ def cross_validate(labels, flux, ivar, label_names, k: int = 12, seed=None, *, f
         n_jobs = settings().n_workers
     n_jobs = max(1, min(int(n_jobs), len(fold_ids)))
     test_kwargs = dict(test_kwargs or {})
+    train_kwargs = dict(train_kwargs or {})
 
     work = {"folds": folds, "names": names, "labels": y, "flux": flux, "ivar": ivar,
-            "model_kwargs": model_kwargs, "test_kwargs": test_kwargs}
+            "model_kwargs": model_kwargs, "train_kwargs": train_kwargs, "test_kwargs": test_kwargs}
     results = {}
     if n_jobs == 1:
         _WORK.clear()
@@ -221,14 +223,15 @@ def cross_validate(labels, flux, ivar, label_names, k: int = 12, seed=None, *, f
     for f, out in results.items():
         held = folds == f
         inferred[held] = out["labels"]
-        for key in ("chi2", "converged"):
+        for key in ("chi2", "converged", "flag"):
             if key in out:
                 if key not in extra:
                     extra[key] = np.zeros(len(y), dtype=out[key].dtype)
                 extra[key][held] = out[key]
     cols = {}
     if ids is not None:
-        cols["id"] = np.asarray(ids)
+        ids = np.asarray(ids)
+        cols["id"] = ids.astype(ids.dtype.newbyteorder("=")) if ids.dtype.byteorder == ">" else ids
     cols["fold"] = folds
     for j, name in enumerate(names):
         cols[f"true_{name}"] = y[:, j]
@@ -251,6 +254,26 @@ def cv_true_inferred(cv, label_names=None):
     true = np.column_stack([np.asarray(cv[f"true_{n}"], dtype=float) for n in names])
     inferred = np.column_stack([np.asarray(cv[f"inferred_{n}"], dtype=float) for n in names])
     return true, inferred, names
+
+
+def with_true_labels(cv, table, key: str = "sobject_id"):
+    """A copy of a CV table whose ``true_<label>`` columns come from another label table.
+
+    Rows are matched on ``cv["id"] == table[key]`` (e.g. the mock universe's true labels, or
+    another survey's). Labels the table lacks keep their values; unmatched rows get NaN.
+    """
+    if "id" not in cv.columns:
+        raise KeyError("the CV table has no 'id' column; pass ids= to cross_validate")
+    keys = np.asarray(table[key])
+    row_of = {k: i for i, k in enumerate(keys.tolist())}
+    rows = np.array([row_of.get(k, -1) for k in cv["id"].tolist()], dtype=np.int64)
+    out = cv.copy()
+    cols = table.colnames if hasattr(table, "colnames") else list(table.columns)
+    for name in cv_labels(cv):
+        if name in cols:
+            v = np.ma.filled(np.ma.asarray(table[name], dtype=float), np.nan)
+            out[f"true_{name}"] = np.where(rows >= 0, v[np.maximum(rows, 0)], np.nan)
+    return out
 
 
 def _pair(true, inferred, label_names):

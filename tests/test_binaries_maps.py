@@ -164,6 +164,23 @@ def test_rz_maps_recover_known_gradient(rng):
     assert len(m.to_frame()) == 15 * 16
 
 
+def test_gradient_table_recovers_the_truth(rng):
+    df = _disk(rng)
+    truth = df.assign(fe_h=0.3 - 0.06 * (df["R"] - 8.0) - 0.2 * np.abs(df["z"]))  # noiseless
+    df["o_fe"] = 0.05 + 0.1 * np.abs(df["z"]) + rng.normal(0, 0.05, len(df))
+    truth["o_fe"] = 0.05 + 0.1 * np.abs(df["z"])
+    tab = maps.gradient_table(df, ["fe_h", "o_fe"], truth=truth, vertical_kw={"R_range": (7.5, 15.0)})
+    assert list(tab.index) == ["fe_h", "o_fe"]
+    assert tab.loc["fe_h", "dR"] == pytest.approx(-0.06, abs=3 * tab.loc["fe_h", "dR_err"] + 0.005)
+    assert tab.loc["fe_h", "dz"] == pytest.approx(-0.2, abs=3 * tab.loc["fe_h", "dz_err"] + 0.01)
+    assert tab.loc["o_fe", "dz"] == pytest.approx(0.1, abs=3 * tab.loc["o_fe", "dz_err"] + 0.01)
+    assert tab.loc["fe_h", "true_dR"] == pytest.approx(-0.06, abs=0.005)
+    assert tab.loc["o_fe", "true_dz"] == pytest.approx(0.1, abs=0.005)
+    assert "true_dR" not in maps.gradient_table(df, ["fe_h"]).columns
+    with pytest.raises(ValueError, match="rows"):
+        maps.gradient_table(df, ["fe_h"], truth=truth.iloc[:10])
+
+
 def test_binned_maps_known_values():
     x = np.array([0.1, 0.2, 0.6, 0.7, 1.0, 1.5])
     y = np.zeros(6)

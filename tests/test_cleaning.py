@@ -296,3 +296,5 @@ def test_reference_set_write_read_round_trip(reference, tmp_path):
     assert back["alpha_fe"].description == table["alpha_fe"].description
     assert back.meta["sha256_galah_catalog"] == table.meta["sha256_galah_catalog"]
     assert back["giant"].dtype == bool and list(back["filename"]) == list(table["filename"])
+    assert back["sobject_id"].dtype.byteorder in "=|<" and back["fe_h"].dtype.isnative
+    back.to_pandas().to_parquet(tmp_path / "x.parquet")  # arrow needs native byte order

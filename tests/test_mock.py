@@ -275,7 +275,7 @@ def test_surveys_have_their_footprints(small_universe):
     assert (lam["dec"] > -10.5).all() and (gal["dec"] < 10.5).all()
     assert lam["phot_g_mean_mag"].between(9, 17).all()
     assert gal["vmag"].between(12, 14.5).all()
-    assert np.median(gal["distance"]) < 1.5 and np.percentile(lam["distance"], 95) > 4
+    assert np.median(gal["distance"]) < 2.0 and np.percentile(lam["distance"], 95) > 4
     giants = lam["logg"] < 3.5
     assert 0.2 < giants.mean() < 0.5
     assert ((lam["teff"] >= 3800) & (lam["teff"] <= 7000)).all()

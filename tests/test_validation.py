@@ -241,3 +241,13 @@ def test_figure_helpers_draw(rng):
     for fig in figs:
         assert fig.axes
         plt.close(fig)
+
+
+def test_with_true_labels_matches_on_id():
+    cv = pd.DataFrame({"id": [3, 1, 2], "fold": 0, "true_a": [0.0, 0, 0], "inferred_a": [1.0, 2, 3],
+                       "true_b": [5.0, 5, 5], "inferred_b": [5.0, 5, 5]})
+    other = pd.DataFrame({"sobject_id": [1, 2, 4], "a": [10.0, 20.0, 40.0]})
+    out = validation.with_true_labels(cv, other)
+    np.testing.assert_array_equal(out["true_a"], [np.nan, 10.0, 20.0])
+    np.testing.assert_array_equal(out["true_b"], [5.0, 5, 5])
+    assert (cv["true_a"] == 0).all()  # the input is left alone

@@ -222,7 +222,7 @@ def track(mass, phase, u, age, feh):
     ``m > 0.85``, cooling towards the turn-off; radius ``0.9 m**0.8 (1 + 0.6 f**2)`` with ``f`` the
     fraction of the main-sequence life. Subgiants cross at nearly constant logg to the base of the
     giant branch; the red giant branch follows
-    ``teff = 4650 + 280 (logg - 2.5) - 230 [Fe/H] + 150 (m - 1)`` from logg 3.6 to 1.0; the red
+    ``teff = 4650 + 280 (logg - 2.5) - 230 [Fe/H] + 150 (m - 1)`` from logg 3.6 to 0.8; the red
     clump sits at logg ~ 2.45, teff ~ 4750 K (hotter when metal-poor). Luminosity from
     ``L = m g_sun/g (teff/5772)**4``, ``M_G = 4.74 - 2.5 log L - BC_G(teff)``.
     """
@@ -253,7 +253,7 @@ def track(mass, phase, u, age, feh):
     teff_sgb = teff_to + (teff_base - teff_to) * u
     logg_sgb = logg_to + (logg_base - logg_to) * u**2
 
-    logg_rgb = logg_base - 2.6 * u**2.5
+    logg_rgb = logg_base - 2.8 * u**2.5
     teff_rgb = rgb_teff(logg_rgb)
 
     logg_rc = 2.45 + 0.25 * np.log10(mass) + 0.08 * (u - 0.5)
@@ -583,6 +583,10 @@ def finish_stars(df: pd.DataFrame, rng, *, kinematics: bool = True) -> pd.DataFr
         df[k] = v
     teff, logg, mg = track(df["mass"].to_numpy(), df["phase_index"].to_numpy(),
                            df["phase_u"].to_numpy(), age, df["fe_h"].to_numpy())
+    # intrinsic scatter about the tracks (rotation, mixing length, helium, ...); wider in the clump
+    rc = df["phase_index"].to_numpy() == 3
+    teff = teff + rng.normal(0.0, 35.0, len(df))
+    logg = logg + rng.normal(0.0, np.where(rc, 0.07, 0.035))
     df["teff"], df["logg"], df["abs_g"] = teff, logg, mg
     df["vmic"] = vmic_relation(teff, logg) + rng.normal(0.0, 0.05, len(df))
     df["phase"] = np.array(PHASES)[np.clip(df["phase_index"].to_numpy(), 0, 3)]

@@ -117,7 +117,7 @@ def model_vs_data(wavelength, flux, ivar, model_flux, *, s2=None, regions=DEFAUL
                 ax.set_ylabel("normalised flux")
                 if names is not None:
                     ax.set_title(str(names[i]), loc="left", fontsize=8)
-    axes[0, -1].legend(loc="lower right")
+    axes[0, 0].legend(loc="lower left")
     fig.tight_layout()
     return fig
 
@@ -168,7 +168,7 @@ def coefficients_vs_wavelength(model, *, wavelength=None, label_names=None, min_
         ax = axes[k + 1]
         ax.axhline(0, color="0.6", lw=0.5)
         ax.plot(w, np.where(ok, model.theta[:, col], np.nan), color=f"C{k % 10}", lw=0.6)
-        ax.set_ylabel(r"$\theta$ " + label_text(name), rotation=0, ha="right", va="center",
+        ax.set_ylabel(r"$\theta$ " + label_text(name).split(" [")[0], rotation=0, ha="right", va="center",
                       fontsize=8)
     axes[-1].set_xlabel(r"rest-frame vacuum wavelength [$\rm\AA$]")
     axes[-1].set_xlim(w[ok].min() if ok.any() else w.min(), w.max())

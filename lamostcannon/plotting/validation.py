@@ -143,7 +143,8 @@ def kde_boundary(true, inferred, *, name="label", level=0.9, boundaries=None, gr
     g = np.linspace(lo, hi, 80)
     X, Y = np.meshgrid(g, g)
     Z = kde(np.vstack([X.ravel(), Y.ravel()])).reshape(X.shape)
-    a1.contour(X, Y, Z, levels=6, colors="C0", linewidths=0.7)
+    a1.contour(X, Y, Z, levels=Z.max() * np.array([0.05, 0.2, 0.4, 0.6, 0.8]), colors="C0",
+               linewidths=0.7)
     a1.plot([lo, hi], [lo, hi], color="C1", lw=0.8)
     for b in boundaries:
         if np.isfinite(b):
