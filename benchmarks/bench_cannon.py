@@ -30,6 +30,7 @@ import argparse
 import contextlib
 import io
 import json
+import os
 import platform
 import sys
 import time
@@ -241,6 +242,7 @@ def main(argv=None):
                n_windows=6,
                n_labels=len(LABELS), chunk_size=chunk, python=platform.python_version(),
                numpy=np.__version__, machine=platform.machine(),
+               load_average_at_start=list(os.getloadavg()),
                blas=[(i.get("internal_api"), i.get("num_threads")) for i in threadpool_info()])
     print(f"cannon benchmark: {n_train} training x {n_pix} pixels x {len(LABELS)} labels, "
           f"{n_test} test spectra", flush=True)
@@ -372,6 +374,9 @@ def main(argv=None):
     }
     if "speedup_vs_thecannon" in res:
         res["targets"]["speedup_vs_thecannon_ge_50"] = res["speedup_vs_thecannon"] >= 50
+    res["load_average_at_end"] = list(os.getloadavg())
+    res["note_load"] = ("timings are wall-clock on a possibly shared machine: a load average above "
+                        "the core count inflates them")
     out_path = Path(args.out)
     if args.quick and args.out == ap.get_default("out"):
         out_path = out_path.with_name("cannon_quick.json")

@@ -115,7 +115,8 @@ def relative_precision(tables, *, title=None):
     return fig
 
 
-def kde_boundary(true, inferred, *, name="label", level=0.9, boundaries=None, grid_size=300):
+def kde_boundary(true, inferred, *, name="label", level=0.9, boundaries=None, grid_size=300,
+                 true_text="true"):
     """How a boundary is found: the Silverman KDE of (true, inferred) and
     ``F(y) = P(l_true < y | l_inferred = y)`` with the ``level`` and ``1 - level`` lines.
 
@@ -151,7 +152,7 @@ def kde_boundary(true, inferred, *, name="label", level=0.9, boundaries=None, gr
             a1.axhline(b, color="C3", ls="--", lw=0.8)
     a1.set_xlim(lo, hi)
     a1.set_ylim(lo, hi)
-    a1.set_xlabel(f"{label_text(name)} (true)")
+    a1.set_xlabel(f"{label_text(name)} ({true_text})")
     a1.set_ylabel(f"{label_text(name)} (CV)")
     y = np.linspace(lo, hi, grid_size)
     a2.plot(y, conditional_cdf(t, i, y), color="k")
