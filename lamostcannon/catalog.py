@@ -1226,3 +1226,43 @@ def best_fit_spectra(observations, store_path, ctx: LabelContext):
             model = ctx.model(is_giant)
             model_flux[sel] = model.predict(obs.loc[sel, list(model.label_names)].to_numpy(float))
     return flux, ivar, model_flux
+
+
+def truth_residuals(stars, truth, label_names=("teff", "logg", "fe_h"), key: str = "designation",
+                    good=None) -> pd.DataFrame:
+    """Inferred minus true labels, for checks against the mock universe's truth table.
+
+    Parameters
+    ----------
+    stars : Table or DataFrame
+        The per-star catalogue (``build_catalog``), with ``key`` and the label columns.
+    truth : Table or DataFrame
+        ``truth/truth.fits`` of the mock (never read by the pipeline itself).
+    label_names : sequence of str
+        Labels to compare; labels missing from either table are skipped.
+    key : str
+        Column joining the two tables (LAMOST ``designation`` by default).
+    good : callable, optional
+        ``good(joined) -> bool array`` selecting the rows to summarise; by default
+        ``flag == 0`` and not ``kiel_extrap``.
+
+    Returns
+    -------
+    DataFrame indexed by label with ``n``, ``bias`` (mean of inferred - true) and ``scatter``
+    (standard deviation), in the label's units.
+    """
+    names = [n for n in label_names]
+    joined = _as_frame(stars).merge(_as_frame(truth, [key, *names]), on=key, suffixes=("", "_true"))
+    if good is None:
+        sel = (joined["flag"].to_numpy() == 0) & ~joined["kiel_extrap"].to_numpy(bool)
+    else:
+        sel = np.asarray(good(joined), bool)
+    rows = {}
+    for n in names:
+        if n not in joined or f"{n}_true" not in joined:
+            continue
+        d = (joined[n] - joined[f"{n}_true"]).to_numpy(float)[sel]
+        d = d[np.isfinite(d)]
+        rows[n] = {"n": d.size, "bias": d.mean() if d.size else np.nan,
+                   "scatter": d.std() if d.size else np.nan}
+    return pd.DataFrame.from_dict(rows, orient="index")

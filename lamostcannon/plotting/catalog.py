@@ -25,12 +25,10 @@ def pretty(label: str) -> str:
 
 
 def _frame(table):
-    import pandas as pd
+    """A DataFrame from a Table or DataFrame, FITS byte strings decoded (shared with ``catalog``)."""
+    from ..catalog import _as_frame
 
-    if isinstance(table, pd.DataFrame):
-        return table
-    names = [n for n in table.colnames if getattr(table[n], "ndim", 1) == 1]
-    return table[names].to_pandas()
+    return _as_frame(table)
 
 
 def kiel_diagram(stars, color: str = "fe_h", gridsize: int = 80, vmin=-1.0, vmax=0.4):
@@ -155,6 +153,9 @@ def truth_comparison(stars, truth, label_names=("teff", "logg", "fe_h", "o_fe", 
     for ax, name in zip(axes, names):
         x, y = df[f"{name}_true"].to_numpy(float), df[name].to_numpy(float)
         ok = np.isfinite(x) & np.isfinite(y)
+        if not ok.any():
+            ax.set_title(f"{pretty(name)}: no star with both values", fontsize="small")
+            continue
         ax.hexbin(x[ok], y[ok], gridsize=50, bins="log", mincnt=1, cmap="Greys")
         lo, hi = np.nanpercentile(np.r_[x[ok], y[ok]], [0.5, 99.5])
         ax.plot([lo, hi], [lo, hi], color="tab:red", lw=1)
