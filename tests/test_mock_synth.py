@@ -273,17 +273,6 @@ def test_galah_windows_spectra():
 REALISM_THRESHOLD = {"G dwarf": 0.04, "K giant": 0.07, "F dwarf": 0.04}
 
 
-def _pick(catalog, kind):
-    c = catalog
-    sel = {
-        "G dwarf": (c.teff > 5600) & (c.teff < 5900) & (c.logg > 4.2),
-        "K giant": (c.teff > 4500) & (c.teff < 5000) & (c.logg < 3.0),
-        "F dwarf": (c.teff > 6300) & (c.teff < 6700) & (c.logg > 4.0),
-    }[kind]
-    held_out = c.obsid % 2 == 1       # even obsids calibrated the empirical line forest
-    return c[sel & held_out].sort_values("snrg").iloc[-1]
-
-
 @pytest.mark.parametrize("kind", sorted(REALISM_THRESHOLD))
 def test_mock_resembles_real_lamost_spectra(real_lamost, kind):
     """rms(real - mock) of normalised flux for the best held-out real spectrum of each type.
@@ -298,7 +287,7 @@ def test_mock_resembles_real_lamost_spectra(real_lamost, kind):
     resolution drift away from real LAMOST spectra.
     """
     catalog = pd.read_csv(real_lamost / "dr10" / "catalog.csv")
-    row = _pick(catalog, kind)
+    row = synth.pick_realism_star(catalog, kind)
     path = real_lamost / "dr10" / row.filename
     res = synth.realism_rms(path, row.teff, row.logg, row.feh)
     assert res["good"].sum() > 2500

@@ -1309,3 +1309,35 @@ def realism_rms(real_path, teff, logg, fe_h, *, seed: int = 0, ebv: float = 0.0,
             "rms_noise": rms_noise,
             "labels": {"teff": float(teff), "logg": float(logg), "fe_h": float(fe_h), "z": z,
                        "file": real.meta.get("filename", str(real_path))}}
+
+
+#: Real-spectrum types compared with the mock in notebook 01 and the realism tests:
+#: name -> (teff range K, logg range) of the LASP labels.
+REALISM_TYPES = {
+    "G dwarf": ((5600.0, 5900.0), (4.2, 9.0)),
+    "K giant": ((4500.0, 5000.0), (-9.0, 3.0)),
+    "F dwarf": ((6300.0, 6700.0), (4.0, 9.0)),
+}
+
+
+def pick_realism_star(catalog, kind: str):
+    """The highest-S/N real DR10 star of a type that the empirical line forest did not see.
+
+    Parameters
+    ----------
+    catalog : pandas.DataFrame
+        ``dr10/catalog.csv`` of the real LAMOST folder (obsid, filename, snrg, teff, logg, feh).
+    kind : str
+        A key of :data:`REALISM_TYPES`.
+
+    Returns
+    -------
+    pandas.Series, the catalogue row. Only odd obsids qualify: the even ones calibrated the
+    weak-line forest (see :mod:`lamostcannon.mock.linelist`), so the comparison is held out.
+    """
+    (t_lo, t_hi), (g_lo, g_hi) = REALISM_TYPES[kind]
+    c = catalog
+    sel = (c.teff > t_lo) & (c.teff < t_hi) & (c.logg > g_lo) & (c.logg < g_hi) & (c.obsid % 2 == 1)
+    if not sel.any():
+        raise ValueError(f"no held-out real star of type {kind!r} in the catalogue")
+    return c[sel].sort_values("snrg").iloc[-1]
