@@ -53,8 +53,8 @@ log = logging.getLogger(__name__)
 
 #: GALAH DR2 line windows of every element in Table 2 of Wheeler et al. (2020), keyed by the
 #: lower-case element symbol; each value is a list of ``(lo, hi)`` *air* wavelengths in Angstrom.
-#: The table lists 20 elements (Al, Ba, Ca, Co, Cr, Cu, Eu, K, La, Li, Mg, Mn, Na, Ni, O, Sc, Si,
-#: Ti, V, Y); Fe has no windows there, so ``fe_h`` gets no windowed chi2.
+#: The table lists 21 elements (Al, Ba, Ca, Co, Cr, Cu, Eu, K, La, Li, Mg, Mn, Na, Ni, O, Sc, Si,
+#: Ti, V, Y, Zn); Fe has no windows there, so ``fe_h`` gets no windowed chi2.
 GALAH_WINDOWS: dict[str, list[tuple[float, float]]] = {
     "al": [(6695.78, 6696.17), (6698.41, 6698.92), (7834.95, 7835.47), (7835.84, 7836.43)],
     "ba": [(5853.53, 5853.86), (6496.68, 6497.19)],
@@ -90,6 +90,7 @@ GALAH_WINDOWS: dict[str, list[tuple[float, float]]] = {
           (5702.78, 5703.88), (5725.27, 5725.82), (5726.87, 5727.36), (5727.42, 5727.97),
           (5730.99, 5731.49), (5736.82, 5737.26), (5743.20, 5743.70), (6531.18, 6531.62)],
     "y": [(4854.79, 4855.02), (4883.54, 4883.82), (5662.74, 5663.18), (5728.74, 5729.01)],
+    "zn": [(4721.99, 4722.27), (4810.36, 4810.63)],
 }
 
 #: Spectral resolution of the LAMOST low-resolution survey, lambda / FWHM.

@@ -41,7 +41,6 @@ import os
 import sys
 import time
 import warnings
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -463,36 +462,17 @@ def _empty_frame(state, names) -> pd.DataFrame:
 
 def _run_pool(tasks, sources, workers, initargs, take, bar) -> None:
     """Tasks on ``workers`` spawned processes (one BLAS thread each), taken in task order."""
-    from concurrent.futures import ProcessPoolExecutor
-    from multiprocessing import get_context
+    from .parallel import ordered_map
 
-    workers = min(workers, len(tasks))
-    pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"),
-                               initializer=_init_worker, initargs=initargs)
-    pending: deque = deque()
-    queue = iter(tasks)
-    try:
-        for task in queue:  # at most 2 tasks per worker in flight (bounded memory)
-            pending.append((task, pool.submit(_worker_task, [sources[i] for i in task])))
-            if len(pending) >= 2 * workers:
-                break
-        while pending:
-            task, future = pending.popleft()
-            try:
-                result = future.result()
-            except Exception as exc:  # a crashed worker: report its files, go on
-                log.error("a worker failed on %d files: %s", len(task), exc)
-                result = (pd.DataFrame(), [(k, f"worker failed: {type(exc).__name__}: {exc}")
-                                           for k in range(len(task))])
-            nxt = next(queue, None)
-            if nxt is not None:
-                pending.append((nxt, pool.submit(_worker_task, [sources[i] for i in nxt])))
-            take(task, result)
-            bar.update(len(task))
-    finally:
-        for _, future in pending:
-            future.cancel()
-        pool.shutdown(wait=True, cancel_futures=True)
+    def failed(index, exc):  # a crashed worker: report its files, go on
+        return (pd.DataFrame(), [(k, f"worker failed: {type(exc).__name__}: {exc}")
+                                 for k in range(len(tasks[index]))])
+
+    payloads = [[sources[i] for i in task] for task in tasks]
+    for index, result in ordered_map(_worker_task, payloads, workers, initializer=_init_worker,
+                                     initargs=initargs, on_error=failed):
+        take(tasks[index], result)
+        bar.update(len(tasks[index]))
 
 
 # --------------------------------------------------------------------------------------------

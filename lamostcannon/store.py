@@ -37,9 +37,6 @@ import logging
 import os
 import time
 import uuid
-from collections import deque
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 from os import PathLike
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -48,6 +45,7 @@ import numpy as np
 import pandas as pd
 
 from . import __version__
+from .parallel import ordered_map
 from .spectra import (LOG10_WAVE_START, LOG10_WAVE_STEP, MIN_GOOD_PIXELS, N_PIXELS,
                       _init_worker, _one_blas_thread, _process_files,
                       common_wavelength, find_spectra)
@@ -675,36 +673,24 @@ def ingest(files_or_folder: str | PathLike | Iterable[str | PathLike],
 
 
 def _run_pool(tasks, sources, args, n_workers, take, bar) -> None:
-    """Run the tasks on ``n_workers`` spawned processes; results are taken in task order."""
-    n_workers = min(n_workers, len(tasks))
-    old = os.environ.get("OPENBLAS_NUM_THREADS")
-    os.environ["OPENBLAS_NUM_THREADS"] = "1"  # inherited by the spawned workers
-    try:
-        pool = ProcessPoolExecutor(n_workers, mp_context=get_context("spawn"),
-                                   initializer=_init_worker)
-    finally:
-        if old is None:
-            os.environ.pop("OPENBLAS_NUM_THREADS", None)
-        else:
-            os.environ["OPENBLAS_NUM_THREADS"] = old
-    pending: deque = deque()
-    queue = iter(tasks)
-    try:
-        for task in queue:  # keep at most 2 tasks per worker in flight (bounded memory)
-            pending.append((task, pool.submit(_process_files, [sources[i] for i in task],
-                                              *args)))
-            if len(pending) >= 2 * n_workers:
-                break
-        while pending:
-            task, future = pending.popleft()
-            result = future.result()
-            nxt = next(queue, None)
-            if nxt is not None:
-                pending.append((nxt, pool.submit(_process_files, [sources[i] for i in nxt],
-                                                 *args)))
-            take(task, result)
-            bar.update(len(task))
-    finally:
-        for _, future in pending:
-            future.cancel()
-        pool.shutdown(wait=True, cancel_futures=True)
+    """Run the tasks on ``n_workers`` spawned processes; results are taken in task order.
+
+    A worker that dies (e.g. on a file that crashes a C library) fails its own files with the
+    reason and the ingest goes on.
+    """
+    payloads = [([sources[i] for i in task], *args) for task in tasks]
+
+    def failed(index, exc):
+        why = f"worker failed: {type(exc).__name__}: {exc}"
+        return {"ok": [], "meta": [], "failed": [(k, why) for k in range(len(tasks[index]))],
+                "flux": None, "ivar": None}
+
+    for index, result in ordered_map(_process_payload, payloads, n_workers,
+                                     initializer=_init_worker, on_error=failed,
+                                     env={"OPENBLAS_NUM_THREADS": "1"}):
+        take(tasks[index], result)
+        bar.update(len(tasks[index]))
+
+
+def _process_payload(payload):
+    return _process_files(*payload)

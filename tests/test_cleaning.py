@@ -18,7 +18,7 @@ ARCSEC = 1.0 / 3600.0
 
 
 def test_table2_has_every_element_and_ordered_windows():
-    assert len(cleaning.GALAH_WINDOWS) == 20
+    assert len(cleaning.GALAH_WINDOWS) == 21
     for el in labels.ELEMENTS:
         assert el in cleaning.GALAH_WINDOWS
     for el, ivs in cleaning.GALAH_WINDOWS.items():

@@ -23,6 +23,25 @@ _STABLE_METADATA = {
 }
 
 
+#: Axis labels of catalogue columns (mathtext, no LaTeX).
+LABEL_TEXT = {
+    "teff": r"$T_{\rm eff}$ [K]", "logg": r"$\log g$", "vmic": r"$v_{\rm mic}$ [km/s]",
+    "fe_h": "[Fe/H]", "alpha_fe": r"[$\alpha$/Fe]", "s_fe": "[s/Fe]",
+    "R": "R [kpc]", "z": "z [kpc]", "X": "X [kpc]", "Y": "Y [kpc]",
+    "vphi": r"$v_\phi$ [km/s]", "vT": r"$v_T$ [km/s]", "JR": r"$J_R$ [kpc km/s]",
+    "Jz": r"$J_z$ [kpc km/s]", "Jphi": r"$J_\phi$ [kpc km/s]", "av": r"$A_V$",
+}
+
+
+def label_text(name: str) -> str:
+    """Axis label of a column (``"mg_fe"`` -> ``"[Mg/Fe]"``, ``"teff"`` -> ``T_eff [K]``)."""
+    if name in LABEL_TEXT:
+        return LABEL_TEXT[name]
+    if name.endswith("_fe"):
+        return f"[{name[:-3].capitalize()}/Fe]"
+    return name
+
+
 def use_style():
     """Apply the package's matplotlib style file."""
     import matplotlib.pyplot as plt

@@ -10,18 +10,8 @@ from __future__ import annotations
 import numpy as np
 
 from .. import catalog, labels as labelsets
+from . import label_text
 
-_PRETTY = {"teff": r"$T_\mathrm{eff}$ [K]", "logg": r"$\log g$", "vmic": r"$v_\mathrm{mic}$ [km/s]",
-           "fe_h": "[Fe/H]", "alpha_fe": r"[$\alpha$/Fe]", "s_fe": "[s/Fe]"}
-
-
-def pretty(label: str) -> str:
-    """Axis label of a catalogue label (``mg_fe`` -> ``[Mg/Fe]``)."""
-    if label in _PRETTY:
-        return _PRETTY[label]
-    if label.endswith("_fe"):
-        return f"[{label[:-3].capitalize()}/Fe]"
-    return label
 
 
 def _frame(table):
@@ -53,18 +43,18 @@ def kiel_diagram(stars, color: str = "fe_h", gridsize: int = 80, vmin=-1.0, vmax
     hc = axes[1].hexbin(df["teff"][fin], df["logg"][fin], C=c[fin], reduce_C_function=np.median,
                         gridsize=gridsize, mincnt=3, cmap="viridis", vmin=vmin, vmax=vmax,
                         extent=extent)
-    fig.colorbar(hc, ax=axes[1], label=f"median {pretty(color)}")
+    fig.colorbar(hc, ax=axes[1], label=f"median {label_text(color)}")
     teff = np.linspace(extent[0], extent[1], 200)
     boundary = np.where(teff < 5200, 4.18, -6e-4 * teff + 7.3)
     for ax in axes:
         ax.plot(teff, boundary, color="tab:red", lw=1, ls="--", label="eq. 1 dwarf/giant split")
-        ax.set_xlabel(pretty("teff"))
-    axes[0].set_ylabel(pretty("logg"))
+        ax.set_xlabel(label_text("teff"))
+    axes[0].set_ylabel(label_text("logg"))
     axes[0].invert_xaxis()
     axes[0].invert_yaxis()
     axes[0].legend(loc="upper left", fontsize="small")
     axes[0].set_title(f"{len(df):,} stars")
-    axes[1].set_title(f"coloured by {pretty(color)}")
+    axes[1].set_title(f"coloured by {label_text(color)}")
     fig.tight_layout()
     return fig
 
@@ -90,7 +80,7 @@ def label_distributions(stars, label_names=catalog.ALL_LABELS, bins: int = 60):
         for sel, lab, col in ((~giant, "dwarf model", "tab:blue"), (giant, "giant model", "tab:orange")):
             if (sel & fin).any():
                 ax.hist(values[sel & fin], bins=edges, histtype="step", color=col, label=lab)
-        ax.set_xlabel(pretty(name))
+        ax.set_xlabel(label_text(name))
         ax.set_yticks([])
     for ax in axes[len(names):]:
         ax.set_visible(False)
@@ -154,16 +144,16 @@ def truth_comparison(stars, truth, label_names=("teff", "logg", "fe_h", "o_fe", 
         x, y = df[f"{name}_true"].to_numpy(float), df[name].to_numpy(float)
         ok = np.isfinite(x) & np.isfinite(y)
         if not ok.any():
-            ax.set_title(f"{pretty(name)}: no star with both values", fontsize="small")
+            ax.set_title(f"{label_text(name)}: no star with both values", fontsize="small")
             continue
         ax.hexbin(x[ok], y[ok], gridsize=50, bins="log", mincnt=1, cmap="Greys")
         lo, hi = np.nanpercentile(np.r_[x[ok], y[ok]], [0.5, 99.5])
         ax.plot([lo, hi], [lo, hi], color="tab:red", lw=1)
         d = y[ok] - x[ok]
-        ax.set_title(f"{pretty(name)}: bias {np.mean(d):+.3g}, scatter {np.std(d):.3g}",
+        ax.set_title(f"{label_text(name)}: bias {np.mean(d):+.3g}, scatter {np.std(d):.3g}",
                      fontsize="small")
-        ax.set_xlabel(f"true {pretty(name)}")
-        ax.set_ylabel(f"inferred {pretty(name)}")
+        ax.set_xlabel(f"true {label_text(name)}")
+        ax.set_ylabel(f"inferred {label_text(name)}")
     for ax in axes[len(names):]:
         ax.set_visible(False)
     fig.tight_layout()

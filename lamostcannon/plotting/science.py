@@ -8,25 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import use_style
-
-#: Axis labels of catalogue columns (mathtext).
-LABEL_TEXT = {
-    "teff": r"$T_{\rm eff}$ [K]", "logg": r"$\log g$", "vmic": r"$v_{\rm mic}$ [km/s]",
-    "fe_h": "[Fe/H]", "alpha_fe": r"[$\alpha$/Fe]", "s_fe": "[s/Fe]",
-    "R": "R [kpc]", "z": "z [kpc]", "X": "X [kpc]", "Y": "Y [kpc]",
-    "vphi": r"$v_\phi$ [km/s]", "vT": r"$v_T$ [km/s]", "JR": r"$J_R$ [kpc km/s]",
-    "Jz": r"$J_z$ [kpc km/s]", "Jphi": r"$J_\phi$ [kpc km/s]", "av": r"$A_V$",
-}
-
-
-def label_text(name: str) -> str:
-    """Axis label of a column (``"mg_fe"`` -> ``"[Mg/Fe]"``)."""
-    if name in LABEL_TEXT:
-        return LABEL_TEXT[name]
-    if name.endswith("_fe"):
-        return f"[{name[:-3].capitalize()}/Fe]"
-    return name
+from . import label_text, use_style
 
 
 def _subplots(n, ncols, panel=(2.6, 2.4), **kw):
