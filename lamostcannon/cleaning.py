@@ -848,3 +848,41 @@ def load_training_set(giant: bool, reference=None, store_path=None):
         flux, ivar = store.read(rows[have])
         wavelength = np.asarray(store.wavelength)
     return group, np.asarray(flux), np.asarray(ivar), wavelength
+
+
+def read_window_spectrum(path, sobject_id) -> dict[str, np.ndarray]:
+    """The GALAH high-resolution pixels of one star from a ``galah/window_spectra.fits`` file
+    (HDUs ``WAVE``, ``FLUX``, ``SIGMA``, ``MODEL``, ``OBJECTS``), as used by paper Fig. 2.
+
+    The file holds only the pixels in and around the Table 2 line windows, so ``wave`` has gaps.
+
+    Parameters
+    ----------
+    path : path-like
+        The window-spectra file.
+    sobject_id : int
+        GALAH DR2.1 spectrum identifier (column ``sobject_id`` of ``OBJECTS``).
+
+    Returns
+    -------
+    dict with float arrays (P,): ``wave`` (air, Angstrom, as stored), ``wave_vacuum``
+    (:func:`air_to_vacuum` of it), ``flux`` (normalised), ``sigma`` (its 1-sigma error) and
+    ``model`` (GALAH's best-fit synthetic spectrum).
+
+    Raises
+    ------
+    KeyError
+        When the star is not in the file.
+    """
+    from astropy.io import fits
+
+    with fits.open(path, memmap=True) as hdul:
+        ids = np.asarray(hdul["OBJECTS"].data["sobject_id"])
+        hit = np.flatnonzero(ids == int(sobject_id))
+        if hit.size == 0:
+            raise KeyError(f"sobject_id {sobject_id} is not among the {ids.size} stars of {path}")
+        row = int(hit[0])
+        wave = np.asarray(hdul["WAVE"].data, dtype=float)
+        out = {k.lower(): np.asarray(hdul[k].data[row], dtype=float)
+               for k in ("FLUX", "SIGMA", "MODEL")}
+    return {"wave": wave, "wave_vacuum": air_to_vacuum(wave), **out}

@@ -16,6 +16,10 @@ from .science import label_text
 #: H-beta with its neighbours, and the Mg b triplet region.
 DEFAULT_REGIONS = ((4820.0, 4920.0), (5150.0, 5200.0))
 
+#: Panels of :func:`galah_vs_lamost` (Fig. 2): title and centre (*air* Angstrom, as Table 2).
+GALAH_PANELS = (("Mg 5711", 5711.1), ("Ba 6497", 6496.9), ("Eu 6645", 6645.1),
+                ("O triplet 7772-7775", 7773.6))
+
 
 def kiel_diagram(teff, logg, color=None, *, color_label="[Fe/H] (GALAH)", boundary=True,
                  title=None):
@@ -175,4 +179,114 @@ def coefficients_vs_wavelength(model, *, wavelength=None, label_names=None, min_
     if title:
         axes[0].set_title(title)
     fig.subplots_adjust(hspace=0.08)
+    return fig
+
+
+def _break_gaps(w, *arrays, factor=3.0):
+    """Insert NaN between pixels further apart than ``factor`` times the median spacing, so that
+    a line plot does not bridge the gaps of a windowed spectrum."""
+    w = np.asarray(w, float)
+    if w.size < 2:
+        return (w, *[np.asarray(a, float) for a in arrays])
+    gap = np.flatnonzero(np.diff(w) > factor * np.median(np.diff(w))) + 1
+    return (np.insert(w, gap, np.nan), *[np.insert(np.asarray(a, float), gap, np.nan)
+                                         for a in arrays])
+
+
+def galah_vs_lamost(wavelength, flux, ivar, galah, *, panels=GALAH_PANELS, halfwidth=10.0,
+                    windows=None, title=None):
+    """Fig. 2: one star's LAMOST spectrum against its GALAH high-resolution spectrum.
+
+    One panel per strong line region, ``centre +- halfwidth``. The LAMOST flux (R ~ 1800) is a
+    line through its pixels with its 1-sigma band; the GALAH flux (R ~ 28,000) and GALAH's
+    best-fit model are thin lines, drawn only where GALAH's window spectra have pixels; the
+    Table 2 line windows (:data:`lamostcannon.cleaning.GALAH_WINDOWS`) are shaded and labelled.
+    The axis is rest-frame vacuum wavelength: GALAH's air wavelengths and the windows are
+    converted with :func:`lamostcannon.cleaning.air_to_vacuum`.
+
+    Parameters
+    ----------
+    wavelength : array (P,)
+        The LAMOST rest-frame vacuum grid (Angstrom), e.g. ``SpectraStore.wavelength``.
+    flux, ivar : arrays (P,)
+        The star's normalised LAMOST flux and its inverse variance (0 where there is no data).
+    galah : dict
+        The GALAH pixels, as :func:`lamostcannon.cleaning.read_window_spectrum` returns them:
+        ``wave`` (air, Angstrom), ``flux``, ``model`` and optionally ``sigma``, arrays (Q,).
+    panels : sequence of (title, centre)
+        Panel titles and centres, *air* Angstrom.
+    halfwidth : float
+        Half-width of each panel, Angstrom.
+    windows : dict element -> list of (lo, hi), optional
+        Air-wavelength windows to shade; default all of Table 2.
+    """
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FormatStrFormatter, MultipleLocator
+
+    from ..cleaning import GALAH_WINDOWS, air_to_vacuum
+
+    use_style()
+    w = np.asarray(wavelength, float)
+    f = np.asarray(flux, float).ravel()
+    iv = np.asarray(ivar, float).ravel()
+    if not (w.shape == f.shape == iv.shape):
+        raise ValueError(f"wavelength {w.shape}, flux {f.shape} and ivar {iv.shape} must all be "
+                         "(P,)")
+    for key in ("wave", "flux", "model"):
+        if key not in galah:
+            raise KeyError(f"galah needs {key!r} (see cleaning.read_window_spectrum); has "
+                           f"{sorted(galah)}")
+    gw = air_to_vacuum(np.asarray(galah["wave"], float))
+    gf, gm = np.asarray(galah["flux"], float), np.asarray(galah["model"], float)
+    if not (gw.shape == gf.shape == gm.shape):
+        raise ValueError(f"galah wave {gw.shape}, flux {gf.shape} and model {gm.shape} must all "
+                         "be (Q,)")
+    gw, gf, gm = _break_gaps(gw, gf, gm)
+    windows = GALAH_WINDOWS if windows is None else windows
+    good = iv > 0
+    with np.errstate(divide="ignore"):
+        err = np.where(good, 1.0 / np.sqrt(np.where(good, iv, 1.0)), np.nan)
+    fl = np.where(good, f, np.nan)
+
+    n = len(panels)
+    ncol = 2 if n > 1 else 1
+    nrow = int(np.ceil(n / ncol))
+    fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol, 2.6 * nrow + 0.5), squeeze=False,
+                             sharey=True)
+    axes = axes.ravel()
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    for ax, (name, centre_air) in zip(axes, panels):
+        c = float(air_to_vacuum(float(centre_air)))
+        lo, hi = c - halfwidth, c + halfwidth
+        sel = (w >= lo - 3.0) & (w <= hi + 3.0)  # a pixel beyond each edge so the line reaches it
+        for el, ivs in windows.items():
+            for a, b in ivs:
+                va, vb = air_to_vacuum(np.array([a, b], float))
+                if vb < lo or va > hi:
+                    continue
+                ax.axvspan(va, vb, color="C2", alpha=0.18, lw=0, zorder=0)
+                if lo <= 0.5 * (va + vb) <= hi:
+                    ax.text(0.5 * (va + vb), 1.01, el.capitalize(), fontsize=6, color="C2",
+                            transform=ax.get_xaxis_transform(), ha="center", va="bottom")
+        ax.fill_between(w[sel], (fl - err)[sel], (fl + err)[sel], color="C0", alpha=0.2, lw=0)
+        ax.plot(w[sel], fl[sel], "-", color="C0", lw=1.2, marker="o", ms=2.5,
+                label="LAMOST (R ~ 1800)")
+        gsel = (gw >= lo) & (gw <= hi) | ~np.isfinite(gw)
+        ax.plot(gw[gsel], gf[gsel], color="k", lw=0.6, label="GALAH (R ~ 28,000)")
+        ax.plot(gw[gsel], gm[gsel], color="C3", lw=0.6, ls="--", label="GALAH best-fit model")
+        ax.set_xlim(lo, hi)
+        ax.xaxis.set_major_locator(MultipleLocator(5.0))
+        ax.xaxis.set_major_formatter(FormatStrFormatter("%.0f"))
+        ax.set_title(name, loc="left", fontsize=8, pad=10)
+    for ax in axes[:n]:
+        ax.axhline(1.0, color="0.6", lw=0.4, zorder=0)
+    for i in range(0, n, ncol):
+        axes[i].set_ylabel("normalised flux")
+    for ax in axes[max(0, n - ncol):n]:
+        ax.set_xlabel(r"rest-frame vacuum wavelength [$\rm\AA$]")
+    axes[0].legend(loc="lower left", fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
     return fig
