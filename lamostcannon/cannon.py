@@ -86,6 +86,7 @@ import hashlib
 import itertools
 import logging
 import os
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -262,14 +263,6 @@ def _tables(n_labels: int):
     b = np.array([index[m[2:]] for m in monos])
     # Ordered pair of terms -> monomial of their product.
     pair = np.array([[index[tuple(sorted(tu + tv))] for tv in terms] for tu in terms])
-    # gradient: d/dx_k sum_m p_m M_m = sum_{m3} p[g_idx[k, m3]] * g_fac[k, m3] * M_m3
-    g_idx = np.zeros((L, K3), dtype=np.intp)
-    g_fac = np.zeros((L, K3))
-    for k in range(L):
-        for j, m in enumerate(monos[:K3]):
-            tgt = tuple(sorted(m + (k,)))
-            g_idx[k, j] = index[tgt]
-            g_fac[k, j] = tgt.count(k)
     # Hessian (k <= l): sum_{m2} p[h_idx[q, m2]] * h_fac[q, m2] * M_m2
     hk, hl = np.triu_indices(L)
     h_idx = np.zeros((hk.size, T), dtype=np.intp)
@@ -283,9 +276,14 @@ def _tables(n_labels: int):
     # Sparse map from ordered term pairs (t, u) flattened to monomials, for Q and Gram gathers.
     term_labels = [set(m) for m in terms]
     qi, qj = np.triu_indices(L)
-    return dict(L=L, T=T, K3=K3, K4=K4, monos=monos, a=a, b=b, a3=a[:K3].copy(),
-                b3=b[:K3].copy(), pair=pair, g_idx=g_idx, g_fac=g_fac, hk=hk, hl=hl,
-                h_idx=h_idx, h_fac=h_fac, qi=qi, qj=qj, terms=terms, term_labels=term_labels)
+    # full L x L matrix entry (k, l) -> its upper-triangle index q of (hk, hl)
+    h_full = np.zeros((L, L), dtype=np.intp)
+    h_full[hk, hl] = np.arange(hk.size)
+    h_full[hl, hk] = np.arange(hk.size)
+    h_full = h_full.ravel()
+    return dict(L=L, T=T, K3=K3, K4=K4, monos=monos, a=a, b=b, pair=pair, hk=hk, hl=hl,
+                h_idx=h_idx, h_fac=h_fac, qi=qi, qj=qj, terms=terms, term_labels=term_labels,
+                h_full=h_full, q_mult=np.where(qi == qj, 1.0, 2.0))
 
 
 def _monomials4(x: np.ndarray, tab) -> np.ndarray:
@@ -393,6 +391,43 @@ def _batched_cholesky_solve(a: np.ndarray, b: np.ndarray):
     for j in range(m - 1, -1, -1):
         x[:, j] = (y[:, j] - np.einsum("nk,nk->n", low[:, j + 1:, j], x[:, j + 1:])) / low[:, j, j]
     return x, ok
+
+
+try:  # LAPACK Cholesky over a stack, NaN (not an exception) where a matrix is not PD
+    from numpy.linalg import _umath_linalg as _np_umath_linalg
+
+    _cholesky_lo_gufunc = _np_umath_linalg.cholesky_lo
+except (ImportError, AttributeError):  # pragma: no cover - numpy internals moved
+    _cholesky_lo_gufunc = None
+
+
+def _newton_step(h: np.ndarray, g: np.ndarray):
+    """Newton step ``-h^-1 g`` for a batch of small symmetric matrices (n, m, m), (n, m).
+
+    Returns ``(step, ok)``; ``ok`` is False where ``h`` is not (numerically) positive definite
+    (a Cholesky pivot ``<= 1e-13`` times the mean absolute diagonal, as in
+    :func:`_batched_cholesky_solve`), and ``step`` is 0 there. LAPACK's batched Cholesky
+    decides definiteness and a batched LU solve gives the step (a few calls, not a loop over
+    the matrix size).
+    """
+    n, m = g.shape
+    if _cholesky_lo_gufunc is None:  # pragma: no cover
+        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+            st, ok = _batched_cholesky_solve(h, -g)
+        st[~ok] = 0.0
+        return st, ok
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore", under="ignore"):
+        low = _cholesky_lo_gufunc(h, signature="d->d")
+        piv = np.einsum("nii->ni", low)
+        piv = piv * piv
+        scale = np.abs(np.einsum("nii->n", h)) / m + 1e-300
+        ok = np.all(piv > 1e-13 * scale[:, None], axis=1)      # NaN pivots are False
+    step = np.zeros_like(g)
+    if ok.all():
+        step = -np.linalg.solve(h, g[:, :, None])[:, :, 0]
+    elif ok.any():
+        step[ok] = -np.linalg.solve(h[ok], g[ok][:, :, None])[:, :, 0]
+    return step, ok
 
 
 # --------------------------------------------------------------------------------------------
@@ -826,7 +861,12 @@ class CannonModel:
                 blk = th[start:start + 1024]
                 prod = (blk[:, :, None] * blk[:, None, :]).reshape(blk.shape[0], T * T)
                 q[start:start + 1024] = _scatter_columns(prod, pair, K4)
+            # contiguous runs of trained pixels (start, stop, position among trained pixels)
+            edges = np.flatnonzero(np.diff(np.concatenate([[0], ok.astype(np.int8), [0]])))
+            runs = [(int(i0), int(i1), int(np.count_nonzero(ok[:i0])))
+                    for i0, i1 in zip(edges[::2], edges[1::2])]
             self._q = dict(q=q, theta_c=np.ascontiguousarray(th), theta0=th0,
+                           ok_runs=runs if len(runs) <= 64 else None,
                            theta=np.ascontiguousarray(self.theta[ok]), s2=self.s2[ok].copy(),
                            all_ok=bool(ok.all()))
         return self._q
@@ -909,8 +949,11 @@ class CannonModel:
         arrs["starts"] = np.clip(self.starts, lo, hi)
         arrs["starts_m4"] = _monomials4(arrs["starts"], _tables(L))
         arrs["timing"] = {}
+        arrs["buffers"] = threading.local()
         if win_names:
             arrs["win_cols"] = np.flatnonzero(win_mat.any(axis=1))
+            arrs["win_theta_t"] = np.ascontiguousarray(arrs["theta_c"][arrs["win_cols"]].T)
+            arrs["win_mat"] = np.ascontiguousarray(win_mat[arrs["win_cols"]])
 
         def run(start):
             sl = slice(start, min(S, start + chunk_size))
@@ -955,48 +998,79 @@ class CannonModel:
             timing[name] = timing.get(name, 0.0) + now - clock[0]
             clock[0] = now
 
-        if arrs["all_ok"]:
-            f = np.array(flux, dtype=np.float64)
-            iv = np.array(ivar, dtype=np.float64)
-        else:
-            f = np.asarray(flux[:, ok], dtype=np.float64)
-            iv = np.asarray(ivar[:, ok], dtype=np.float64)
         # Inputs: ivar must be finite and >= 0, flux finite where ivar > 0; anything else is
         # masked and flagged. Cheap row reductions find the rare rows that need the slow path.
-        flag = np.zeros(f.shape[0], dtype=np.int64)
+        # Done in blocks of rows small enough to stay in cache; only the weights w, the weighted
+        # centred flux w (f - theta_0) and the windows' pixels are kept for the whole chunk.
+        n = flux.shape[0]
+        all_ok, ok_runs = arrs["all_ok"], arrs["ok_runs"]
+        s2, theta0 = arrs["s2"], arrs["theta0"]
+        n_ok = s2.size
+        flag = np.zeros(n, dtype=np.int64)
+        # reused between the chunks of one call (per thread): fresh pages cost page faults
+        w = _work_buffer(arrs, "w", (n, n_ok))
+        wf = _work_buffer(arrs, "wf", (n, n_ok))
+        c = np.empty(n)
+        n_pix = np.empty(n, dtype=np.int64)
+        cols = arrs.get("win_cols")
+        if win_names:
+            f_win = np.empty((n, cols.size))
+            w_win = np.empty((n, cols.size))
+        blk = max(1, min(n, _WEIGHT_BLOCK))
+        f_buf = np.empty((blk, n_ok))
+        t_buf = np.empty((blk, n_ok))
         with np.errstate(invalid="ignore", over="ignore"):
-            rows = np.flatnonzero(~(np.isfinite(iv.sum(axis=1)) & (iv.min(axis=1) >= 0)))
-            if rows.size:
-                sub = iv[rows]
-                sub[~np.isfinite(sub) | (sub < 0)] = 0.0
-                iv[rows] = sub
-                flag[rows] |= FLAG_BAD_INPUT
-            w = iv * arrs["s2"]
-            w += 1.0
-            np.divide(iv, w, out=w)                      # 1 / (sigma^2 + s^2); 0 if ivar = 0
-            del iv
-            f -= arrs["theta0"]                          # centred flux f - theta_0
-            f[w == 0.0] = 0.0                            # missing data (often NaN) -> 0
-            rows = np.flatnonzero(~np.isfinite(f.sum(axis=1)))
-            if rows.size:
-                sub_f, sub_w = f[rows], w[rows]
-                bad = ~np.isfinite(sub_f)
-                sub_f[bad] = 0.0
-                sub_w[bad] = 0.0
-                f[rows], w[rows] = sub_f, sub_w
-                flag[rows] |= FLAG_BAD_INPUT
-        n_pix = np.count_nonzero(w, axis=1)
-        wf = w * f
+            for a in range(0, n, blk):
+                b = min(n, a + blk)
+                fb, tb, wb, wfb = f_buf[:b - a], t_buf[:b - a], w[a:b], wf[a:b]
+                if all_ok:
+                    np.copyto(fb, flux[a:b], casting="unsafe")
+                    np.copyto(wb, ivar[a:b], casting="unsafe")
+                elif ok_runs is not None:                # trained pixels as a few slices
+                    for i0, i1, j0 in ok_runs:
+                        np.copyto(fb[:, j0:j0 + i1 - i0], flux[a:b, i0:i1], casting="unsafe")
+                        np.copyto(wb[:, j0:j0 + i1 - i0], ivar[a:b, i0:i1], casting="unsafe")
+                else:
+                    np.copyto(fb, flux[a:b][:, ok], casting="unsafe")
+                    np.copyto(wb, ivar[a:b][:, ok], casting="unsafe")
+                rows = np.flatnonzero(~(np.isfinite(wb.sum(axis=1)) & (wb.min(axis=1) >= 0)))
+                if rows.size:
+                    sub = wb[rows]
+                    sub[~np.isfinite(sub) | (sub < 0)] = 0.0
+                    wb[rows] = sub
+                    flag[a + rows] |= FLAG_BAD_INPUT
+                np.multiply(wb, s2, out=tb)
+                tb += 1.0
+                np.divide(wb, tb, out=wb)                # 1 / (sigma^2 + s^2); 0 if ivar = 0
+                fb -= theta0                             # centred flux f - theta_0
+                np.copyto(fb, 0.0, where=wb == 0.0)      # missing data (often NaN) -> 0
+                rows = np.flatnonzero(~np.isfinite(fb.sum(axis=1)))
+                if rows.size:
+                    sub_f, sub_w = fb[rows], wb[rows]
+                    bad = ~np.isfinite(sub_f)
+                    sub_f[bad] = 0.0
+                    sub_w[bad] = 0.0
+                    fb[rows], wb[rows] = sub_f, sub_w
+                    flag[a + rows] |= FLAG_BAD_INPUT
+                n_pix[a:b] = np.count_nonzero(wb, axis=1)
+                np.multiply(wb, fb, out=wfb)
+                c[a:b] = np.einsum("sp,sp->s", wfb, fb)
+                if win_names:
+                    np.take(fb, cols, axis=1, out=f_win[a:b])
+                    np.take(wb, cols, axis=1, out=w_win[a:b])
+        del f_buf, t_buf
         lap("weights")
-        # chi2(x) = sum_m poly_m M4_m(x): the whole spectrum's likelihood in K4 numbers
-        poly = w @ arrs["q"]
+        # chi2(x) = sum_m poly_m M4_m(x): the whole spectrum's likelihood in K4 numbers. The
+        # columns of q of degree <= 1 are zero (theta_0 is on the data side), so they are skipped.
+        L = self.n_labels
+        poly = _work_buffer(arrs, "poly", (n, tab["K4"]))
+        np.matmul(w, arrs["q"][:, L + 1:], out=poly[:, L + 1:])
+        poly[:, :L + 1] = 0.0
         poly[:, :T] -= 2.0 * (wf @ arrs["theta_c"])
-        poly[:, 0] += np.einsum("sp,sp->s", wf, f)
+        poly[:, 0] += c
         del wf
         lap("polynomial")
         fit = n_pix > 0
-        n = f.shape[0]
-        L = self.n_labels
         out_x = np.full((n, L), np.nan)
         out_cov = np.full((n, L, L), np.nan)
         out_chi2 = np.full(n, np.nan)
@@ -1025,13 +1099,12 @@ class CannonModel:
         res.cov[sl] = self.scaler.inverse_transform_cov(out_cov)
         res.chi2[sl] = out_chi2
         if win_names:
-            cols = arrs["win_cols"]
             x_eval = np.where(np.isfinite(out_x), out_x, 0.0)
-            r = vectorize(x_eval) @ arrs["theta_c"][cols].T
-            np.subtract(f[:, cols], r, out=r)
+            r = vectorize(x_eval) @ arrs["win_theta_t"]
+            np.subtract(f_win, r, out=r)
             r *= r
-            r *= w[:, cols]
-            cw = r @ win_mat[cols]
+            r *= w_win
+            cw = r @ arrs["win_mat"]
             cw[~fit] = np.nan
             for k, name in enumerate(win_names):
                 res.chi2_windows[name][sl] = cw[:, k]
@@ -1454,6 +1527,16 @@ def _blas_threads() -> int:
         return 1
 
 
+def _work_buffer(arrs, name, shape):
+    """An uninitialised float64 array of ``shape`` reused by the calling thread within one call."""
+    store = arrs["buffers"].__dict__
+    size = int(np.prod(shape))
+    buf = store.get(name)
+    if buf is None or buf.size < size:
+        buf = store[name] = np.empty(size)
+    return buf[:size].reshape(shape)
+
+
 def _inverse_spd(h: np.ndarray):
     """Inverse of a batch of symmetric matrices (n, L, L); ``ok`` False where not PD (NaN there)."""
     n, L, _ = h.shape
@@ -1469,50 +1552,57 @@ def _inverse_spd(h: np.ndarray):
 class _Quartic:
     """chi2(x) = sum_m p_m M_m(x) for a batch of spectra, with gradient and exact Hessian.
 
-    The gradient and Hessian are contractions of precomputed coefficient tensors with the
-    monomials of degree <= 3 and <= 2; the value then follows from Euler's theorem for the
-    homogeneous parts f_d of the polynomial: with ``E1 = x . grad f = sum d f_d`` and
-    ``E2 = x^T H x = sum d (d-1) f_d``, and f_0, f_1, f_2 evaluated directly,
-    ``f_4 = (E2 - 2 f2 - 2 (E1 - f1 - 2 f2)) / 4`` and ``f_3 = (E1 - f1 - 2 f2 - 4 f4) / 3``.
+    Only the Hessian is contracted from a coefficient tensor: every entry ``H_kl(x)`` is a
+    quadratic polynomial, ``H(x) = H0 + H1(x) + H2(x)`` split by degree (constant, linear,
+    quadratic in x). Along the ray ``t x`` the gradient and the value follow by integration,
+    exactly for a quartic: ``grad(x) = g0 + (H0 + H1(x)/2 + H2(x)/3) x`` and
+    ``chi2(x) = p0 + g0.x + x^T (H0/2 + H1(x)/6 + H2(x)/12) x``, with ``p0``, ``g0`` the
+    constant and linear coefficients. This reads one (L(L+1)/2 x T) tensor per spectrum
+    instead of separate gradient and Hessian tensors.
     """
 
     def __init__(self, poly, tab):
         self.tab = tab
         L, T = tab["L"], tab["T"]
-        self.p01 = poly[:, :L + 1]
-        self.p2 = poly[:, L + 1:T]
-        self.g = np.take(poly, tab["g_idx"], axis=1)             # (n, L, K3)
-        self.g *= tab["g_fac"]
-        self.h = np.take(poly, tab["h_idx"], axis=1)             # (n, L(L+1)/2, T)
-        self.h *= tab["h_fac"]
+        self.p0 = poly[:, 0].copy()
+        self.g0 = poly[:, 1:L + 1].copy()
+        h_idx, h_fac = tab["h_idx"], tab["h_fac"]
+        self.h0 = poly[:, h_idx[:, 0]] * h_fac[:, 0]                      # (n, Q)
+        self.h1 = np.take(poly, h_idx[:, 1:L + 1], axis=1)                 # (n, Q, L)
+        self.h1 *= h_fac[:, 1:L + 1]
+        self.h2 = np.take(poly, h_idx[:, L + 1:T], axis=1)                 # (n, Q, Q)
+        self.h2 *= h_fac[:, L + 1:T]
 
     def subset(self, keep):
         new = object.__new__(_Quartic)
         new.tab = self.tab
-        new.p01, new.p2, new.g, new.h = self.p01[keep], self.p2[keep], self.g[keep], self.h[keep]
+        new.p0, new.g0, new.h0 = self.p0[keep], self.g0[keep], self.h0[keep]
+        new.h1, new.h2 = self.h1[keep], self.h2[keep]
         return new
 
     def all(self, x):
         """Value (n,), gradient (n, L) and Hessian (n, L, L) at x (n, L)."""
         tab = self.tab
         L = tab["L"]
-        quad = x[:, tab["qi"]] * x[:, tab["qj"]]                 # (n, L(L+1)/2)
-        eta = np.concatenate([np.ones((x.shape[0], 1)), x, quad], axis=1)
-        # np.take keeps C order (a fancy index along axis 1 gives F order and slow products)
-        m3 = np.take(eta, tab["a3"], axis=1)
-        m3 *= np.take(eta, tab["b3"], axis=1)
-        grad = np.matmul(self.g, m3[:, :, None])[:, :, 0]
-        hflat = np.matmul(self.h, eta[:, :, None])[:, :, 0]
-        hess = np.empty((x.shape[0], L, L))
-        hess[:, tab["hk"], tab["hl"]] = hflat
-        hess[:, tab["hl"], tab["hk"]] = hflat
-        f1 = np.einsum("nk,nk->n", self.p01[:, 1:], x)
-        f2 = np.einsum("nq,nq->n", self.p2, quad)
-        e1 = np.einsum("nk,nk->n", grad, x) - f1 - 2.0 * f2
-        e2 = np.einsum("ni,nij,nj->n", x, hess, x) - 2.0 * f2
-        f4 = 0.25 * (e2 - 2.0 * e1)
-        f3 = (e1 - 4.0 * f4) / 3.0
-        val = self.p01[:, 0] + f1 + f2 + f3 + f4
+        n = x.shape[0]
+        quad = x[:, tab["qi"]] * x[:, tab["qj"]]                          # (n, Q)
+        h1x = np.matmul(self.h1, x[:, :, None])[:, :, 0]                    # H1(x), flat
+        h2x = np.matmul(self.h2, quad[:, :, None])[:, :, 0]                 # H2(x), flat
+        flat = np.empty((2, n, h1x.shape[1]))
+        np.add(self.h0, h1x, out=flat[0])
+        flat[0] += h2x                                                      # Hessian
+        np.multiply(h1x, 0.5, out=flat[1])
+        flat[1] += self.h0
+        flat[1] += h2x / 3.0                                                # for the gradient
+        full = np.take(flat.reshape(2 * n, -1), tab["h_full"], axis=1).reshape(2, n, L, L)
+        hess = full[0]
+        grad = np.matmul(full[1], x[:, :, None])[:, :, 0]
+        grad += self.g0
+        # x^T S x for a symmetric S stored flat: sum_q S_q x_k x_l (2 for k != l)
+        hv = 0.5 * self.h0 + h1x / 6.0 + h2x / 12.0
+        val = np.einsum("nq,nq->n", hv, quad * tab["q_mult"])
+        val += np.einsum("nk,nk->n", self.g0, x)
+        val += self.p0
         return val, grad, hess
 
 
@@ -1544,15 +1634,18 @@ def _newton(quartic: _Quartic, x0, lo, hi, max_iter, xtol_newton=1e-3, xtol=1e-9
     rad = np.full(n, float(radius0))
     q = quartic
     xa, fa, ga, ha = x.copy(), f, g, h
-    tol_f = 1e-13 * np.maximum(np.abs(q.p01[:, 0]), 1.0)
+    tol_f = 1e-13 * np.maximum(np.abs(q.p0), 1.0)
     for _ in range(max_iter):
         rows = np.flatnonzero(live)
-        step = np.zeros_like(xa)
-        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-            st, pd = _batched_cholesky_solve(ha[rows], -ga[rows])
-        step[rows] = st
-        posdef = np.zeros(xa.shape[0], dtype=bool)
-        posdef[rows] = pd
+        if rows.size == live.size:
+            step, posdef = _newton_step(ha, ga)
+            pd = posdef
+        else:
+            st, pd = _newton_step(ha[rows], ga[rows])
+            step = np.zeros_like(xa)
+            step[rows] = st
+            posdef = np.zeros(xa.shape[0], dtype=bool)
+            posdef[rows] = pd
         if not pd.all():
             # indefinite Hessian (far from the minimum): saddle-free step with |eigenvalues|
             r2 = rows[~pd]
@@ -1601,6 +1694,8 @@ def _newton(quartic: _Quartic, x0, lo, hi, max_iter, xtol_newton=1e-3, xtol=1e-9
 
 
 _JOIN = 0.1
+#: rows per block in the test step's weights pass (a few MB of working set, in cache)
+_WEIGHT_BLOCK = 16
 
 
 def _fit_labels(poly, cand_m4, cand, lo, hi, tab, n_starts, max_iter, x_init=None):

@@ -513,3 +513,39 @@ def test_test_step_input_errors(trained, test_set):
         CannonModel(NAMES).test(flux[:2], ivar[:2])
     with pytest.raises(ValueError, match=r"shape \(S, 4\)"):
         model.predict(np.zeros((2, 5)))
+
+
+def test_newton_step_matches_batched_cholesky(rng):
+    """The LAPACK-based Newton step gives the loop Cholesky's step and definiteness verdict."""
+    a = rng.normal(size=(40, 10, 10))
+    h = a @ np.swapaxes(a, 1, 2) + 0.1 * np.eye(10)
+    h[::3] -= 5.0 * np.eye(10)                          # indefinite ones
+    h[5, 2, 2] = np.nan                                 # non-finite: not PD
+    g = rng.normal(size=(40, 10))
+    step, ok = cannon._newton_step(h, g)
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        ref, ok_ref = cannon._batched_cholesky_solve(h, -g)
+    np.testing.assert_array_equal(ok, ok_ref)
+    assert 0 < ok.sum() < ok.size
+    np.testing.assert_allclose(step[ok], ref[ok], rtol=1e-9, atol=1e-12)
+    assert np.all(step[~ok] == 0.0)
+
+
+def test_test_step_trained_pixel_slices_match_fancy_index(sim):
+    """Copying the trained pixels as slices (and in row blocks) changes nothing."""
+    lab = sim.labels(300)
+    flux, ivar = sim.spectra(lab, np.full(300, 80.0))
+    ivar[:, [0, 1, 7, 100]] = 0.0                       # untrained pixels, three runs of ok
+    model = CannonModel(NAMES).train(lab, flux, ivar)
+    assert not model.pixel_ok.all()
+    tflux, tivar = sim.spectra(lab[:45], np.full(45, 60.0))
+    tflux = tflux.astype(np.float32)
+    win = {"a": np.arange(sim.n_pix) % 5 == 0}
+    a = model.test(tflux, tivar, windows=win, chunk_size=45)
+    assert model._test_arrays()["ok_runs"] is not None
+    model._test_arrays()["ok_runs"] = None              # force the fancy-index path
+    b = model.test(tflux, tivar, windows=win, chunk_size=45)
+    np.testing.assert_array_equal(a.labels, b.labels)
+    np.testing.assert_array_equal(a.chi2_windows["a"], b.chi2_windows["a"])
+    np.testing.assert_array_equal(a.flag, b.flag)
+    assert np.all(np.isfinite(a.labels))
