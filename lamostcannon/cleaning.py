@@ -886,3 +886,37 @@ def read_window_spectrum(path, sobject_id) -> dict[str, np.ndarray]:
         out = {k.lower(): np.asarray(hdul[k].data[row], dtype=float)
                for k in ("FLUX", "SIGMA", "MODEL")}
     return {"wave": wave, "wave_vacuum": air_to_vacuum(wave), **out}
+
+
+def with_true_labels(reference, truth, key: str = "sobject_id"):
+    """A copy of the reference set whose labels are the mock universe's true ones.
+
+    The stellar parameters and every ``<x>_fe`` are taken from ``truth`` (rows matched on
+    ``key``); the derived ``alpha_fe`` and ``s_fe`` are then recomputed with the reference set's
+    own GALAH errors as weights, so that they mean the same thing as the labels the models were
+    trained on. Used only to compare with the truth, never by the pipeline.
+
+    Parameters
+    ----------
+    reference : astropy Table
+        The reference set (:func:`read_reference_set`).
+    truth : astropy Table
+        ``truth/truth.fits`` of the mock universe, with ``key`` and the label columns.
+    key : str
+        Identifier shared by both tables.
+
+    Raises
+    ------
+    KeyError
+        A reference star is missing from ``truth``.
+    """
+    row_of = {k: i for i, k in enumerate(np.asarray(truth[key]).tolist())}
+    missing = [k for k in np.asarray(reference[key]).tolist() if k not in row_of]
+    if missing:
+        raise KeyError(f"{len(missing)} reference stars have no row in the truth table "
+                       f"(first: {missing[0]!r})")
+    rows = np.array([row_of[k] for k in np.asarray(reference[key]).tolist()], dtype=np.int64)
+    out = reference.copy()
+    for name in _labels.STELLAR + tuple(f"{x}_fe" for x in _labels.ELEMENTS):
+        out[name] = np.asarray(_as_float(truth[name]))[rows]
+    return add_derived_labels(out)

@@ -298,3 +298,22 @@ def test_reference_set_write_read_round_trip(reference, tmp_path):
     assert back["giant"].dtype == bool and list(back["filename"]) == list(table["filename"])
     assert back["sobject_id"].dtype.byteorder in "=|<" and back["fe_h"].dtype.isnative
     back.to_pandas().to_parquet(tmp_path / "x.parquet")  # arrow needs native byte order
+
+
+def test_with_true_labels_takes_the_truth_and_recomputes_the_means():
+    from astropy.table import Table
+
+    ref = Table({"sobject_id": [11, 12]})
+    truth = Table({"sobject_id": [12, 11, 13]})
+    for name in labels.STELLAR + tuple(f"{x}_fe" for x in labels.ELEMENTS):
+        ref[name] = [9.0, 9.0]
+        truth[name] = [2.0, 1.0, 7.0]
+        if name.endswith("_fe"):
+            ref[f"e_{name}"] = [0.1, 0.1]
+    truth["mg_fe"] = [0.4, 0.0, 0.0]
+    out = cleaning.with_true_labels(ref, truth)
+    assert list(out["teff"]) == [1.0, 2.0] and list(ref["teff"]) == [9.0, 9.0]
+    # equal errors: alpha is the plain mean of Mg, Si, Ca, Ti
+    assert out["alpha_fe"][1] == pytest.approx((0.4 + 2.0 * 3) / 4)
+    with pytest.raises(KeyError, match="no row in the truth table"):
+        cleaning.with_true_labels(Table({"sobject_id": [99]}), truth)
