@@ -36,6 +36,24 @@ from urllib.parse import parse_qs, urlsplit
 import numpy as np
 
 
+
+#: The archive routes this server speaks (URL paths without the leading slash).
+SPECTRUM_ROUTE = "lamost/spectrum/fits"      # LAMOST spectra by obsid
+SLINK_ROUTE = "vo/slink/links"               # GALAH spectra (Data Central SODA links)
+VIZIER_ROUTE = "viz-bin/votable"             # VizieR queries
+XMATCH_ROUTE = "xmatch/api/v1/sync"          # CDS XMatch
+GALAH_CATALOG_ROUTE = "files/GALAH_DR2.1_catalog.fits"
+
+
+def path_of(route: str, *rest) -> str:
+    """The URL path of ``route`` followed by ``rest`` (``path_of(SPECTRUM_ROUTE, 42)``)."""
+    return "/" + "/".join([route, *map(str, rest)])
+
+
+def _segments(path: str) -> tuple:
+    """The segments of a URL path (``a/b/c`` -> ``("a", "b", "c")``), for routing."""
+    return tuple(part for part in path.split("/") if part)
+
 def votable_bytes(table, name: str | None = None) -> bytes:
     """A VOTable document for an astropy Table, its TABLE named ``name``."""
     from astropy.io.votable import from_table
@@ -178,16 +196,17 @@ class _Handler(BaseHTTPRequestHandler):
         a = self.archive
         parts = urlsplit(self.path)
         path, query = parts.path, parse_qs(parts.query)
+        segs = _segments(path)
         if a.down:
             a.requests[path] += 1
             return self._send(503, b"down", "text/plain")
-        if path.startswith("/lamost/spectrum/fits/"):
+        if segs[:-1] == _segments(SPECTRUM_ROUTE):
             obsid = int(path.rsplit("/", 1)[1])
             if obsid not in a.spectra:
                 a.requests[path] += 1
                 return self._send(404, b"no such obsid", "text/plain")
             return self._send_file(path, a.spectra[obsid])
-        if path == "/vo/slink/links":
+        if segs == _segments(SLINK_ROUTE):
             key = (int(query["ID"][0]), query["FILT"][0])
             full = f"{path}?ID={key[0]}&FILT={key[1]}"
             if key not in a.galah_spectra:
@@ -210,7 +229,7 @@ class _Handler(BaseHTTPRequestHandler):
         a.requests[path] += 1
         if a.down:
             return self._send(503, b"down", "text/plain")
-        if path.endswith("/viz-bin/votable"):
+        if _segments(path)[-2:] == _segments(VIZIER_ROUTE):
             text = body.decode()
             from urllib.parse import unquote_plus
 
@@ -233,7 +252,7 @@ class _Handler(BaseHTTPRequestHandler):
             buf = io.BytesIO()
             vot.to_xml(buf)
             return self._send(200, buf.getvalue(), "text/xml")
-        if path.endswith("/xmatch/api/v1/sync"):
+        if _segments(path)[-4:] == _segments(XMATCH_ROUTE):
             form = _multipart(self.headers.get("Content-Type", ""), body)
             from astropy.table import Table
 

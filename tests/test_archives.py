@@ -25,7 +25,8 @@ from lamostcannon.archives import (ArchiveUnavailable, Downloader, Endpoints, Fi
 from lamostcannon.archives.windows import CAMERA_RANGE, CAMERA_STEP, WINDOWS
 from lamostcannon.labels import ELEMENTS
 
-from archive_server import ArchiveServer
+from archive_server import (GALAH_CATALOG_ROUTE, SLINK_ROUTE, SPECTRUM_ROUTE, XMATCH_ROUTE,
+                            ArchiveServer, path_of)
 
 N_STARS = 64  # LAMOST stars with a GALAH partner (the refit model needs > 56 per pixel)
 
@@ -121,7 +122,7 @@ def world(real_lamost):
         galah[f"snr_c{k}"] = rng.uniform(20, 90, sid.size)
     buf = io.BytesIO()
     galah.write(buf, format="fits")
-    srv.files["/files/GALAH_DR2.1_catalog.fits"] = buf.getvalue()
+    srv.files[path_of(GALAH_CATALOG_ROUTE)] = buf.getvalue()
     for i in range(N_STARS):
         for band, ccd in (("B", 1), ("G", 2), ("R", 3), ("I", 4)):
             srv.galah_spectra[(int(sid[i]), band)] = _galah_camera(sid[i], ccd, galah[i], rng)
@@ -155,10 +156,10 @@ def world(real_lamost):
 
 
 def _endpoints(srv, **kw):
-    return Endpoints(vizier=srv.url, xmatch=srv.url + "/xmatch/api/v1/sync",
-                     lamost_spectra=srv.url + "/lamost/spectrum/fits/{obsid}",
-                     galah_catalog=srv.url + "/files/GALAH_DR2.1_catalog.fits",
-                     galah_spectra=srv.url + "/vo/slink/links?ID={sobject_id}&DR=galah_dr2"
+    return Endpoints(vizier=srv.url, xmatch=srv.url + path_of(XMATCH_ROUTE),
+                     lamost_spectra=srv.url + path_of(SPECTRUM_ROUTE, "{obsid}"),
+                     galah_catalog=srv.url + path_of(GALAH_CATALOG_ROUTE),
+                     galah_spectra=srv.url + path_of(SLINK_ROUTE) + "?ID={sobject_id}&DR=galah_dr2"
                                              "&IDX=0&FILT={band}&RESPONSEFORMAT=fits", **kw)
 
 
@@ -198,7 +199,7 @@ def test_download_all_writes_the_raw_layout_and_is_idempotent(world, tmp_path, r
     recs = {r["path"]: r for r in manifest["files"]}
     r0 = srv.rows[0]
     rec = recs[f"lamost/spectra/{r0['filename']}"]
-    assert rec["url"].endswith(f"/lamost/spectrum/fits/{r0['obsid']}")
+    assert rec["url"].endswith(path_of(SPECTRUM_ROUTE, r0["obsid"]))
     assert rec["size"] == (out / rec["path"]).stat().st_size and len(rec["sha256"]) == 64
     assert manifest["notes"]["window_model"] == "refit"
     assert not (out / ".partial").exists() or not any((out / ".partial").rglob("*.part"))
@@ -212,7 +213,7 @@ def test_download_all_writes_the_raw_layout_and_is_idempotent(world, tmp_path, r
 def test_faults_each_file_verified_and_failures_reported(world, tmp_path, real_lamost):
     srv = world
     rows = srv.rows[:16]
-    path = {int(r["obsid"]): f"/lamost/spectrum/fits/{r['obsid']}" for r in rows}
+    path = {int(r["obsid"]): path_of(SPECTRUM_ROUTE, r["obsid"]) for r in rows}
     ids = list(path)
     drop, busy, corrupt_once, corrupt, stall = ids[:5]
     missing = 999999999
@@ -238,7 +239,7 @@ def test_faults_each_file_verified_and_failures_reported(world, tmp_path, real_l
     assert "checksum" in reasons[str(corrupt)]
     assert "timed out" in reasons[str(stall)]
     assert reasons[str(missing)] == "HTTP 404"
-    assert srv.requests[f"/lamost/spectrum/fits/{missing}"] == 1  # a 404 is not retried
+    assert srv.requests[path_of(SPECTRUM_ROUTE, missing)] == 1  # a 404 is not retried
     assert any(p == path[drop] for p, _ in srv.ranges)  # the dropped file was resumed
     for o, r in zip(ids, rows):
         dest = tmp_path / "lamost/spectra" / r["filename"]
@@ -256,7 +257,7 @@ def test_faults_each_file_verified_and_failures_reported(world, tmp_path, real_l
     assert sorted(second.fetched) == sorted([str(corrupt), str(stall)])
     assert [f.key for f in second.failures] == [str(missing)]
     assert set(p for p in srv.requests if p != "/") == {path[corrupt], path[stall],
-                                                         f"/lamost/spectrum/fits/{missing}"}
+                                                         path_of(SPECTRUM_ROUTE, missing)}
     srv.requests.clear()
     third = _fast().fetch_many(tasks[:-1], tmp_path, Manifest(tmp_path), what="LAMOST spectra")
     assert not third.fetched and len(third.skipped) == len(tasks) - 1 and srv.count() == 0
@@ -275,7 +276,7 @@ def test_interrupted_download_resumes_with_range(world, tmp_path, real_lamost):
     rep = _fast().fetch_many([FileTask(url, rel, key="x")], tmp_path, Manifest(tmp_path),
                              what="LAMOST spectra", validate=archives.validate_lamost)
     assert rep.fetched == ["x"] and (tmp_path / rel).read_bytes() == data
-    assert srv.ranges == [(f"/lamost/spectrum/fits/{r['obsid']}", "bytes=1000-")]
+    assert srv.ranges == [(path_of(SPECTRUM_ROUTE, r["obsid"]), "bytes=1000-")]
     assert not part.exists()
 
 

@@ -237,6 +237,25 @@ class DownloadReport:
         return "\n".join(lines)
 
 
+
+def _unless_verified(rel: str):
+    """Decorate a fetcher that writes ``rel``: skip it (reported) when the manifest already
+    holds a verified copy, else call it with ``rel`` and a fresh :class:`FetchReport`."""
+    import functools
+
+    def decorate(fetch):
+        @functools.wraps(fetch)
+        def run(self):
+            report = FetchReport()
+            if self._done(rel):
+                report.skipped.append(rel)
+                return report
+            return fetch(self, rel, report)
+
+        return run
+
+    return decorate
+
 class Archives:
     """The fetchers for one output folder and one set of :class:`Endpoints`.
 
@@ -322,13 +341,9 @@ class Archives:
         return notes
 
     # -- LAMOST -------------------------------------------------------------------------------
-    def lamost_catalog(self) -> FetchReport:
+    @_unless_verified("lamost/catalog.fits")
+    def lamost_catalog(self, rel: str, report: FetchReport) -> FetchReport:
         """LAMOST observations within 1 arcsec of a GALAH star -> ``lamost/catalog.fits``."""
-        rel = "lamost/catalog.fits"
-        report = FetchReport()
-        if self._done(rel):
-            report.skipped.append(rel)
-            return report
         from astropy.table import Table, join, unique
 
         galah = self._read("galah/catalog.fits")
@@ -394,14 +409,11 @@ class Archives:
                                   validate=validate_lamost)
 
     # -- Gaia ---------------------------------------------------------------------------------
-    def gaia_sources(self) -> FetchReport:
+    @_unless_verified("gaia/gaia_source.fits")
+    def gaia_sources(self, rel: str, report: FetchReport) -> FetchReport:
         """Brightest Gaia DR2 source within 1 arcsec of each LAMOST star -> ``gaia/gaia_source.fits``."""
         from astropy.table import Table, unique
 
-        rel, report = "gaia/gaia_source.fits", FetchReport()
-        if self._done(rel):
-            report.skipped.append(rel)
-            return report
         lam = self._read("lamost/catalog.fits")
         pos = Table({"obsid": lam["obsid"], "ra_lamost": lam["ra"], "dec_lamost": lam["dec"]})
         pairs = self._xmatch(pos, GAIA_DR2, "ra_lamost", "dec_lamost")
@@ -416,14 +428,11 @@ class Archives:
                                       f"via {self.ep.xmatch}")
         return report
 
-    def distances(self) -> FetchReport:
+    @_unless_verified("gaia/distances.fits")
+    def distances(self, rel: str, report: FetchReport) -> FetchReport:
         """Bailer-Jones et al. (2018) distances of the Gaia sources -> ``gaia/distances.fits``."""
         from astropy.table import Table, unique
 
-        rel, report = "gaia/distances.fits", FetchReport()
-        if self._done(rel):
-            report.skipped.append(rel)
-            return report
         gaia = self._read("gaia/gaia_source.fits")
         pos = Table({"gaia_id": gaia["source_id"], "ra_gaia": gaia["ra"], "dec_gaia": gaia["dec"]})
         pairs = self._xmatch(pos, BAILER_JONES_2018, "ra_gaia", "dec_gaia")
@@ -435,17 +444,14 @@ class Archives:
         return report
 
     # -- companion catalogues -----------------------------------------------------------------
-    def wide_binaries(self) -> FetchReport:
+    @_unless_verified("binaries/wide_binaries.fits")
+    def wide_binaries(self, rel: str, report: FetchReport) -> FetchReport:
         """El-Badry et al. wide binaries -> ``binaries/wide_binaries.fits``.
 
         With ``LAMOSTCANNON_BINARIES_URL`` (or ``Endpoints.binaries``) set, that FITS/CSV file is
         downloaded (the El-Badry et al. 2019 catalogue, whose public location could not be
         confirmed); otherwise the El-Badry & Rix (2018) Gaia DR2 catalogue on VizieR is used.
         """
-        rel, report = "binaries/wide_binaries.fits", FetchReport()
-        if self._done(rel):
-            report.skipped.append(rel)
-            return report
         if self.ep.binaries:
             url = self.ep.binaries
             raw = "binaries/" + url.rsplit("/", 1)[-1].split("?")[0]
@@ -470,12 +476,9 @@ class Archives:
         self._save_derived(out, rel, source)
         return report
 
-    def cluster_members(self) -> FetchReport:
+    @_unless_verified("clusters/members.fits")
+    def cluster_members(self, rel: str, report: FetchReport) -> FetchReport:
         """Cantat-Gaudin et al. (2018) members -> ``clusters/members.fits``."""
-        rel, report = "clusters/members.fits", FetchReport()
-        if self._done(rel):
-            report.skipped.append(rel)
-            return report
         tables = vizier_tables(CANTAT_GAUDIN_2018, base_url=self.ep.vizier,
                                backoff=self.dl.backoff)
         out = conform(max(tables.values(), key=len), CLUSTER_SCHEMA, "cluster members")

@@ -1,7 +1,7 @@
 """Thin wrappers over astroquery's VizieR and CDS XMatch clients, with configurable addresses.
 
-astroquery builds VizieR URLs as ``"https://" + VIZIER_SERVER + "/viz-bin/votable"``, so a full
-base URL (scheme included, e.g. a local test server on ``http://127.0.0.1:port``) needs the small
+astroquery builds VizieR URLs by putting ``https://`` before ``VIZIER_SERVER`` and the
+``viz-bin/votable`` path after it, so a full base URL (scheme included, e.g. a local test server on ``http://127.0.0.1:port``) needs the small
 override in :class:`_Vizier`; the XMatch client takes its address from its ``URL`` attribute.
 Both are called with ``row_limit=-1`` / ``cache=False`` (astroquery's defaults are 50 rows and an
 on-disk cache in the user's home). Network failures become :class:`ArchiveUnavailable`.
