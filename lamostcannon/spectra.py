@@ -48,6 +48,21 @@ Preprocessing (Wheeler et al. 2020, section 3, following Ho et al. 2017, ApJ 836
    built once per process as dense row blocks that cover just the band
    (:func:`continuum_blocks`) and applied to many spectra at once with one matrix product per
    block (BLAS), in float64.
+
+   **Exact, so independent of batch size, BLAS and CPU.** A BLAS product sums in an order that
+   depends on the matrix shapes, the CPU's vector width and the library build, so one spectrum
+   normalised alone and the same spectrum normalised in a batch of 32 could differ in the last
+   bit (and after the cast to float32, by 1 ulp). To rule that out by construction, every
+   product is done on integers: the weights are rounded to multiples of ``2**-20``
+   (:data:`CONTINUUM_WEIGHT_BITS`; at most 2e-5 relative change of the kernel at its 150 A
+   edge), and in each row block the right-hand side of each spectrum (``ivar * f`` and
+   ``ivar``, separately) is scaled by a power of two so that its largest value in the block's
+   columns lies just below ``2**23`` (:data:`CONTINUUM_DATA_BITS`) and rounded to an integer
+   (relative precision ``2**-24`` of that local maximum). Each product term is then an integer
+   below ``2**43`` and each sum of at most 353 terms below ``2**52``, so every partial sum is
+   exact in float64 whatever the order of summation; scaling back is a division by a power of
+   two (exact) and the ratio ``num / den`` one correctly rounded division. Hence
+   ``normalise`` of a spectrum gives the same bits alone, in any batch, on any machine.
 5. Normalised flux ``f / cont``, inverse variance ``ivar * cont**2``. Where there is no data
    (``ivar == 0``) or the continuum is not positive, the output has ``ivar = 0`` and ``flux = 1``
    (the continuum level), so the output never holds NaN or inf.
@@ -77,7 +92,8 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "LOG10_WAVE_START", "LOG10_WAVE_STEP", "N_PIXELS", "CONTINUUM_SIGMA", "CONTINUUM_TRUNCATE",
-    "MIN_GOOD_PIXELS", "LAYOUTS", "common_wavelength", "LamostSpectrum", "SpectrumReadError",
+    "MIN_GOOD_PIXELS", "CONTINUUM_WEIGHT_BITS", "CONTINUUM_DATA_BITS", "LAYOUTS",
+    "common_wavelength", "LamostSpectrum", "SpectrumReadError",
     "read_lamost", "resample", "normalise", "preprocess", "preprocess_many", "continuum",
     "continuum_blocks", "continuum_matrix", "find_spectra", "SpectraStore", "ingest",
 ]
@@ -630,12 +646,25 @@ def resample(spectrum: LamostSpectrum, *, use_ormask: bool = True,
     return flux, ivar
 
 
+#: Continuum weights are multiples of ``2**-CONTINUUM_WEIGHT_BITS`` (see the module docstring).
+CONTINUUM_WEIGHT_BITS = 20
+#: Per block, the continuum's right-hand side is rounded to integers below
+#: ``2**CONTINUUM_DATA_BITS`` (relative precision ``2**-(CONTINUUM_DATA_BITS + 1)`` of the
+#: block's largest value).
+CONTINUUM_DATA_BITS = 23
+#: Rows per block of the continuum products, and rows per block of the maxima that set the
+#: per-block integer scale.
+_CONT_BLOCK_ROWS = 128
+_MAX_CHUNK = 32
+
+
 @lru_cache(maxsize=4)
-def continuum_blocks(block_rows: int = 128) -> tuple:
+def continuum_blocks(block_rows: int = _CONT_BLOCK_ROWS) -> tuple:
     """The banded continuum weight matrix of the common grid, as dense row blocks.
 
     ``w_ij = exp(-(lambda_i - lambda_j)**2 / (2 L**2))`` for ``|lambda_i - lambda_j| <= 150 A``
-    (``L = 50 A``), zero beyond. Built once per process and cached.
+    (``L = 50 A``), zero beyond, rounded to a multiple of ``2**-20``
+    (:data:`CONTINUUM_WEIGHT_BITS`). Built once per process and cached.
 
     Parameters
     ----------
@@ -647,18 +676,50 @@ def continuum_blocks(block_rows: int = 128) -> tuple:
     blocks : tuple of (r0, r1, c0, c1, w)
         ``w`` (r1 - r0, c1 - c0) float64 is ``W[r0:r1, c0:c1]``; ``W`` is zero outside the blocks.
     """
+    return tuple((r0, r1, c0, c1, _frozen(wq / 2.0 ** CONTINUUM_WEIGHT_BITS))
+                 for r0, r1, c0, c1, wq in _integer_blocks(block_rows))
+
+
+def _frozen(a: np.ndarray) -> np.ndarray:
+    a.setflags(write=False)
+    return a
+
+
+@lru_cache(maxsize=4)
+def _integer_blocks(block_rows: int = _CONT_BLOCK_ROWS) -> tuple:
+    """The blocks of :func:`continuum_blocks` times ``2**CONTINUUM_WEIGHT_BITS``: integers."""
     lam = common_wavelength()
     blocks = []
+    most = 0
     for r0 in range(0, N_PIXELS, block_rows):
         r1 = min(N_PIXELS, r0 + block_rows)
         c0 = int(np.searchsorted(lam, lam[r0] - CONTINUUM_TRUNCATE, "left"))
         c1 = int(np.searchsorted(lam, lam[r1 - 1] + CONTINUUM_TRUNCATE, "right"))
         d = lam[r0:r1, None] - lam[None, c0:c1]
-        w = np.exp(-0.5 * (d / CONTINUUM_SIGMA) ** 2)
+        w = np.rint(np.exp(-0.5 * (d / CONTINUUM_SIGMA) ** 2) * 2.0 ** CONTINUUM_WEIGHT_BITS)
         w[np.abs(d) > CONTINUUM_TRUNCATE] = 0.0
-        w.setflags(write=False)
-        blocks.append((r0, r1, c0, c1, w))
+        most = max(most, int(np.count_nonzero(w, axis=1).max()))
+        blocks.append((r0, r1, c0, c1, _frozen(w)))
+    # every partial sum of a product row stays an exact float64 integer (module docstring)
+    assert most * 2.0 ** (CONTINUUM_WEIGHT_BITS + CONTINUUM_DATA_BITS) < 2.0 ** 53, most
     return tuple(blocks)
+
+
+@lru_cache(maxsize=1)
+def _block_chunks() -> np.ndarray:
+    """(blocks, width) indices of the _MAX_CHUNK-row chunks covering each block's columns
+    (padded by repeating the last index)."""
+    ranges = [np.arange(c0 // _MAX_CHUNK, -(-c1 // _MAX_CHUNK))
+              for _, _, c0, c1, _ in _integer_blocks()]
+    width = max(len(r) for r in ranges)
+    return np.array([np.pad(r, (0, width - len(r)), mode="edge") for r in ranges])
+
+
+@lru_cache(maxsize=1)
+def _rows_of_block() -> np.ndarray:
+    """(3909,) the block index of each grid pixel (row) of :func:`_integer_blocks`."""
+    return np.concatenate([np.full(r1 - r0, b) for b, (r0, r1, *_) in
+                           enumerate(_integer_blocks())])
 
 
 def continuum_matrix():
@@ -678,7 +739,9 @@ def continuum(flux: np.ndarray, ivar: np.ndarray) -> np.ndarray:
     """Inverse-variance-weighted Gaussian-smoothed continuum (Ho et al. 2017, eq. 1).
 
     ``cont_i = sum_j w_ij ivar_j f_j / sum_j w_ij ivar_j`` with the truncated Gaussian weights of
-    :func:`continuum_blocks`.
+    :func:`continuum_blocks`. The sums are computed exactly on integers (module docstring, step
+    4), so row ``k`` of the result depends only on row ``k`` of the input: not on the other
+    spectra of the batch, the BLAS library or the CPU.
 
     Parameters
     ----------
@@ -702,9 +765,23 @@ def continuum(flux: np.ndarray, ivar: np.ndarray) -> np.ndarray:
     x = np.empty((N_PIXELS, 2 * s))
     x[:, :s] = (np.where(i2 > 0, f2, 0.0) * i2).T
     x[:, s:] = i2.T
+    # Per block and column, the power of two that puts the largest |x| of the block's columns
+    # just below 2**CONTINUUM_DATA_BITS; the maxima come from chunks of _MAX_CHUNK rows that
+    # cover the block's columns (a superset, so the bound holds).
+    blocks, chunks, rows_of_block = _integer_blocks(), _block_chunks(), _rows_of_block()
+    chunk_max = np.maximum.reduceat(np.abs(x), np.arange(0, N_PIXELS, _MAX_CHUNK), axis=0)
+    _, expo = np.frexp(chunk_max[chunks].max(axis=1))  # (blocks, 2S): max < 2**expo
+    expo = np.clip(expo, -1000, None)  # no overflow of the scale for (sub)normal tiny maxima
+    scale = np.ldexp(1.0, CONTINUUM_DATA_BITS - expo)
     out = np.empty_like(x)
-    for r0, r1, c0, c1, w in continuum_blocks():
-        np.matmul(w, x[c0:c1], out=out[r0:r1])
+    q = np.empty_like(x)
+    for b, (r0, r1, c0, c1, w) in enumerate(blocks):
+        qb = q[c0:c1]
+        np.multiply(x[c0:c1], scale[b], out=qb)
+        np.rint(qb, out=qb)
+        np.matmul(w, qb, out=out[r0:r1])  # exact: integers below 2**53
+    # back to data units: multiply by powers of two (exact)
+    out *= np.ldexp(1.0, expo - (CONTINUUM_DATA_BITS + CONTINUUM_WEIGHT_BITS))[rows_of_block]
     num, den = out[:, :s].T, out[:, s:].T
     cont = np.full(f2.shape, np.nan)
     np.divide(num, den, out=cont, where=den > 0)
