@@ -821,8 +821,10 @@ def ingest(files_or_folder: str | PathLike | Iterable[str | PathLike],
 def _run_pool(tasks, sources, args, n_workers, take, bar) -> None:
     """Run the tasks on ``n_workers`` spawned processes; results are taken in task order.
 
-    A worker that dies (e.g. on a file that crashes a C library) fails its own files with the
-    reason and the ingest goes on.
+    A worker that dies (killed, or a file that crashes a C library) costs nothing but time: a
+    new worker runs its chunk again; a chunk whose worker dies twice fails its files with the
+    reason (:class:`~lamostcannon.parallel.WorkerDied`) and the ingest goes on. Workers die
+    with this process (:mod:`lamostcannon.parallel`).
     """
     payloads = [([sources[i] for i in task], *args) for task in tasks]
 
