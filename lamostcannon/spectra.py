@@ -19,11 +19,18 @@ The image layouts are told apart by the third row: a wavelength row holds values
 Angstrom, the DR1-3 continuum-subtracted flux does not. LAMOST wavelengths are vacuum,
 heliocentric, observed frame.
 
-The file is decompressed into memory in one call and the FITS headers and data are parsed with
+The file is decompressed into memory and the FITS headers and data are parsed with
 numpy straight from the bytes (big-endian ``float32`` images and binary-table columns without
 scaling); anything that parser does not support (scaled data, other pixel types) goes to
 :mod:`astropy.io.fits`, which reads the same bytes. ``engine="astropy"`` forces astropy; the
 test-suite checks that both engines agree on every real file.
+
+A LAMOST low-resolution spectrum is well under 1 MB uncompressed, so no file is allowed more
+than :data:`MAX_SPECTRUM_BYTES` (64 MiB; environment variable ``LAMOSTCANNON_MAX_SPECTRUM_BYTES``
+or the ``max_bytes`` argument of :func:`read_lamost`), on disk or decompressed: a gzip bomb
+(a few MB that inflate to GB) is refused with that reason after inflating at most the cap, so
+memory stays bounded. Folders are searched with :func:`find_spectra`, which also lists the
+symbolic links it cannot follow (dangling, looping) so that the reader reports them by name.
 
 Preprocessing (Wheeler et al. 2020, section 3, following Ho et al. 2017, ApJ 836, 5)
 -------------------------------------------------------------------------------------
@@ -75,10 +82,13 @@ conservative choice for other releases) and can be switched off with ``use_ormas
 
 from __future__ import annotations
 
+import errno
 import io
 import logging
 import math
+import os
 import re
+import stat
 import zlib
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -93,6 +103,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "LOG10_WAVE_START", "LOG10_WAVE_STEP", "N_PIXELS", "CONTINUUM_SIGMA", "CONTINUUM_TRUNCATE",
     "MIN_GOOD_PIXELS", "CONTINUUM_WEIGHT_BITS", "CONTINUUM_DATA_BITS", "LAYOUTS",
+    "MAX_SPECTRUM_BYTES", "SPECTRUM_SUFFIXES",
     "common_wavelength", "LamostSpectrum", "SpectrumReadError",
     "read_lamost", "resample", "normalise", "preprocess", "preprocess_many", "continuum",
     "continuum_blocks", "continuum_matrix", "find_spectra", "SpectraStore", "ingest",
@@ -112,6 +123,13 @@ CONTINUUM_TRUNCATE = 150.0
 MIN_GOOD_PIXELS = 100
 #: The layouts :func:`read_lamost` recognises.
 LAYOUTS = ("dr1-3", "dr4-9", "dr10+")
+#: Largest spectrum file accepted, on disk and decompressed (bytes). A LAMOST low-resolution
+#: spectrum is < ~1 MB uncompressed; anything bigger than this is refused (gzip-bomb guard).
+#: Override with the environment variable ``LAMOSTCANNON_MAX_SPECTRUM_BYTES`` (read at import,
+#: so worker processes inherit it) or ``read_lamost(..., max_bytes=)``.
+MAX_SPECTRUM_BYTES = int(os.environ.get("LAMOSTCANNON_MAX_SPECTRUM_BYTES", "") or 64 * 2 ** 20)
+#: File names :func:`find_spectra` picks up (case-insensitive).
+SPECTRUM_SUFFIXES = (".fits", ".fits.gz", ".fit", ".fit.gz", ".fz")
 
 _META_KEYS = ("obsid", "designation", "ra", "dec", "z", "z_err", "snru", "snrg", "snrr", "snri",
               "snrz", "class", "subclass", "mjd", "data_release", "layout", "filename")
@@ -205,22 +223,62 @@ class _RawFits:
     tables: list  # [(extname, header, {column: row-0 array}, nrows)]
 
 
-def _load_bytes(path: Path) -> bytes:
-    """The file's bytes, gunzipped in memory when the content is gzip (magic 1f 8b)."""
+def _load_bytes(path: Path, max_bytes: int | None = None) -> bytes:
+    """The file's bytes, gunzipped in memory when the content is gzip (magic 1f 8b).
+
+    At most ``max_bytes`` (default :data:`MAX_SPECTRUM_BYTES`) are read or inflated; a bigger
+    file or decompressed stream raises :class:`SpectrumReadError` (memory stays bounded).
+    """
+    cap = MAX_SPECTRUM_BYTES if max_bytes is None else int(max_bytes)
+    info = _stat_or_reason(path)
+    if info.st_size > cap:
+        raise SpectrumReadError(path, f"file of {info.st_size} bytes exceeds the "
+                                      f"{cap}-byte limit for a spectrum (MAX_SPECTRUM_BYTES)")
     try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise SpectrumReadError(path, "file not found") from None
+        with open(path, "rb") as fh:
+            raw = fh.read(cap + 1)
     except OSError as exc:
-        raise SpectrumReadError(path, f"cannot read file: {exc}") from None
+        raise SpectrumReadError(path, f"cannot read file: {exc.strerror or exc}") from None
+    if len(raw) > cap:  # grew since the stat
+        raise SpectrumReadError(path, f"file exceeds the {cap}-byte limit for a spectrum")
     if raw[:2] != b"\x1f\x8b":
         return raw
-    pieces = []
-    data = raw
+    return _gunzip(raw, path, cap)
+
+
+#: Inflated bytes kept while the size of a gzip stream is not yet known to be under the cap;
+#: a bigger stream is first inflated without keeping the output (to check the cap), then again.
+_KEEP_BYTES = 8 * 2 ** 20
+
+
+def _gunzip(raw: bytes, path, cap: int) -> bytes:
+    """Inflate every gzip member of ``raw``, refusing more than ``cap`` bytes of output.
+
+    Output is inflated in 1 MiB steps; beyond :data:`_KEEP_BYTES` (far above any LAMOST file)
+    it is only counted, so a bomb costs at most ~9 MiB of memory before it is refused, and a
+    legitimate large file (up to ``cap``) is inflated a second time.
+    """
+    pieces, total, data, keep = [], 0, raw, True
     try:
         while data:
             dec = zlib.decompressobj(wbits=31)
-            pieces.append(dec.decompress(data))
+            buf = data
+            while not dec.eof:
+                out = dec.decompress(buf, min(1 << 20, cap + 1 - total))
+                total += len(out)
+                if total > cap:
+                    raise SpectrumReadError(
+                        path, f"decompressed size exceeds the {cap}-byte limit for a spectrum "
+                              f"({len(raw)} compressed bytes; a gzip bomb?); MAX_SPECTRUM_BYTES "
+                              "raises the limit")
+                if keep:
+                    pieces.append(out)
+                    if total > _KEEP_BYTES:
+                        keep = False
+                        pieces.clear()
+                buf = dec.unconsumed_tail
+                if not out and not buf:
+                    break
             if not dec.eof:
                 raise SpectrumReadError(
                     path, f"truncated gzip stream ({len(raw)} compressed bytes end before the "
@@ -228,7 +286,52 @@ def _load_bytes(path: Path) -> bytes:
             data = dec.unused_data.lstrip(b"\x00")  # multi-member gzip; trailing zero padding
     except zlib.error as exc:
         raise SpectrumReadError(path, f"corrupt gzip stream ({exc})") from None
-    return b"".join(pieces)
+    if keep:
+        return b"".join(pieces)
+    out, data = [], raw  # under the cap, but large: inflate again, keeping everything
+    while data:
+        dec = zlib.decompressobj(wbits=31)
+        out.append(dec.decompress(data))
+        data = dec.unused_data.lstrip(b"\x00")
+    return b"".join(out)
+
+
+def _stat_or_reason(path: Path) -> os.stat_result:
+    """``os.stat(path)`` of a regular file, or :class:`SpectrumReadError` saying what it is."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise SpectrumReadError(path, "dangling symbolic link (its target "
+                                          f"{os.readlink(path)} does not exist)") from None
+        raise SpectrumReadError(path, "file not found") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise SpectrumReadError(path, "symbolic link loop (too many levels of symbolic "
+                                          "links)") from None
+        raise SpectrumReadError(path, f"cannot read file: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(info.st_mode):
+        if os.path.islink(path) and _links_to_ancestor(Path(path)):
+            raise SpectrumReadError(path, "symbolic link loop: it points to a folder that "
+                                          f"contains it ({os.path.realpath(path)}); not followed")
+        raise SpectrumReadError(path, "is a folder, not a spectrum file")
+    if not stat.S_ISREG(info.st_mode):
+        raise SpectrumReadError(path, "not a regular file (a pipe, socket or device)")
+    return info
+
+
+def _links_to_ancestor(link: Path) -> bool:
+    """True when the folder ``link`` points to contains ``link`` itself."""
+    try:
+        target = os.stat(link)
+        parent = Path(os.path.abspath(link)).parent
+        for folder in (parent, *parent.parents):
+            st = os.stat(folder)
+            if (st.st_dev, st.st_ino) == (target.st_dev, target.st_ino):
+                return True
+    except OSError:
+        return False
+    return False
 
 
 def _parse_value(raw: str):
@@ -541,7 +644,8 @@ def _mask(values) -> np.ndarray:
     return values.astype(np.int64)
 
 
-def read_lamost(path: str | PathLike, *, engine: str = "auto") -> LamostSpectrum:
+def read_lamost(path: str | PathLike, *, engine: str = "auto",
+                max_bytes: int | None = None) -> LamostSpectrum:
     """Read one LAMOST low-resolution spectrum file of any layout, plain or gzipped.
 
     Parameters
@@ -552,6 +656,8 @@ def read_lamost(path: str | PathLike, *, engine: str = "auto") -> LamostSpectrum
         ``"fast"``: parse the decompressed bytes with numpy; ``"astropy"``: parse them with
         :func:`astropy.io.fits.open`; ``"auto"`` (default): fast, with astropy for anything the
         fast parser does not support.
+    max_bytes : int, optional
+        Largest file or decompressed size accepted; default :data:`MAX_SPECTRUM_BYTES`.
 
     Returns
     -------
@@ -561,14 +667,16 @@ def read_lamost(path: str | PathLike, *, engine: str = "auto") -> LamostSpectrum
     Raises
     ------
     SpectrumReadError
-        With a reason: file not found, truncated or corrupt gzip, truncated file, unreadable
-        header, missing HDU (no image and no COADD table), NaN/inf wavelengths, wavelengths not
-        increasing, arrays of different lengths.
+        With a reason: file not found, dangling symbolic link, symbolic link loop, not a
+        regular file, larger than ``max_bytes`` (on disk or decompressed: a gzip bomb),
+        truncated or corrupt gzip, truncated file, unreadable header, missing HDU (no image and
+        no COADD table), NaN/inf wavelengths, wavelengths not increasing, arrays of different
+        lengths.
     """
     if engine not in ("auto", "fast", "astropy"):
         raise ValueError(f"engine must be 'auto', 'fast' or 'astropy', got {engine!r}")
     path = Path(path)
-    buf = _load_bytes(path)
+    buf = _load_bytes(path, max_bytes)
     if engine == "astropy":
         raw = _parse_astropy(buf, path)
     else:
@@ -925,18 +1033,61 @@ def _process_files(sources: Sequence[str], use_ormask: bool, min_good_pixels: in
 
 
 def find_spectra(folder: str | PathLike) -> list[Path]:
-    """All LAMOST spectrum files (``*.fits``, ``*.fit``, optionally ``.gz``) under ``folder``.
+    """All LAMOST spectrum files (``*.fits``, ``*.fit``, optionally ``.gz``; ``*.fz``) under
+    ``folder``, searched recursively, following symbolic links to folders.
+
+    Links that cannot be followed are listed too, so that reading them reports why (and a run
+    names them in its error report instead of dropping them silently): dangling links and link
+    loops with a spectrum's name, and links to a folder that contains them (a loop; not
+    followed). A folder reached twice through links is searched once.
 
     Returns
     -------
     list of Path
-        Sorted by path, searched recursively.
+        Sorted by path.
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"no such folder: {folder}")
-    suffixes = (".fits", ".fits.gz", ".fit", ".fit.gz", ".fz")
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name.lower().endswith(suffixes))
+    found: list[Path] = []
+    root = os.stat(folder)
+    seen = {(root.st_dev, root.st_ino)}
+    links: list = []  # links to folders: followed after the real tree, so it is found first
+
+    def walk(path: Path, ancestors: frozenset) -> None:
+        try:
+            entries = sorted(os.scandir(path), key=lambda e: e.name)
+        except OSError as exc:
+            log.warning("cannot list %s: %s", path, exc.strerror or exc)
+            return
+        for entry in entries:
+            p = Path(entry.path)
+            named = entry.name.lower().endswith(SPECTRUM_SUFFIXES)
+            try:
+                st = entry.stat()  # follows links
+            except OSError:  # dangling link or a link loop
+                if entry.is_symlink() and named:
+                    found.append(p)
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                key = (st.st_dev, st.st_ino)
+                if entry.is_symlink():
+                    links.append((p, key, ancestors))
+                elif key not in seen:
+                    seen.add(key)
+                    walk(p, ancestors | {key})
+            elif named and stat.S_ISREG(st.st_mode):
+                found.append(p)
+
+    walk(folder, frozenset(seen))
+    while links:
+        p, key, ancestors = links.pop(0)
+        if key in ancestors:  # a link to a folder that contains it
+            found.append(p)
+        elif key not in seen:
+            seen.add(key)
+            walk(p, ancestors | {key})
+    return sorted(found)
 
 
 def __getattr__(name):  # the store lives in store.py; imported lazily (zarr, pandas)

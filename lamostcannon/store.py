@@ -150,7 +150,8 @@ def _acquire_lock(store: Path) -> int:
         Another process (or another open writer) holds it; the message names its pid when known.
     """
     lock = store / _LOCK
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)  # not inheritable (PEP 446)
+    # not inheritable (PEP 446); never through a planted symbolic link
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
     try:
         _os_lock(fd)
     except OSError:

@@ -313,3 +313,73 @@ def racing_ingests(dr10_files, root: Path, n_trials: int, per_run: int = 6) -> d
                                            and np.array_equal(i, ivar[k]))
         out["mismatched_rows"] += (len(meta) != len(want)) + (not meta.is_unique)
     return out
+
+
+# ------------------------------------------------------------------------------ hostile files
+
+def fits_header_block(cards: dict) -> bytes:
+    """One 2880-byte FITS header block with ``cards`` (ints, bools, strings) and END."""
+    lines = []
+    for key, value in cards.items():
+        if isinstance(value, bool):
+            text = "T" if value else "F"
+        elif isinstance(value, str):
+            text = f"'{value:<8}'"
+        else:
+            text = str(value)
+        lines.append(f"{key:<8}= {text:>20}".ljust(80))
+    lines.append("END".ljust(80))
+    block = "".join(lines).encode("ascii")
+    return block + b" " * (-len(block) % 2880)
+
+
+def write_gzip_bomb(path: Path, n_bytes: int) -> Path:
+    """A gzip file that inflates to ``n_bytes``: a FITS primary header that declares a matching
+    image, then zeros. Streamed: a few MB of memory whatever ``n_bytes``."""
+    import zlib
+
+    header = fits_header_block({"SIMPLE": True, "BITPIX": 8, "NAXIS": 1,
+                                "NAXIS1": n_bytes - 2880})
+    comp = zlib.compressobj(9, zlib.DEFLATED, 31)
+    zeros = bytes(1 << 20)
+    with open(path, "wb") as fh:
+        fh.write(comp.compress(header))
+        left = n_bytes - len(header)
+        while left > 0:
+            fh.write(comp.compress(zeros[:min(left, len(zeros))]))
+            left -= len(zeros)
+        fh.write(comp.flush())
+    return path
+
+
+PEAK_RSS_SCRIPT = textwrap.dedent("""
+    import resource, sys
+    from lamostcannon import spectra
+    normal = spectra.read_lamost(sys.argv[1])
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    reason = ""
+    if len(sys.argv) > 2:
+        try:
+            spectra.read_lamost(sys.argv[2])
+        except spectra.SpectrumReadError as exc:
+            reason = exc.reason
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(base, peak, reason, sep="\\t")
+""")
+
+
+def bomb_peak_rss(normal_file: Path, bomb: Path) -> dict:
+    """Peak RSS (MB) of a process that reads one real spectrum, against one that then also
+    tries the bomb; and the reason the bomb was refused."""
+    def run(*files):
+        out = subprocess.run([sys.executable, "-c", PEAK_RSS_SCRIPT, *map(str, files)],
+                             capture_output=True, text=True, env=_env(), timeout=600)
+        if out.returncode:
+            raise RuntimeError(out.stderr[-2000:])
+        base, peak, reason = out.stdout.rstrip("\n").split("\t")
+        return int(base) / 1024, int(peak) / 1024, reason
+
+    normal_peak = run(normal_file)[1]
+    _, bomb_peak, reason = run(normal_file, bomb)
+    return {"bomb_bytes": os.path.getsize(bomb), "normal_rss_mb": normal_peak,
+            "bomb_rss_mb": bomb_peak, "ratio": bomb_peak / normal_peak, "reason": reason}

@@ -341,3 +341,94 @@ def test_endpoints_from_environment(monkeypatch):
     assert Endpoints(lamost_release="dr10").lamost_xmatch is None
     with pytest.raises(ValueError, match="galah_release"):
         Endpoints(galah_release="dr9")
+
+
+# ------------------------------------------------------------------------------ hostile answers
+
+def _fits_catalogue(n_rows=4000) -> bytes:
+    """A multi-HDU FITS catalogue (primary image + two tables), as an archive would serve."""
+    rng = np.random.default_rng(2)
+    hdus = [fits.PrimaryHDU(np.zeros((10, 10), np.float32)),
+            fits.BinTableHDU(Table({"sobject_id": np.arange(n_rows), "teff": rng.normal(
+                5500, 300, n_rows)}), name="CATALOG"),
+            fits.BinTableHDU(Table({"x": rng.normal(size=n_rows // 2)}), name="EXTRA")]
+    buf = io.BytesIO()
+    fits.HDUList(hdus).writeto(buf)
+    return buf.getvalue()
+
+
+def test_a_catalogue_cut_short_with_a_consistent_length_is_refused_at_download(world, tmp_path):
+    srv = world
+    data = _fits_catalogue()
+    full, cut = "/files/whole.fits", "/files/cut.fits"
+    srv.files[full] = data
+    srv.files[cut] = data[:len(data) // 2]  # Content-Length says half: nothing to notice
+    try:
+        report = _fast().fetch_many(
+            [FileTask(srv.url + full, "cat/whole.fits", key="whole"),
+             FileTask(srv.url + cut, "cat/cut.fits", key="cut")],
+            tmp_path, Manifest(tmp_path), what="catalogue", validate=archives.validate_fits)
+    finally:
+        del srv.files[full], srv.files[cut]
+    assert report.fetched == ["whole"] and [f.key for f in report.failures] == ["cut"]
+    assert "truncated: HDU 1 declares" in report.failures[0].reason
+    assert not (tmp_path / "cat/cut.fits").exists()
+    # the walker itself, on every cut of the file and on the gzipped file
+    from lamostcannon.archives import fits_size_problem
+
+    assert fits_size_problem(io.BytesIO(data), len(data)) is None
+    assert fits_size_problem(io.BytesIO(gzip.decompress(gzip.compress(data)))) is None
+    for cut_at in (100, 2880, 2880 * 2 + 10, len(data) // 2, len(data) - 2880 - 1):
+        assert "truncated" in fits_size_problem(io.BytesIO(data[:cut_at]), cut_at), cut_at
+        assert "truncated" in fits_size_problem(io.BytesIO(data[:cut_at])), cut_at
+
+
+def test_a_gzip_bomb_served_as_a_spectrum_is_refused_at_download(world, tmp_path):
+    import reliability_harness as rh
+
+    srv = world
+    bomb = rh.write_gzip_bomb(tmp_path / "bomb.fits.gz", 256 * 2 ** 20).read_bytes()
+    srv.spectra[7] = bomb
+    try:
+        report = _fast().fetch_many(
+            [FileTask(f"{srv.url}{path_of(SPECTRUM_ROUTE, 7)}", "lamost/spectra/bomb.fits.gz",
+                      key="bomb")], tmp_path, Manifest(tmp_path), what="LAMOST spectra",
+            validate=archives.validate_lamost)
+    finally:
+        del srv.spectra[7]
+    assert [f.key for f in report.failures] == ["bomb"]
+    assert "exceeds the 67108864-byte limit" in report.failures[0].reason
+    assert not (tmp_path / "lamost/spectra/bomb.fits.gz").exists()
+
+
+def test_a_gzipped_truncated_fits_with_a_valid_crc_is_refused(world, tmp_path, real_lamost):
+    src = sorted((real_lamost / "dr10").glob("*.fits.gz"))[0]
+    part = tmp_path / "x.part"
+    part.write_bytes(gzip.compress(gzip.decompress(src.read_bytes())[:10000]))
+    with pytest.raises(ValueError, match="inside the gzip: truncated"):
+        archives.validate_lamost(part, FileTask("u", "x"))
+
+
+def test_a_dripping_server_is_abandoned_within_the_deadline(world, tmp_path):
+    import time
+
+    srv = world
+    r = srv.rows[30]
+    path = path_of(SPECTRUM_ROUTE, r["obsid"])
+    srv.always[path] = "drip"
+    deadline = 2.0
+    t0 = time.monotonic()
+    try:
+        report = _fast(deadline=deadline, timeout=(1.0, 1.0)).fetch_many(
+            [FileTask(srv.url + path, f"lamost/spectra/{r['filename']}", key="drip")],
+            tmp_path, Manifest(tmp_path), what="LAMOST spectra",
+            validate=archives.validate_lamost)
+    finally:
+        srv.always.clear()
+    elapsed = time.monotonic() - t0
+    assert [f.key for f in report.failures] == ["drip"]
+    reason = report.failures[0].reason
+    assert "deadline" in reason and "bytes received" in reason, reason
+    assert elapsed < deadline + 1.5, elapsed  # a byte every 0.3 s never trips the 1 s read timeout
+    assert not (tmp_path / "lamost/spectra" / r["filename"]).exists()
+    assert list((tmp_path / ".partial").rglob("*.part"))  # kept, to resume

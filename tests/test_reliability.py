@@ -134,3 +134,24 @@ def test_ingest_goes_on_when_a_worker_is_killed(real_lamost, tmp_path):
     assert len(failed) == 8 and failed["reason"].str.contains("WorkerDied").all(), failed
     assert (report["status"] == "stored").sum() == len(files) - 8
     assert len(SpectraStore(store)) == len(files) - 8
+
+
+def test_label_lists_dangling_links_and_link_loops_in_its_errors(real_lamost, small_model,
+                                                                  tmp_path):
+    from lamostcannon import cli
+
+    top = tmp_path / "spectra"
+    (top / "sub").mkdir(parents=True)
+    good = sorted((real_lamost / "dr10").glob("*.fits.gz"))[300:303]
+    for f in good:
+        (top / f.name).symlink_to(f)
+    (top / "gone.fits.gz").symlink_to(tmp_path / "nowhere.fits.gz")
+    (top / "loop1.fits").symlink_to(top / "loop2.fits")
+    (top / "loop2.fits").symlink_to(top / "loop1.fits")
+    (top / "sub" / "up").symlink_to(top)
+    run = cli.label_files(small_model, [top], tmp_path / "out.csv", workers=1, progress=False)
+    assert run.n_labelled == 3 and run.n_failed == 4
+    errors = pd.read_csv(run.errors).set_index("source")
+    assert errors.loc[str(top / "gone.fits.gz"), "reason"].startswith("dangling symbolic link")
+    for name in ("loop1.fits", "loop2.fits", "sub/up"):
+        assert errors.loc[str(top / name), "reason"].startswith("symbolic link loop"), name

@@ -7,6 +7,7 @@ Known answers on synthetic spectra, and the real LAMOST files in ../shared/data/
 from __future__ import annotations
 
 import gzip
+import os
 import itertools
 import logging
 import shutil
@@ -376,3 +377,61 @@ def test_dr8_repeat_observations_agree_within_their_noise(real_lamost, record_pr
     # and a systematic floor at S/N > 80 adding to it.
     assert 0.8 < median < 3, median
     assert np.percentile(chi2, 10) > 0.5
+
+
+def test_a_gzip_bomb_is_refused_with_a_reason_and_bounded_memory(real_lamost, tmp_path):
+    """256 MiB of zeros behind a FITS header, gzipped to ~250 kB: refused at the 64 MiB cap,
+    and the reading process's peak memory stays within 2x that of reading a real spectrum
+    (``benchmarks/bench_reliability.py`` does the same with a 2 GiB bomb)."""
+    import reliability_harness as rh
+
+    bomb = rh.write_gzip_bomb(tmp_path / "spec-bomb.fits.gz", 256 * 2 ** 20)
+    with pytest.raises(sp.SpectrumReadError, match="exceeds the 67108864-byte limit"):
+        sp.read_lamost(bomb)
+    with pytest.raises(sp.SpectrumReadError, match="exceeds the 1000-byte limit"):
+        sp.read_lamost(sorted((real_lamost / "dr10").glob("*.fits.gz"))[0], max_bytes=1000)
+    got = rh.bomb_peak_rss(sorted((real_lamost / "dr10").glob("*.fits.gz"))[0], bomb)
+    assert "gzip bomb" in got["reason"]
+    assert got["ratio"] <= 2.0, got
+
+
+def test_links_that_cannot_be_followed_are_listed_and_read_with_a_reason(real_lamost,
+                                                                         tmp_path):
+    src = sorted((real_lamost / "dr10").glob("*.fits.gz"))[:2]
+    top = tmp_path / "spectra"
+    (top / "sub").mkdir(parents=True)
+    (top / "a.fits.gz").symlink_to(src[0])                   # a good link
+    (top / "sub" / "b.fits.gz").write_bytes(src[1].read_bytes())
+    (top / "gone.fits.gz").symlink_to(tmp_path / "nowhere.fits.gz")  # dangling
+    (top / "loop1.fits").symlink_to(top / "loop2.fits")      # a loop of two links
+    (top / "loop2.fits").symlink_to(top / "loop1.fits")
+    (top / "sub" / "up").symlink_to(top)                     # a folder loop
+    (top / "again").symlink_to(top / "sub")                  # the same folder twice
+    (top / "notes.txt").symlink_to(tmp_path / "nothing.txt")  # not a spectrum's name: ignored
+    os.mkfifo(top / "pipe.fits")                             # never opened: it would block
+    found = sp.find_spectra(top)
+    names = [str(p.relative_to(top)) for p in found]
+    assert sorted(names) == ["a.fits.gz", "gone.fits.gz", "loop1.fits", "loop2.fits",
+                             "sub/b.fits.gz", "sub/up"], names
+    reasons = {}
+    for p in found:
+        try:
+            sp.read_lamost(p)
+        except sp.SpectrumReadError as exc:
+            reasons[str(p.relative_to(top))] = exc.reason
+    assert set(reasons) == {"gone.fits.gz", "loop1.fits", "loop2.fits", "sub/up"}
+    assert reasons["gone.fits.gz"].startswith("dangling symbolic link")
+    assert reasons["loop1.fits"].startswith("symbolic link loop")
+    assert reasons["sub/up"].startswith("symbolic link loop: it points to a folder that")
+    with pytest.raises(sp.SpectrumReadError, match="not a regular file"):
+        sp.read_lamost(top / "pipe.fits")
+    with pytest.raises(sp.SpectrumReadError, match="is a folder"):
+        sp.read_lamost(top / "sub")
+    # the ingest report names them with their reasons
+    from lamostcannon.store import ingest
+
+    report = ingest(top, tmp_path / "s.zarr", n_workers=1, progress=False).set_index("source")
+    for name, reason in reasons.items():
+        row = report.loc[str(top / name)]
+        assert row["status"] == "failed" and row["reason"] == reason
+    assert (report["status"] == "stored").sum() == 2
