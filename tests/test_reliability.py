@@ -155,3 +155,36 @@ def test_label_lists_dangling_links_and_link_loops_in_its_errors(real_lamost, sm
     assert errors.loc[str(top / "gone.fits.gz"), "reason"].startswith("dangling symbolic link")
     for name in ("loop1.fits", "loop2.fits", "sub/up"):
         assert errors.loc[str(top / name), "reason"].startswith("symbolic link loop"), name
+
+
+def test_a_model_from_another_version_loads_with_a_warning(small_model, tmp_path, caplog):
+    import logging
+    import warnings
+
+    from astropy.io import fits
+
+    from lamostcannon import __version__
+    from lamostcannon.cannon import CannonModel
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same version: no warning at all
+        CannonModel.read(small_model)
+    major, minor = (int(v) for v in __version__.split(".")[:2])
+    for other, warned in ((f"{major}.{minor}.99", False), (f"{major}.{minor + 1}.0", True),
+                          (f"{major + 1}.0.0", True)):
+        path = tmp_path / f"model_{other}.fits"
+        with fits.open(small_model) as hdul:
+            hdul[0].header["LCVERS"] = other
+            hdul.writeto(path, checksum=True)
+        caplog.clear()
+        with warnings.catch_warnings(record=True) as got:
+            warnings.simplefilter("always")
+            model = CannonModel.read(path)
+        assert model.meta["version"] == other
+        text = [str(w.message) for w in got if issubclass(w.category, UserWarning)]
+        assert bool(text) == warned, (other, text)
+        logged = [r for r in caplog.records if r.levelno == logging.WARNING
+                  and "written by lamostcannon" in r.getMessage()]
+        assert bool(logged) == warned
+        if warned:
+            assert f"written by lamostcannon {other}, this is {__version__}" in text[0]
