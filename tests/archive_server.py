@@ -84,6 +84,39 @@ def xmatch_pairs(upload, cat2, ra1: str, dec1: str, radius_arcsec: float):
     return out
 
 
+def galah_camera(ccd: int, labels, rng, step_factor: float = 0.9) -> bytes:
+    """A GALAH DR2-style camera file: 5 image HDUs (0 flux, 1 relative error, 2-3 without sky
+    subtraction, 4 normalised flux), wavelengths from CRVAL1/CDELT1/CRPIX1; absorption lines in
+    every element window whose depth follows ``labels[f"{el}_fe"]`` and ``labels["teff"]``."""
+    from astropy.io import fits
+
+    from lamostcannon.archives.windows import CAMERA_RANGE, CAMERA_STEP, WINDOWS
+    from lamostcannon.labels import ELEMENTS
+
+    lo, hi = CAMERA_RANGE[ccd]
+    step = CAMERA_STEP[ccd] * step_factor
+    wave = lo + step * np.arange(int((hi - lo) / step))
+    flux = np.ones_like(wave)
+    for el in ELEMENTS:
+        value = float(labels[f"{el}_fe"])
+        depth = 0.3 + 0.2 * (value if np.isfinite(value) else 0.0) \
+            + 1e-4 * (float(labels["teff"]) - 5500)
+        for a, b in WINDOWS[el]:
+            if lo <= a <= hi:
+                flux -= depth * np.exp(-0.5 * ((wave - 0.5 * (a + b)) / 0.1) ** 2)
+    rel = np.full_like(wave, 0.01)
+    flux = flux + rng.normal(0, 0.01, wave.size)
+    hdr = fits.Header({"CRVAL1": lo, "CDELT1": step, "CRPIX1": 1.0})
+    hdus = [fits.PrimaryHDU(flux.astype(np.float32), header=hdr),
+            fits.ImageHDU(rel.astype(np.float32), header=hdr, name="input_sigma"),
+            fits.ImageHDU(flux.astype(np.float32), header=hdr, name="no_sky_spectrum"),
+            fits.ImageHDU(rel.astype(np.float32), header=hdr, name="no_sky_sigma"),
+            fits.ImageHDU(flux.astype(np.float32), header=hdr, name="normalised_spectrum")]
+    buf = io.BytesIO()
+    fits.HDUList(hdus).writeto(buf)
+    return buf.getvalue()
+
+
 class ArchiveServer:
     """Start with :meth:`start`, stop with :meth:`stop`; ``url`` is ``http://127.0.0.1:<port>``."""
 
