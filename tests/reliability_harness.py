@@ -355,16 +355,26 @@ def write_gzip_bomb(path: Path, n_bytes: int) -> Path:
 PEAK_RSS_SCRIPT = textwrap.dedent("""
     import resource, sys
     from lamostcannon import spectra
+
+    def peak_kb():  # VmHWM: this process's own peak (ru_maxrss can carry the parent's over exec)
+        try:
+            with open("/proc/self/status") as fh:
+                for line in fh:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1])
+        except OSError:
+            pass
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
     normal = spectra.read_lamost(sys.argv[1])
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    base = peak_kb()
     reason = ""
     if len(sys.argv) > 2:
         try:
             spectra.read_lamost(sys.argv[2])
         except spectra.SpectrumReadError as exc:
             reason = exc.reason
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(base, peak, reason, sep="\\t")
+    print(base, peak_kb(), reason, sep="\t")
 """)
 
 
