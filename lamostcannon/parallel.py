@@ -67,8 +67,8 @@ class WorkerDied(RuntimeError):
 
     def __init__(self, index: int, deaths: int, exitcode, pid):
         self.index, self.deaths, self.exitcode, self.pid = index, deaths, exitcode, pid
-        super().__init__(f"the worker process died {_how(exitcode)} while working on this task "
-                         f"({deaths} time{'s' if deaths != 1 else ''}; last pid {pid}); "
+        super().__init__(f"the worker process died ({_how(exitcode)}) while working on this "
+                         f"task, {deaths} time{'s' if deaths != 1 else ''} (last pid {pid}); "
                          "not retried again")
 
     def __reduce__(self):
@@ -331,7 +331,7 @@ def ordered_map(fn, payloads, n_workers: int, *, initializer=None, initargs=(),
                     log.error("task %d: %s", index, exc)
                     results[index] = on_error(index, exc)
                 else:
-                    log.warning("a worker process (pid %s) died %s while working on task %d; "
+                    log.warning("a worker process (pid %s) died (%s) while working on task %d; "
                                 "starting a new worker and running the task again", pid,
                                 _how(exitcode), index)
                     retry.appendleft(index)

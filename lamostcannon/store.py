@@ -681,8 +681,9 @@ def ingest(files_or_folder: str | PathLike | Iterable[str | PathLike],
 
     Each file goes through :func:`~lamostcannon.spectra.read_lamost`,
     :func:`~lamostcannon.spectra.resample` and :func:`~lamostcannon.spectra.normalise` (the same
-    code as :func:`~lamostcannon.spectra.preprocess`, so the stored rows equal per-file
-    processing exactly). Worker processes handle chunks of ``chunk_size`` files; the parent
+    code as :func:`~lamostcannon.spectra.preprocess`; the continuum sums are exact integer
+    arithmetic, so a stored row equals per-file processing bit for bit whatever the batch, BLAS
+    or CPU: see :mod:`lamostcannon.spectra`, step 4). Worker processes handle chunks of ``chunk_size`` files; the parent
     appends their results in input order and commits every ``commit_rows`` observations. An
     interrupted run (Ctrl-C, ``kill -9``) loses at most the uncommitted rows, and the next run
     skips every file already stored.

@@ -104,7 +104,7 @@ def test_one_killed_worker_costs_nothing_and_a_chunk_killed_twice_is_listed(
     once = rh.kill_workers_during_run(rh.label_command(small_model, files, out), times=1)
     assert once["returncode"] == 0, once["stderr"][-3000:]
     assert len(Table.read(out)) == len(files)  # the killed chunk was run again
-    assert "died killed by SIGKILL" in once["stderr"]  # and the log says what happened
+    assert "died (killed by SIGKILL)" in once["stderr"]  # and the log says what happened
     errors = pd.read_csv(tmp_path / "labels.errors.csv")
     assert len(errors) == 0, errors
 
