@@ -143,3 +143,29 @@ def tidy_executed(nb):
     finish_progress_widgets(nb)
     collapse_carriage_returns(nb)
     return nb
+
+
+def compact_table(table, *, digits: int = 3, max_columns: int | None = None):
+    """A table as a notebook should show it: columns that are entirely missing (NaN, None or
+    empty strings) dropped, floats rounded to ``digits``, and at most ``max_columns`` columns
+    (the first ones) so that a wide, mostly-NaN table does not fill the page.
+
+    Parameters
+    ----------
+    table : pandas.DataFrame or astropy Table (converted with ``to_pandas``)
+
+    Returns
+    -------
+    pandas.DataFrame (a copy)
+    """
+    import pandas as pd
+
+    df = table.to_pandas() if hasattr(table, "to_pandas") else pd.DataFrame(table).copy()
+    textual = (pd.api.types.is_object_dtype, pd.api.types.is_string_dtype)
+    empty = [c for c in df.columns
+             if df[c].isna().all()
+             or (any(t(df[c]) for t in textual) and not df[c].fillna("").astype(bool).any())]
+    df = df.drop(columns=empty)
+    if max_columns is not None and df.shape[1] > max_columns:
+        df = df.iloc[:, :max_columns]
+    return df.round(digits)

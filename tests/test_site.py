@@ -211,3 +211,15 @@ def test_shown_path_never_shows_the_machine(tmp_path, monkeypatch):
 def test_site_needs_executed_notebooks(tmp_path):
     with pytest.raises(FileNotFoundError, match="make reproduce"):
         site.build_site(tmp_path, tmp_path / "out")
+
+
+def test_compact_table_drops_empty_columns():
+    import numpy as np
+    import pandas as pd
+
+    df = pd.DataFrame({"a": [1.23456, 2.0], "b": [np.nan, np.nan], "c": ["", ""], "d": ["x", ""],
+                       "e": [None, None]})
+    out = nbtools.compact_table(df)
+    assert list(out.columns) == ["a", "d"] and out.loc[0, "a"] == 1.235
+    assert list(nbtools.compact_table(df, max_columns=1).columns) == ["a"]
+    assert list(df.columns) == ["a", "b", "c", "d", "e"]        # the input is left alone
