@@ -328,3 +328,10 @@ def test_every_figure_a_notebook_saves_is_in_the_map():
     assert figure_map.paper_figure_text("model_vs_data_giants").startswith("one panel of paper Fig. 8")
     assert figure_map.paper_figure_text("real_cv_one_to_one") == "not in the paper"
     assert figure_map.paper_figure_text("no_such_figure") == ""
+
+
+def test_setup_names_the_data_a_notebook_reads(monkeypatch):
+    monkeypatch.setenv("LAMOSTCANNON_SOURCE", "mock")
+    assert "source=mock" in plotting.setup()
+    line = plotting.setup(data="real LAMOST DR10 spectra")
+    assert "data=real LAMOST DR10 spectra" in line and "source=" not in line

@@ -148,6 +148,8 @@ def test_figures_are_anchored_and_captioned_with_the_paper_figure(built):
         "02_cleaning.html#fig-kiel_diagram_reference_set"
     img = [s for s in parsed.imgs if s.startswith("02_cleaning_files/")]
     assert len(img) == 1                       # the figure once, as a file beside the page
+    # named once, in the caption: savefig's return value echoes nothing after the figure
+    assert "".join(parsed.text).count("figures/kiel_diagram_reference_set.png") == 1
     index = built.index.read_text()
     assert 'href="02_cleaning.html#fig-kiel_diagram_reference_set"' in index
     assert "PosixPath" not in html and "/tmp/" not in "".join(parsed.text)

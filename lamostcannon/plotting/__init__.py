@@ -99,10 +99,18 @@ def use_style():
     plt.style.use(str(paths.STYLE_FILE))
 
 
-def setup(seed: int | None = None) -> str:
+def setup(seed: int | None = None, data: str | None = None) -> str:
     """One call at the top of each notebook: apply the style and describe the environment.
 
-    Returns a one-line summary (versions, data source, size, seed) for the notebook to print.
+    Parameters
+    ----------
+    seed : int, optional
+        The seed to report instead of ``LAMOSTCANNON_SEED``.
+    data : str, optional
+        What the notebook reads, when it is not the configured source (notebook 09 reads real
+        LAMOST spectra whatever ``LAMOSTCANNON_SOURCE`` says): replaces ``source=... size=...``.
+
+    Returns a one-line summary (versions, data, seed) for the notebook to print.
     """
     import sys
 
@@ -118,7 +126,8 @@ def setup(seed: int | None = None) -> str:
     return (
         f"lamostcannon {__version__} | python {sys.version.split()[0]} | numpy {numpy.__version__} | "
         f"astropy {astropy.__version__} | matplotlib {matplotlib.__version__} | "
-        f"source={s.source} size={s.size} seed={s.seed if seed is None else seed} workers={s.n_workers}"
+        + (f"data={data}" if data else f"source={s.source} size={s.size}")
+        + f" seed={s.seed if seed is None else seed} workers={s.n_workers}"
     )
 
 
@@ -126,9 +135,10 @@ class SavedFigure(list):
     """The files :func:`savefig` wrote (a list of :class:`pathlib.Path`), shown by their
     repository-relative names so that a notebook never echoes the machine's absolute paths."""
 
-    def __init__(self, files, name: str):
+    def __init__(self, files, name: str, shown: bool = False):
         super().__init__(files)
         self.name = name
+        self.shown = shown
 
     @property
     def relative(self) -> list[str]:
@@ -144,7 +154,11 @@ class SavedFigure(list):
         p.text(repr(self))
 
     def _ipython_display_(self):
-        """In a notebook :func:`savefig` has already shown the figure and its caption."""
+        """Nothing when :func:`savefig` has shown the figure with its caption; else the names."""
+        if not self.shown:
+            from IPython.display import display
+
+            display({"text/plain": repr(self)}, raw=True)
 
 
 def _in_kernel() -> bool:
@@ -218,5 +232,6 @@ def savefig(fig, name: str, formats=(".png",), directory: Path | None = None, *,
         display({"text/markdown": md, "text/plain": text}, raw=True,
                 metadata={"lamostcannon": {"caption_for": name}})
         fig._lamostcannon_shown = True
+        saved.shown = True
         plt.close(fig)
     return saved
