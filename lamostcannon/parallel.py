@@ -42,7 +42,8 @@ from multiprocessing.connection import wait as _wait
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ordered_map", "WorkerDied", "die_with_parent", "MAX_WORKER_DEATHS", "PARENT_POLL_S"]
+__all__ = ["ordered_map", "WorkerDied", "die_with_parent", "keep_freed_memory",
+           "MAX_WORKER_DEATHS", "PARENT_POLL_S"]
 
 #: A task whose worker process dies this many times is reported as failed (never retried more).
 MAX_WORKER_DEATHS = 2
@@ -112,6 +113,45 @@ def die_with_parent(parent_pid: int, poll_s: float = PARENT_POLL_S) -> None:
                 os._exit(70)
 
     threading.Thread(target=watch, name="lamostcannon-parent-watch", daemon=True).start()
+
+
+#: glibc ``M_MMAP_THRESHOLD`` set by :func:`keep_freed_memory` (the most glibc's own dynamic
+#: threshold reaches on 64-bit Linux).
+MALLOC_MMAP_THRESHOLD = 32 * 2 ** 20
+#: glibc ``M_TRIM_THRESHOLD`` set by :func:`keep_freed_memory` (twice the mmap threshold, as
+#: glibc's dynamic rule).
+MALLOC_TRIM_THRESHOLD = 64 * 2 ** 20
+
+
+def keep_freed_memory() -> bool:
+    """Let this process reuse the memory it frees instead of handing it back to the OS at once.
+
+    Dask's nanny starts every worker with ``MALLOC_TRIM_THRESHOLD_=65536``
+    (``distributed.nanny.pre-spawn-environ``). Setting any glibc malloc threshold switches off
+    glibc's *dynamic* mmap threshold, so in such a worker every array above 128 kB is a fresh
+    ``mmap``, zero-filled page by page on first touch and unmapped when freed. The batched test
+    step allocates many arrays of a few MB per batch: measured on the catalogue's chunks, user
+    time +7% and system time from 0.003 to 0.07 ms per observation (page faults), so a Dask
+    worker spent ~1.3x the CPU of the same code in a plain process. This sets the values that
+    glibc's dynamic rule reaches by itself in a plain process (mmap threshold 32 MiB, trim
+    threshold 64 MiB): memory stays bounded by the working set plus 64 MiB.
+
+    Returns
+    -------
+    bool
+        True when the settings were applied (glibc on Linux); False elsewhere (no-op).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc (musl has no such tunables): nothing to do
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    return bool(mallopt(m_mmap_threshold, MALLOC_MMAP_THRESHOLD)
+                and mallopt(m_trim_threshold, MALLOC_TRIM_THRESHOLD))
 
 
 # ------------------------------------------------------------------------------------------------
