@@ -643,6 +643,8 @@ class InferenceReport:
     executor: str
     parts_dir: Path
     peak_memory_mb_per_worker: float = float("nan")
+    #: Seconds spent starting a Dask LocalCluster (0 when none was started here).
+    cluster_start_seconds: float = 0.0
 
     @property
     def obs_per_s(self) -> float:
@@ -728,6 +730,7 @@ def run_inference(store_path, ctx: LabelContext | None = None, *, lamost_catalog
 
         bar = tqdm(total=len(chunks), initial=len(done), unit="chunk", desc="labelling")
     own_client = None
+    cluster_start = 0.0
     if client is None and scheduler_address is not None:
         from distributed import Client
 
@@ -735,9 +738,11 @@ def run_inference(store_path, ctx: LabelContext | None = None, *, lamost_catalog
     elif client is None and n_workers > 1 and pending:
         from distributed import Client, LocalCluster
 
+        t_start = time.perf_counter()
         cluster = LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker,
                                processes=True, dashboard_address=None)
         client = own_client = Client(cluster)
+        cluster_start = time.perf_counter() - t_start
     executor = "serial" if client is None else ("dask-local" if own_client and scheduler_address is None
                                                 else "dask")
     peak = float("nan")
@@ -770,7 +775,7 @@ def run_inference(store_path, ctx: LabelContext | None = None, *, lamost_catalog
     report = InferenceReport(n_obs=n_obs, n_chunks=len(chunks), chunks_done_before=len(done),
                              chunks_run=len(pending), seconds=time.perf_counter() - t0,
                              n_workers=n_workers, executor=executor, parts_dir=parts_dir,
-                             peak_memory_mb_per_worker=peak)
+                             peak_memory_mb_per_worker=peak, cluster_start_seconds=cluster_start)
     log.info("labelled %d chunks in %.1f s (%s, %d workers)", report.chunks_run, report.seconds,
              executor, n_workers)
     return report

@@ -1138,7 +1138,12 @@ def preprocess_many(spectra: Iterable[LamostSpectrum], *, use_ormask: bool = Tru
 
 
 def _init_worker() -> None:
-    """One BLAS thread per ingest worker process: the processes are the parallelism."""
+    """One BLAS thread per ingest worker process (the processes are the parallelism), and
+    freed memory kept for reuse (:func:`lamostcannon.parallel.keep_freed_memory`: no page
+    faults on each batch's fresh arrays)."""
+    from .parallel import keep_freed_memory
+
+    keep_freed_memory()
     try:
         from threadpoolctl import threadpool_limits
 
