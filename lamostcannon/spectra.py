@@ -657,7 +657,7 @@ def _interpret(raw: _RawFits, path: Path) -> LamostSpectrum:
         rows = np.asarray(raw.image, dtype=np.float32)
         third = rows[2]
         finite = third[np.isfinite(third)]
-        if finite.size and np.median(finite) > 1000.0:  # a wavelength row (Angstrom)
+        if finite.size and _median_above(finite, 1000.0):  # a wavelength row (Angstrom)
             layout, wave = "dr4-9", _check_wavelength(third, path)
         else:
             c0 = _header_get(header, ("COEFF0", "CRVAL1"))
@@ -705,11 +705,23 @@ def _interpret(raw: _RawFits, path: Path) -> LamostSpectrum:
     )
 
 
+def _median_above(values: np.ndarray, threshold: float) -> bool:
+    """``np.median(values) > threshold``, decided by the minimum or maximum when they settle it
+    (a wavelength row lies wholly above 1000 A, a flux row wholly below): no sort."""
+    if values.min() > threshold:
+        return True
+    if values.max() <= threshold:
+        return False
+    return bool(np.median(values) > threshold)
+
+
 def _mask(values) -> np.ndarray:
     values = np.asarray(values)
     if values.dtype.kind == "f":
         # NaN in a mask marks a bad pixel; masks are small integers stored as floats in DR10
-        return np.where(np.isfinite(values), values, 1).astype(np.int64)
+        finite = np.isfinite(values)
+        if not finite.all():
+            values = np.where(finite, values, 1)
     return values.astype(np.int64)
 
 
