@@ -717,28 +717,28 @@ def calibrate(catalog, *, raw_dir=None, directory=None, reference=None, labels=D
 
 # ----------------------------------------------------------------------------- catalogue columns
 def describe_column(name: str) -> tuple[str, str]:
-    """(unit, description) of a ``<x>_cal`` or ``e_<x>_cal`` catalogue column."""
+    """(unit, description) of a ``<x>_cal`` or ``e_<x>_cal`` catalogue column (<= 68 characters,
+    the FITS comment's room)."""
     if name.startswith("e_") and name.endswith("_cal"):
-        return "dex", (f"uncertainty of {name[2:]}: catalogue and calibration uncertainties "
-                       "in quadrature")
+        return "dex", f"error of {name[2:]}: catalogue and calibration errors combined"
     if name.endswith("_cal"):
-        return "dex", (f"{name[:-4]} of dwarfs, teff-calibrated with clusters and wide binaries "
-                       "(NaN for giants)")
+        return "dex", f"{name[:-4]} calibrated with clusters+binaries (dwarfs; NaN giants)"
     raise ValueError(f"{name!r} is not a calibration column")
 
 
-def apply(table, calibration=None, *, directory=None):
+def apply(table, calibration=True, *, directory=None):
     """Add ``<x>_cal`` and ``e_<x>_cal`` beside each calibrated raw label of a catalogue.
 
     Parameters
     ----------
     table : astropy Table or DataFrame
         The catalogue (dwarf rows: ``giantmodel`` false) with the correction's inputs.
-    calibration : Calibration, path, False or None
-        ``None``: the file ``calibration_dwarf.json`` in ``directory`` (default
+    calibration : True, Calibration, path or False
+        ``True`` (or ``None``): the file ``calibration_dwarf.json`` in ``directory`` (default
         ``paths.processed_dir()``) when it exists *and* was fitted on the current dwarf model
         (its training hash matches ``model_dwarf.fits`` there); otherwise the table is returned
-        unchanged (a stale calibration is never applied). ``False``: unchanged.
+        unchanged (a stale calibration is never applied). A path or a Calibration: that one.
+        ``False``: unchanged.
 
     Returns
     -------
@@ -747,14 +747,17 @@ def apply(table, calibration=None, *, directory=None):
     """
     if calibration is False:
         return table
+    auto = calibration is True or calibration is None
     source = None
-    if calibration is None or isinstance(calibration, (str, Path)):
-        path = Path(calibration) if calibration is not None else default_path(directory)
+    if auto or isinstance(calibration, (str, Path)):
+        path = default_path(directory) if auto else Path(calibration)
         if not path.is_file():
+            if not auto:
+                raise FileNotFoundError(f"no calibration at {path}")
             log.info("no calibration at %s: the catalogue keeps the raw abundances only", path)
             return table
         cal = Calibration.read(path)
-        if calibration is None:
+        if auto:
             current = model_training_hash(path.parent)
             stored = cal.provenance.get("model_training_hash")
             if current is None or stored != current:
@@ -765,7 +768,7 @@ def apply(table, calibration=None, *, directory=None):
     elif isinstance(calibration, Calibration):
         cal = calibration
     else:
-        raise TypeError(f"calibration must be a Calibration, a path, None or False, not "
+        raise TypeError(f"calibration must be True, False, a Calibration or a path, not "
                         f"{type(calibration).__name__}")
     labels = [n for n in cal.label_names if n in _columns(table)]
     new = cal.calibrate(table, labels)

@@ -320,6 +320,8 @@ def test_apply_adds_columns_for_dwarfs_and_refuses_a_stale_calibration(tmp_path,
     assert np.all(np.isfinite(out["alpha_fe_cal"][:-1]))
     assert np.all(out["e_alpha_fe_cal"][:-1] >= out[f"e_{LABEL}"][:-1])
     assert out["alpha_fe_cal"].unit == "dex" and "calibrated" in out["alpha_fe_cal"].description
+    assert all(len(calibration.describe_column(c)[1]) <= 68
+               for c in ("alpha_fe_cal", "e_alpha_fe_cal", "eu_fe_cal", "e_eu_fe_cal"))
     assert out.meta["calibration"]["model_training_hash"] == "h1"
     assert np.all(out[LABEL] == table[LABEL])  # raw kept
     assert calibration.apply(table, False) is table
@@ -335,3 +337,31 @@ def test_too_few_calibrators_is_a_clear_error(rng):
         calibration.fit(small, [LABEL], seed=0, n_boot=5)
     with pytest.raises(KeyError, match="group"):
         calibration.fit(small.drop(columns="group"), [LABEL])
+
+
+def test_build_catalog_hook_writes_the_calibrated_columns(tmp_path, rng):
+    from lamostcannon import catalog
+
+    obs = catalog._empty_frame(3)
+    values = dict(obsid=[1, 2, 3], designation=["A", "B", "C"], snr_z=[50.0, 80.0, 40.0],
+                  teff=[4500.0, 5800.0, 4600.0], logg=[4.6, 4.4, 2.5], fe_h=[0.0, -0.1, -0.2],
+                  alpha_fe=[0.1, 0.0, 0.2], e_alpha_fe=[0.02, 0.02, 0.02],
+                  giantmodel=[False, False, True], ra=[1.0, 2.0, 3.0], dec=[0.0, 0.0, 0.0])
+    for k, v in values.items():
+        obs[k] = v
+    obs = obs.astype(catalog.observation_columns())
+    cal = calibration.fit(simulate(rng), [LABEL], seed=1, n_boot=10)
+    raw = catalog.build_catalog(obs, fits_path=False, parquet_path=False)
+    assert "alpha_fe_cal" not in raw.colnames  # raw by default, whatever lies in processed/
+    table = catalog.build_catalog(obs, fits_path=tmp_path / "c.fits", parquet_path=False,
+                                  calibration=cal)
+    expected = cal.calibrate(pd.DataFrame({c: np.asarray(table[c]) for c in
+                                           ("teff", "logg", "snr_z", "fe_h", "giantmodel",
+                                            LABEL, f"e_{LABEL}")}))
+    np.testing.assert_allclose(table["alpha_fe_cal"], expected["alpha_fe_cal"])
+    back = Table.read(tmp_path / "c.fits")
+    assert "alpha_fe_cal" in back.colnames and "e_alpha_fe_cal" in back.colnames
+    assert np.isnan(np.ma.filled(np.ma.asarray(back["alpha_fe_cal"], dtype=float), np.nan)[2])
+    with fits.open(tmp_path / "c.fits") as h:
+        comments = [h[1].header.get(f"TCOMM{i}", "") for i in range(1, len(back.colnames) + 1)]
+    assert any("calibrated with clusters+binaries" in c for c in comments)
