@@ -352,11 +352,12 @@ def choose_model(teff, logg) -> tuple[np.ndarray, np.ndarray]:
     giant : bool array
         True where eq. 1 says giant.
     known : bool array
-        True where both teff and logg are finite; elsewhere both models are tried.
+        True where both teff and logg are finite and not LAMOST's ``-9999`` "no value"
+        sentinel; elsewhere both models are tried.
     """
     teff = np.asarray(teff, dtype=float)
     logg = np.asarray(logg, dtype=float)
-    known = np.isfinite(teff) & np.isfinite(logg)
+    known = np.isfinite(teff) & np.isfinite(logg) & (teff > 0) & (logg > -9000)
     return np.asarray(labelsets.is_giant(teff, logg), dtype=bool) & known, known
 
 
