@@ -710,3 +710,28 @@ def calibration_comparison(catalog, binaries_table, elements, sigma, *, suffix="
             rows.append(row)
             results[(values, cut)] = res
     return pd.DataFrame(rows), results
+
+
+def growth_gain_error(binaries_pairs, field, elements, sigma, *, n_boot=200, seed=0):
+    """Bootstrap standard error of the growth of the separation as elements are added.
+
+    The statistic is :func:`separation_growth`'s ``difference`` (median field minus median
+    binary distance) with all ``elements`` minus that with the first one; binaries and field
+    pairs are resampled with replacement ``n_boot`` times. Returns ``(value, standard error)``.
+    """
+    elements = list(elements)
+    s = _sigma_vector(sigma, elements)
+    b = _to_frame(binaries_pairs).reset_index(drop=True)
+    f = _to_frame(field).reset_index(drop=True)
+    full_b, one_b = pair_distance(b, elements, s), pair_distance(b, elements[:1], s[:1])
+    full_f, one_f = pair_distance(f, elements, s), pair_distance(f, elements[:1], s[:1])
+
+    def stat(ib, jf):
+        return ((np.nanmedian(full_f[jf]) - np.nanmedian(full_b[ib]))
+                - (np.nanmedian(one_f[jf]) - np.nanmedian(one_b[ib])))
+
+    rng = np.random.default_rng(seed)
+    value = stat(np.arange(len(b)), np.arange(len(f)))
+    boots = [stat(rng.integers(len(b), size=len(b)), rng.integers(len(f), size=len(f)))
+             for _ in range(n_boot)]
+    return float(value), float(np.std(boots, ddof=1))
