@@ -482,7 +482,6 @@ def _fit_label(X, y, e, codes, n_groups, lambdas, n_folds, n_boot, clip, rng):
     e_med = np.nanmedian(e) if np.isfinite(e).any() else 0.0
     e = np.where(np.isfinite(e), e, e_med)
     fold = _folds(G, min(n_folds, G), rng)
-    n_clipped = 0
 
     def cv_curve(w):
         losses = np.zeros(len(lambdas))
@@ -498,7 +497,7 @@ def _fit_label(X, y, e, codes, n_groups, lambdas, n_folds, n_boot, clip, rng):
                 losses[j] += np.sum(w[test] * (yt - Xt @ c) ** 2)
         return losses / np.sum(w)
 
-    # pass 1: unit weights -> extra scatter s and outliers
+    # two passes: unit weights, then 1/(e^2 + s^2); each estimates s and clips the outliers
     w = np.ones(len(y))
     keep = np.ones(len(y), bool)
     for _ in range(2):
