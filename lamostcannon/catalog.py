@@ -52,6 +52,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from . import calibration as _calibration
 from . import labels as labelsets
 from . import paths
 
@@ -1084,6 +1085,8 @@ def _describe(name: str) -> tuple[str | None, str]:
     }
     if name in fixed:
         return fixed[name]
+    if name.endswith("_cal"):
+        return _calibration.describe_column(name)
 
     def element(label):
         x = label[:-3]
@@ -1168,7 +1171,7 @@ def write_table(table, path) -> Path:
 
 
 def build_catalog(obs: pd.DataFrame, gaia=None, distances=None, fits_path=None,
-                  parquet_path=None, radius_arcsec: float = 1.0):
+                  parquet_path=None, radius_arcsec: float = 1.0, calibration=False):
     """Per-star catalogue (paper Table 1) from the per-observation table; written as FITS and Parquet.
 
     Parameters
@@ -1180,6 +1183,10 @@ def build_catalog(obs: pd.DataFrame, gaia=None, distances=None, fits_path=None,
         and ``raw_dir()/gaia/distances.fits`` when they exist.
     fits_path, parquet_path : path, optional
         Default ``processed/catalog.fits`` and ``processed/catalog.parquet``; ``False`` skips.
+    calibration : bool, Calibration or path
+        The dwarfs' temperature calibration (:func:`lamostcannon.calibration.apply`), adding
+        ``<x>_cal`` and ``e_<x>_cal``: ``True`` applies ``processed/calibration_dwarf.json`` when
+        it was fitted on the current dwarf model; ``False`` (default) writes the raw catalogue.
 
     Returns
     -------
@@ -1198,7 +1205,7 @@ def build_catalog(obs: pd.DataFrame, gaia=None, distances=None, fits_path=None,
     stars["source_id"] = (match_gaia(stars["ra"], stars["dec"], gaia, radius_arcsec)
                           if gaia is not None else NO_SOURCE_ID)
     stars = add_kinematics(stars, gaia, distances)
-    table = to_table(stars, kind="catalog")
+    table = _calibration.apply(to_table(stars, kind="catalog"), calibration)
     if fits_path is not False:
         write_table(table, fits_path or paths.processed_dir() / "catalog.fits")
     if parquet_path is not False:
