@@ -728,8 +728,11 @@ def ingest(files_or_folder: str | PathLike | Iterable[str | PathLike],
     elif isinstance(files_or_folder, (str, PathLike)):
         paths = [Path(files_or_folder)]
     else:
-        paths = [Path(p) for p in files_or_folder]
-    sources = [os.path.abspath(p) for p in paths]
+        paths = list(files_or_folder)
+    # os.path.abspath, with the working directory looked up once (not once per file: a
+    # getcwd system call and a Path object per file cost ~20 us, 90 s for 4.5 million files)
+    cwd = os.getcwd()
+    sources = [os.path.normpath(os.path.join(cwd, os.fsdecode(p))) for p in paths]
     if chunk_size < 1 or commit_rows < 1:
         raise ValueError("chunk_size and commit_rows must be >= 1")
     if n_workers is None:
@@ -758,11 +761,14 @@ def ingest(files_or_folder: str | PathLike | Iterable[str | PathLike],
                            else [])
         tasks = [todo[i:i + chunk_size] for i in range(0, len(todo), chunk_size)]
         buffer = {"flux": [], "ivar": [], "meta": [], "n": 0}
+        handed = {"rows": len(store)}  # rows given to the writer (committed or about to be)
+        writer = _Appender(store)
 
         def flush():
             if buffer["n"]:
-                store.append(np.concatenate(buffer["flux"]), np.concatenate(buffer["ivar"]),
-                             _meta_frame(buffer["meta"]))
+                writer.put(np.concatenate(buffer["flux"]), np.concatenate(buffer["ivar"]),
+                           buffer["meta"])
+                handed["rows"] += buffer["n"]
                 buffer.update(flux=[], ivar=[], meta=[], n=0)
 
         def take(task, result):
@@ -779,7 +785,7 @@ def ingest(files_or_folder: str | PathLike | Iterable[str | PathLike],
                         continue
                     seen.add(meta["obsid"])
                 status[i] = "stored"
-                row_col[i] = len(store) + buffer["n"] + len(keep)
+                row_col[i] = handed["rows"] + buffer["n"] + len(keep)
                 keep.append(pos)
             if keep:
                 everything = len(keep) == len(result["ok"])  # no copy in the common case
@@ -802,7 +808,10 @@ def ingest(files_or_folder: str | PathLike | Iterable[str | PathLike],
                 _run_pool(tasks, sources, args, n_workers, take, bar)
         finally:
             bar.close()
-            flush()  # results already received are complete and valid: keep them
+            try:
+                flush()  # results already received are complete and valid: keep them
+            finally:
+                writer.close()  # waits for every append; raises the writer's error, if any
         if len(store._parts) > 1:
             store.compact()
         report = pd.DataFrame({"source": sources, "status": status, "reason": reason,
@@ -819,6 +828,60 @@ def ingest(files_or_folder: str | PathLike | Iterable[str | PathLike],
                 "%s: ingest done, %s; store holds %d observations", store.path, counts,
                 len(store))
     return report
+
+
+class _Appender:
+    """Appends batches to a store from one background thread, in order.
+
+    A 2,048-row append (Blosc compression, Zarr chunk files, the metadata part, the commit)
+    takes ~0.1 ms of CPU but 0.15-0.25 ms of wall time per spectrum; done in the ingest loop, it
+    kept the loop from handing the next task to a worker that had finished, so both workers
+    sat idle for most of every append (about a fifth of the run on 2 cores). In this thread
+    the loop goes on; Blosc and the file writes release the GIL. At most ``depth`` batches
+    wait (bounded memory). Each append still commits atomically, in the order given, so a
+    killed run keeps exactly the committed rows, as before.
+    """
+
+    def __init__(self, store: "SpectraStore", depth: int = 1):
+        import queue
+        import threading
+
+        self._store = store
+        self._queue = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="lamostcannon-store-writer",
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if self._error is not None:
+                continue  # a failed append: drop the rest (uncommitted), report at close
+            try:
+                flux, ivar, records = item
+                self._store.append(flux, ivar, _meta_frame(records))
+            except BaseException as exc:  # re-raised in the ingest loop
+                self._error = exc
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def put(self, flux: np.ndarray, ivar: np.ndarray, records: list) -> None:
+        """Queue one batch (waits while ``depth`` batches are pending)."""
+        self._raise()
+        self._queue.put((flux, ivar, records))
+
+    def close(self) -> None:
+        """Wait for every queued append; raise the first append error, if any."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        self._raise()
 
 
 def _run_pool(tasks, sources, args, n_workers, take, bar) -> None:
