@@ -41,7 +41,7 @@ work takes on otherwise idle cores (each stage's CPU seconds over the processes 
 it): on a shared machine the wall clock measures the other jobs as much as ours.
 
 Run: ``python benchmarks/bench_e2e.py`` (``--n 101000`` asks the mock for 101,000 observations
-and gets 100,099 files, 3.4 GB; ~5 min to write them once, then ~5 min per run on 2 idle cores)
+and gets a little over 100,000 files, 3.4 GB; ~5 min to write them once, then ~5-10 min a run)
 or ``--quick`` (5,000 spectra, ~2 min). Writes ``benchmarks/results/e2e.json``.
 """
 
@@ -218,7 +218,11 @@ def stage_models(notebook_models: str) -> dict:
                 shutil.copy(extrap, processed / extrap.name)
         return {"models": f"the notebooks' ({src})", "seconds": time.perf_counter() - t}
     mine = processed / "trained_here.json"
-    if mine.exists() and all((processed / f"model_{g}.fits").exists() for g in found):
+    import hashlib
+
+    mock_id = hashlib.sha256((paths.raw_dir() / "manifest.json").read_bytes()).hexdigest()
+    if (mine.exists() and all((processed / f"model_{g}.fits").exists() for g in found)
+            and json.loads(mine.read_text()).get("mock_manifest_sha256") == mock_id):
         return {**json.loads(mine.read_text()), "seconds": 0.0, "reused": True}
     raw = paths.raw_dir()
     reference, _ = cleaning.build_reference_set(raw)
@@ -239,7 +243,8 @@ def stage_models(notebook_models: str) -> dict:
         how = "this mock's LAMOST spectra with S/N(z) > 30 and their true labels (the " \
               "reference set is too small at this size)"
     info = {"models": f"trained here on {how} ({sizes['dwarf']} dwarfs, "
-                      f"{sizes['giant']} giants)", "seconds": time.perf_counter() - t}
+                      f"{sizes['giant']} giants)", "seconds": time.perf_counter() - t,
+            "mock_manifest_sha256": mock_id}
     mine.write_text(json.dumps(info))
     return info
 
@@ -427,7 +432,7 @@ def _run_stage(name: str, env: dict, *args, timeout: float = 7200) -> dict:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n", type=int, default=101_000,
-                        help="LAMOST observations asked of the mock (101,000 gives ~100,100 files)")
+                        help="LAMOST observations asked of the mock (101,000 gives > 100,000 files)")
     parser.add_argument("--quick", action="store_true", help="5,000 observations (check the script)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--chunk-size", type=int, default=2048)
