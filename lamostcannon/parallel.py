@@ -21,8 +21,10 @@ give:
 
 A task whose function raises does not stop the run either: ``on_error`` turns the exception into
 that task's result. At most ``in_flight_per_worker * n_workers`` results are buffered (one task
-runs in each worker; the others wait in the parent), so memory stays bounded however many tasks
-there are.
+runs in each worker and one more waits in its pipe, so a worker never idles while the parent is
+busy with another's result; the rest wait in the parent), so memory stays bounded however many
+tasks there are. When a worker dies, the task it was running counts the death; the one waiting
+in its pipe had not started and is simply sent again.
 
 Catalogue inference over many machines uses Dask instead (:mod:`lamostcannon.catalog`).
 """
@@ -49,6 +51,9 @@ __all__ = ["ordered_map", "WorkerDied", "die_with_parent", "keep_freed_memory",
 MAX_WORKER_DEATHS = 2
 #: Seconds between a worker's checks that its parent is alive (the portable fallback).
 PARENT_POLL_S = 0.2
+#: Tasks sent to a worker at once: the one it runs and one waiting in its pipe (so a worker
+#: that finishes does not wait for the parent's loop, busy with another worker's result).
+_TASKS_PER_WORKER = 2
 #: Replacement workers that die before taking a task, in a row, before the run gives up.
 _MAX_STARTUP_DEATHS = 3
 
@@ -223,7 +228,7 @@ class _Worker:
                                 args=(child, os.getpid(), fn, initializer, initargs))
         self.proc.start()
         child.close()
-        self.task = None  # index of the task it runs
+        self.tasks: deque = deque()  # indices of the tasks sent to it: running, then queued
         self.done_any = False
 
     def stop(self, kill: bool = False) -> None:
@@ -303,22 +308,24 @@ def ordered_map(fn, payloads, n_workers: int, *, initializer=None, initargs=(),
     try:
         workers = [start_worker() for _ in range(n_workers)]
         while next_yield < n:
-            # 1) dispatch: retries first, then new tasks inside the window
-            for w in workers:
-                if w.task is not None:
-                    continue
-                if retry:
-                    index = retry.popleft()
-                elif next_new < n and next_new < next_yield + window:
-                    index = next_new
-                    next_new += 1
-                else:
-                    break
-                w.task = index
-                try:
-                    w.conn.send((index, payloads[index]))
-                except (OSError, EOFError):
-                    pass  # the worker is dead; its sentinel says so below
+            # 1) dispatch: retries first, then new tasks inside the window; each worker gets
+            #    a second task queued in its pipe, so that it never waits for this loop
+            for depth in range(1, _TASKS_PER_WORKER + 1):
+                for w in workers:
+                    if len(w.tasks) >= depth:
+                        continue
+                    if retry:
+                        index = retry.popleft()
+                    elif next_new < n and next_new < next_yield + window:
+                        index = next_new
+                        next_new += 1
+                    else:
+                        break
+                    w.tasks.append(index)
+                    try:
+                        w.conn.send((index, payloads[index]))
+                    except (OSError, EOFError):
+                        pass  # the worker is dead; its sentinel says so below
             # 2) yield what is ready, in order
             if next_yield in results:
                 while next_yield in results:
@@ -326,12 +333,12 @@ def ordered_map(fn, payloads, n_workers: int, *, initializer=None, initargs=(),
                     next_yield += 1
                 continue
             # 3) wait for a result or a death
-            busy = [w for w in workers if w.task is not None]
+            busy = [w for w in workers if w.tasks]
             if not busy:  # pragma: no cover - cannot happen: something is always dispatched
                 raise RuntimeError("ordered_map: nothing to wait for")
             ready = set(_wait([w.conn for w in busy] + [w.proc.sentinel for w in busy]))
             for k, w in enumerate(workers):
-                if w.task is None or (w.conn not in ready and w.proc.sentinel not in ready):
+                if not w.tasks or (w.conn not in ready and w.proc.sentinel not in ready):
                     continue
                 msg = None
                 if w.conn in ready or w.conn.poll():
@@ -343,7 +350,11 @@ def ordered_map(fn, payloads, n_workers: int, *, initializer=None, initargs=(),
                     index, ok, value = msg
                     if index == "init_failed":
                         raise value
-                    w.task, w.done_any = None, True
+                    if index != w.tasks[0]:  # pragma: no cover - a worker works in order
+                        raise RuntimeError(f"worker answered task {index}, expected "
+                                           f"{w.tasks[0]}")
+                    w.tasks.popleft()
+                    w.done_any = True
                     state["startup_deaths"] = 0
                     if ok:
                         results[index] = value
@@ -356,7 +367,10 @@ def ordered_map(fn, payloads, n_workers: int, *, initializer=None, initargs=(),
                     continue
                 # no result: the worker is dead (or dying: its pipe closed)
                 w.proc.join(5)
-                index, exitcode, pid = w.task, w.proc.exitcode, w.proc.pid
+                # the first task sent and not answered was running; the others had not started
+                index, exitcode, pid = w.tasks.popleft(), w.proc.exitcode, w.proc.pid
+                retry.extendleft(reversed(w.tasks))
+                w.tasks.clear()
                 deaths[index] = deaths.get(index, 0) + 1
                 w.stop(kill=True)
                 if not w.done_any:

@@ -55,6 +55,30 @@ def test_a_dead_worker_costs_only_its_task_and_a_twice_fatal_task_is_given_up(tm
         list(ordered_map(_die_on, [(5, marker), (1, marker)], 2))
 
 
+def _slow_die_on(payload):
+    import time
+
+    time.sleep(0.05)  # long enough for the next task to be queued in the worker's pipe
+    return _die_on(payload)
+
+
+def test_a_task_queued_behind_a_fatal_one_is_sent_again_without_counting_a_death(tmp_path):
+    """One worker holds two tasks (one running, one waiting in its pipe); when the running one
+    kills it, the waiting one had not started: it runs on the next worker, and only the
+    fatal task is given up."""
+    marker = str(tmp_path / "died_once")
+    errors = {}
+
+    def on_error(index, exc):
+        errors[index] = exc
+        return "lost"
+
+    got = list(ordered_map(_slow_die_on, [(x, marker) for x in (5, 1, 2, 3)], 1,
+                           on_error=on_error, in_flight_per_worker=2))
+    assert [r for _, r in got] == ["lost", 1, 4, 9]
+    assert list(errors) == [0] and errors[0].deaths == 2
+
+
 def _fail_init():
     raise ValueError("cannot load the model")
 
