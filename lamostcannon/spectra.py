@@ -19,7 +19,9 @@ The image layouts are told apart by the third row: a wavelength row holds values
 Angstrom, the DR1-3 continuum-subtracted flux does not. LAMOST wavelengths are vacuum,
 heliocentric, observed frame.
 
-The file is decompressed into memory and the FITS headers and data are parsed with
+The file is decompressed into memory (with ISA-L, the ``isal`` package, when installed: 1.7x
+faster than :mod:`zlib` on LAMOST files, the same bytes; ``LAMOSTCANNON_GZIP=zlib`` forces zlib)
+and the FITS headers and data are parsed with
 numpy straight from the bytes (big-endian ``float32`` images and binary-table columns without
 scaling); anything that parser does not support (scaled data, other pixel types) goes to
 :mod:`astropy.io.fits`, which reads the same bytes. ``engine="astropy"`` forces astropy; the
@@ -47,14 +49,16 @@ Preprocessing (Wheeler et al. 2020, section 3, following Ho et al. 2017, ApJ 836
    ``var = (1-t)**2 / ivar_j + t**2 / ivar_{j+1}``; a grid pixel whose either neighbour is bad, or
    that lies outside the observed coverage, gets ``ivar = 0``. (Interpolation correlates
    neighbouring grid pixels; the per-pixel variance is exact, the covariance is not kept.)
+   Ingest resamples a batch of spectra at once with the same per-element operations, so a
+   spectrum resamples to the same bits alone or in a batch.
 4. Continuum by inverse-variance-weighted Gaussian smoothing (Ho et al. 2017, eq. 1):
    ``cont_i = sum_j w_ij ivar_j f_j / sum_j w_ij ivar_j`` with
    ``w_ij = exp(-(lambda_i - lambda_j)**2 / (2 L**2))``, ``L = 50 A``, truncated at
    ``|lambda_i - lambda_j| <= 150 A``. Because the grid is log-linear the kernel spans
    ~170 pixels (each side) in the blue and ~70 in the red. The weight matrix is banded; it is
    built once per process as dense row blocks that cover just the band
-   (:func:`continuum_blocks`) and applied to many spectra at once with one matrix product per
-   block (BLAS), in float64.
+   (:func:`continuum_blocks`) and applied to many spectra at once with matrix products (BLAS)
+   over 32-row tiles of each block, each tile only over the columns its rows reach, in float64.
 
    **Exact, so independent of batch size, BLAS and CPU.** A BLAS product sums in an order that
    depends on the matrix shapes, the CPU's vector width and the library build, so one spectrum

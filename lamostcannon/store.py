@@ -683,8 +683,10 @@ def ingest(files_or_folder: str | PathLike | Iterable[str | PathLike],
     :func:`~lamostcannon.spectra.resample` and :func:`~lamostcannon.spectra.normalise` (the same
     code as :func:`~lamostcannon.spectra.preprocess`; the continuum sums are exact integer
     arithmetic, so a stored row equals per-file processing bit for bit whatever the batch, BLAS
-    or CPU: see :mod:`lamostcannon.spectra`, step 4). Worker processes handle chunks of ``chunk_size`` files; the parent
-    appends their results in input order and commits every ``commit_rows`` observations. An
+    or CPU: see :mod:`lamostcannon.spectra`, step 4). Worker processes handle chunks of
+    ``chunk_size`` files (one running and one queued per worker); the parent appends their
+    results in input order and commits every ``commit_rows`` observations, from a background
+    thread so that the workers are kept busy during a commit. An
     interrupted run (Ctrl-C, ``kill -9``) loses at most the uncommitted rows, and the next run
     skips every file already stored.
 
