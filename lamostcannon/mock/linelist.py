@@ -244,9 +244,13 @@ KNOWN_LINES = [
     ("Co I", 4121.31, 0.92, -0.32, None),
     # neutron-capture elements and others
     ("Sr II", 4077.71, 0.00, 0.15, 0.43), ("Sr II", 4215.52, 0.00, -0.17, 0.30),
-    ("Ba II", 4554.03, 0.00, 0.17, None), ("Ba II", 4934.08, 0.00, -0.15, None),
-    ("Ba II", 5853.67, 0.60, -1.00, None), ("Ba II", 6141.71, 0.70, -0.08, None),
-    ("Ba II", 6496.90, 0.60, -0.38, None),
+    # Ba II: log gf lowered by 0.6 dex from the laboratory values, an effective value that with the
+    # hyperfine/isotopic width of synth.HYPERFINE keeps the lines' strength and restores their
+    # sensitivity to [Ba/Fe] in giants (issue 13: real giants show ~3x the mock's star-to-star
+    # variation at Ba II 4554 at fixed teff, logg, [Fe/H]).
+    ("Ba II", 4554.03, 0.00, -0.43, None), ("Ba II", 4934.08, 0.00, -0.75, None),
+    ("Ba II", 5853.67, 0.60, -1.60, None), ("Ba II", 6141.71, 0.70, -0.68, None),
+    ("Ba II", 6496.90, 0.60, -0.98, None),
     ("Y II", 4883.68, 1.08, 0.07, None), ("Y II", 4854.86, 0.99, -0.38, None),
     ("Y II", 5662.93, 1.94, 0.16, None), ("Y II", 5728.89, 1.84, -1.12, None),
     ("Y II", 4900.12, 1.03, -0.09, None), ("Y II", 5087.42, 1.08, -0.17, None),
@@ -278,14 +282,19 @@ HYDROGEN_LINES = [
 # (absorption starts at the head and fades redward) / -1 = to the violet, e-folding length (A),
 # relative strength (log), effective dissociation + excitation energy D (eV) in the
 # Saha-Boltzmann-like temperature factor 10^(D (theta - theta_ref)), theta_ref, gravity slope).
+# The strengths and temperature factors of CN, CH and MgH are calibrated on the real DR10 stars
+# cooler than 5400 K with EVEN obsid (K dwarfs and giants; lamostcannon.realism.fit_band_strengths:
+# mock twins at their LASP labels, the same continuum normalisation): MgH came out ~2x weaker
+# near 5000 K than first guessed and CN much less temperature-sensitive. Both MgH bands share one
+# D (one molecule); TiO and CaH (below ~4000 K, no calibration stars) are unchanged.
 MOLECULAR_BANDS = [
-    ("CN 3883", "CN", ("C", "N"), 3883.0, -1, 35.0, -1.4, 5.0, 0.87, -0.25),
-    ("CN 4216", "CN", ("C", "N"), 4216.0, -1, 45.0, -2.3, 5.0, 0.87, -0.25),
-    ("CN 7874", "CN", ("C", "N"), 7874.0, +1, 120.0, -2.6, 5.0, 0.87, -0.25),
-    ("CN 8100", "CN", ("C", "N"), 8100.0, +1, 150.0, -2.7, 5.0, 0.87, -0.25),
-    ("CH G band", "CH", ("C",), 4314.0, -1, 28.0, -0.35, 1.5, 0.87, 0.15),
-    ("MgH 5211", "MgH", ("Mg",), 5211.0, -1, 90.0, 0.0, 5.0, 1.12, 0.6),
-    ("MgH 4780", "MgH", ("Mg",), 4780.0, -1, 60.0, -0.5, 5.0, 1.12, 0.6),
+    ("CN 3883", "CN", ("C", "N"), 3883.0, -1, 35.0, -0.84, 1.2, 0.87, -0.25),
+    ("CN 4216", "CN", ("C", "N"), 4216.0, -1, 45.0, -1.43, 1.0, 0.87, -0.25),
+    ("CN 7874", "CN", ("C", "N"), 7874.0, +1, 120.0, -2.29, 1.0, 0.87, -0.25),
+    ("CN 8100", "CN", ("C", "N"), 8100.0, +1, 150.0, -3.0, 1.0, 0.87, -0.25),
+    ("CH G band", "CH", ("C",), 4314.0, -1, 28.0, -0.56, 2.7, 0.87, 0.15),
+    ("MgH 5211", "MgH", ("Mg",), 5211.0, -1, 90.0, -0.19, 7.2, 1.12, 0.6),
+    ("MgH 4780", "MgH", ("Mg",), 4780.0, -1, 60.0, -1.11, 7.2, 1.12, 0.6),
     ("TiO 4761", "TiO", ("Ti", "O"), 4761.0, +1, 60.0, -0.4, 9.0, 1.40, 0.1),
     ("TiO 4954", "TiO", ("Ti", "O"), 4954.0, +1, 70.0, -0.2, 9.0, 1.40, 0.1),
     ("TiO 5167", "TiO", ("Ti", "O"), 5167.0, +1, 80.0, -0.1, 9.0, 1.40, 0.1),
@@ -615,6 +624,112 @@ def write_linelist(path=None, seed: int = FOREST_SEED, forest: str = "empirical"
     return path
 
 
+# ------------------------------------------------------------------------------------------------
+# The night-sky emission lines as LAMOST records them
+# ------------------------------------------------------------------------------------------------
+
+#: Calibration set of the sky-line spectrum: real DR10 files with EVEN obsid and snrg above this
+#: (the odd ones are held out for the realism tests).
+SKY_SELECTION = {"snrg_min": 20.0, "good_fraction": 0.9}
+
+#: Sky lines are kept redward of this (A, vacuum) and where their median counts per pixel exceed
+#: ``SKY_MIN_COUNTS`` (below, the measurement is dominated by stellar absorption lines).
+SKY_MIN_WAVE = 5500.0
+SKY_MIN_COUNTS = 150.0
+
+#: Observed-frame (vacuum A) windows left out of the sky-line spectrum: the O2 B and A bands,
+#: where the stars' own flux is absorbed and the variance no longer measures the sky.
+SKY_EXCLUDE = [(6862.0, 6960.0), (7592.0, 7700.0)]
+
+
+def build_sky_lines(lamost_dir=None):
+    """The sky emission-line spectrum (counts per pixel on the LAMOST grid) from real LAMOST files.
+
+    A LAMOST spectrum's inverse variance contains the photon noise of the sky it was observed
+    through, so every real file is also a record of the night-sky lines (OH bands, [O I] 5577,
+    6300, 6364, Na D ...) at their true wavelengths and typical strengths. For each calibration file
+    (:data:`SKY_SELECTION`, even obsids) on the LAMOST observed-frame grid: the variance
+    ``1/ivar``, its local baseline (30th percentile over 61 pixels: star + sky continuum + read
+    noise), the local counts per flux unit ``g = flux / baseline`` (photon-limited pixels:
+    variance in counts equals counts), and the excess variance in counts
+    ``(var - baseline) g^2``, which is the sky-line counts of that exposure. The median over the
+    files, kept redward of :data:`SKY_MIN_WAVE` where it exceeds :data:`SKY_MIN_COUNTS` (and
+    outside the telluric bands of :data:`SKY_EXCLUDE`), is the
+    mock's sky-line spectrum (:func:`lamostcannon.mock.synth` adds it to a smooth sky continuum).
+
+    Returns
+    -------
+    pandas.DataFrame with ``pixel`` (index on the LAMOST grid), ``wave_vac`` (A) and ``counts``
+    (sky-line counts per pixel in a typical exposure), only for pixels with sky lines.
+    """
+    import pandas as pd
+    from scipy.ndimage import median_filter, percentile_filter
+
+    from .. import paths, spectra
+    from . import synth
+
+    folder = (paths.real_lamost_dir() if lamost_dir is None else lamost_dir) / "dr10"
+    cat = pd.read_csv(folder / "catalog.csv")
+    use = (cat.obsid % 2 == 0) & (cat.snrg > SKY_SELECTION["snrg_min"])
+    wave = synth.lamost_wavelength()
+    rows = []
+    for name in cat.filename[use]:
+        spec = spectra.read_lamost(folder / name)
+        if spec.flux.size != wave.size or not np.allclose(spec.wavelength, wave, rtol=1e-6):
+            continue
+        ok = (spec.ivar > 0) & (spec.andmask == 0) & (spec.flux > 0) & np.isfinite(spec.flux)
+        if ok.mean() < SKY_SELECTION["good_fraction"]:
+            continue
+        var = np.where(ok, 1.0 / np.where(ok, spec.ivar, 1.0), np.nan)
+        filled = np.where(ok, var, np.nanmedian(var))
+        base = percentile_filter(filled, 30, size=61)
+        gain = median_filter(np.where(ok, spec.flux, 0.0), 61) / np.maximum(base, 1e-30)
+        rows.append((var - base) * gain ** 2)
+    if not rows:
+        raise FileNotFoundError(f"no usable even-obsid DR10 spectra in {folder}")
+    counts = np.nanmedian(np.array(rows), axis=0)
+    keep = np.isfinite(counts) & (counts > SKY_MIN_COUNTS) & (wave > SKY_MIN_WAVE)
+    for lo, hi in SKY_EXCLUDE:
+        keep &= ~((wave >= lo) & (wave <= hi))
+    log.info("sky lines: median of %d DR10 spectra, %d pixels with sky lines", len(rows),
+             int(keep.sum()))
+    idx = np.flatnonzero(keep)
+    return pd.DataFrame({"pixel": idx, "wave_vac": wave[idx].round(3),
+                         "counts": counts[idx].round(1)})
+
+
+def sky_lines_path():
+    """The package file holding the sky-line spectrum."""
+    from .. import paths
+
+    return paths.PACKAGE_DATA / "sky_lines.csv"
+
+
+def write_sky_lines(path=None, lamost_dir=None):
+    """Measure the sky-line spectrum (:func:`build_sky_lines`) and write it as CSV."""
+    path = sky_lines_path() if path is None else path
+    table = build_sky_lines(lamost_dir)
+    header = ("# lamostcannon mock sky-line spectrum (lamostcannon.mock.linelist.build_sky_lines): "
+              "counts per pixel of the LAMOST grid in a typical exposure, measured from the "
+              "variance of public LAMOST DR10 spectra with even obsid (Guoshoujing Telescope; "
+              "https://www.lamost.org/policies/).\n")
+    tmp = path.with_name("." + path.name + ".tmp")
+    with open(tmp, "w") as fh:
+        fh.write(header)
+        table.to_csv(fh, index=False)
+    tmp.replace(path)
+    log.info("wrote %d sky-line pixels to %s", len(table), path)
+    return path
+
+
+@functools.lru_cache(maxsize=1)
+def load_sky_lines():
+    """The packaged sky-line spectrum (DataFrame: ``pixel``, ``wave_vac``, ``counts``)."""
+    import pandas as pd
+
+    return pd.read_csv(sky_lines_path(), comment="#")
+
+
 @functools.lru_cache(maxsize=1)
 def load_linelist():
     """The packaged line list (pandas DataFrame; see :func:`build_linelist` for the columns)."""
@@ -629,3 +744,4 @@ def load_linelist():
 if __name__ == "__main__":  # pragma: no cover
     logging.basicConfig(level=logging.INFO)
     write_linelist()
+    write_sky_lines()
