@@ -49,7 +49,7 @@ __all__ = [
     "TWIN_EBV_MEAN", "TARGETS", "FITTED_BANDS", "RealismSet", "CVRun", "real_set", "twin_stars",
     "synthesize_twins", "reference_labels", "gband_snr", "mock_twin_set", "scatter_by_region",
     "cv_run", "classifier_auc", "compare", "targets_met", "ratio_table", "format_report",
-    "fit_band_strengths", "run", "result_summary", "through_model",
+    "fit_band_strengths", "run", "result_summary", "through_model", "coolest_dwarf",
 ]
 
 #: Wavelength regions (rest frame, vacuum A) of issue 13's table.
@@ -691,3 +691,12 @@ def through_model(model, flux, ivar):
     ivar_s = np.where(use, 1.0 / (1.0 / np.where(use, ivar, 1.0) + model.s2[None, :]), 0.0)
     return {"labels": res.labels, "chi2_per_pixel": res.chi2 / np.maximum(res.n_pixels, 1),
             "model": pred, "ivar": ivar_s}
+
+
+def coolest_dwarf(table: pd.DataFrame, *, logg_min: float = 4.2, snr_min: float = 40.0) -> int:
+    """Row index of the coolest dwarf (``logg > logg_min``, ``snrg > snr_min``) of a set's table."""
+    t = table.reset_index(drop=True)
+    sel = (t["logg"] > logg_min) & (t["snrg"] > snr_min)
+    if not sel.any():
+        raise ValueError(f"no dwarf with logg > {logg_min} and snrg > {snr_min}")
+    return int(t.loc[sel, "teff"].idxmin())

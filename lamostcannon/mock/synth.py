@@ -54,10 +54,11 @@ Notation: :math:`\theta = 5040/T` (T the layer temperature of step 1); abundance
    near 10,000 K and wings are gravity-sensitive, as observed.
 8. **Molecular bands** (CN, CH G band, MgH, TiO, CaH) are band heads with an exponential
    fall-off (to the red or violet) and a fixed pseudo-random rotational texture, with pseudo optical
-   depth ``10^(c + [A/H] + [B/H] + D (theta_eff - theta_ref) + beta (logg - 4.44))`` (theta_eff =
-   5040/teff; a Saha-Boltzmann-like dissociation equilibrium; D ~ dissociation energy; MgH and CaH
-   stronger in dwarfs, CN in giants, CH weaker in giants as after the first dredge-up), capped at
-   tau ~ 3. TiO appears below ~4000 K. The CN, CH and MgH strengths and temperature factors are
+   depth ``x = 10^(c + [A/H] + [B/H] + D (theta_eff - theta_ref) + beta (logg - 4.44))``
+   (theta_eff = 5040/teff; a Saha-Boltzmann-like dissociation equilibrium; D ~ dissociation
+   energy; MgH and CaH stronger in dwarfs, CN in giants, CH weaker in giants as after the first
+   dredge-up) that saturates smoothly, ``cap (1 - exp(-x / cap))`` per molecule
+   (:data:`BAND_SATURATION`). TiO appears below ~4000 K. The CN, CH and MgH strengths and temperature factors are
    calibrated on real DR10 K dwarfs and giants with even obsid (:data:`linelist.MOLECULAR_BANDS`).
    Ba II and Eu II lines carry an extra hyperfine/isotopic width (:data:`HYPERFINE`).
 9. **Low resolution.** The line profiles are convolved with a Gaussian line-spread function of
@@ -99,8 +100,9 @@ Notation: :math:`\theta = 5040/T` (T the layer temperature of step 1); abundance
 The line list (:mod:`lamostcannon.mock.linelist`): real wavelengths and approximate atomic data
 for the strong and well-known lines, one line per GALAH Table 2 window, and a weak-line forest whose
 positions and solar-type strengths come from a CLEAN decomposition of a composite of real DR10
-G-dwarf spectra (held-out stars are used for the realism tests); everything else (how each line
-changes with teff, logg, vmic and abundances) is the physics above.
+G-dwarf spectra, with species and excitation potentials chosen to follow composites of K dwarfs,
+K giants and F dwarfs (even obsids only; the odd ones are held out for the realism tests);
+everything else (how each line changes with teff, logg, vmic and abundances) is the physics above.
 
 GALAH windows: the same line physics (steps 1-7, hydrogen wings included, molecules and the
 empirical low-resolution blends omitted) at R = 28,000, computed at high resolution
@@ -115,9 +117,11 @@ core-depth limits of damped lines at low resolution: other lines saturate to zer
 resolution); partition functions constant; LTE; continuous opacity without
 wavelength dependence and without metals or scattering; pure-wing hydrogen profiles (Lorentzian
 1/Delta lambda^2 rather than Holtsmark); no rotation or macroturbulence; the weak-line forest is
-made of low-resolution blends at empirical wavelengths with randomly assigned species and
-excitation potentials (pseudo-random outside 3800-9000 A and in masked regions, see
-:mod:`lamostcannon.mock.linelist`); constant mean resolving power (per-fibre changes only as
+made of low-resolution blends at empirical wavelengths whose species and excitation potentials
+are chosen to follow four composites of real stars (G and K dwarfs, K giants, F dwarfs), one
+species per blend (pseudo-random outside 3800-9000 A and in masked regions, see
+:mod:`lamostcannon.mock.linelist`); the strong lines of K dwarfs come out too weak (a model
+trained on real spectra reads mock K dwarfs ~250 K hotter and 0.4 dex lower in logg, notebook 01); constant mean resolving power (per-fibre changes only as
 random systematics); the instrument systematics are random fields with measured amplitudes, not a
 model of the LAMOST pipeline. The rv shift is non-relativistic (``z = rv/c``), as in the LAMOST
 pipeline.
@@ -758,10 +762,19 @@ def _band_tau(lab: dict) -> np.ndarray:
     for b, (name, mol, elems, head, direction, length, c, dis, th_ref, beta) in enumerate(
             MOLECULAR_BANDS):
         ab = sum(_log_eps(e, lab) - SOLAR_ABUNDANCE[e] for e in elems)
-        # capped at tau ~ 3 (saturated bands) and 1e-8 (avoids underflow)
         log_tau = c + ab + dis * (theta - th_ref) + beta * (lab["logg"] - 4.44)
-        out[:, b] = 10.0 ** np.clip(log_tau, -8.0, 0.5)
+        x = 10.0 ** np.clip(log_tau, -8.0, 3.0)
+        cap = BAND_SATURATION[mol]   # the band's many lines saturate: depth levels off smoothly
+        out[:, b] = cap * -np.expm1(-x / cap)
     return out
+
+
+#: Largest pseudo optical depth (before the rotational texture) of each molecule's bands at low
+#: resolution: ``tau = cap (1 - exp(-x / cap))`` for the Saha-Boltzmann-like strength ``x``. A
+#: band is a forest of lines that saturate one by one, so its mean depth levels off (MgH reaches
+#: ~30% in K7-M0 dwarfs at R ~ 1800, TiO much more in M dwarfs); without the cap the depth grows
+#: as a double exponential of 1/teff.
+BAND_SATURATION = {"MgH": 0.35, "CaH": 0.5, "CN": 0.6, "CH": 0.8, "TiO": 2.5}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1585,6 +1598,7 @@ REALISM_TYPES = {
     "G dwarf": ((5600.0, 5900.0), (4.2, 9.0)),
     "K giant": ((4500.0, 5000.0), (-9.0, 3.0)),
     "F dwarf": ((6300.0, 6700.0), (4.0, 9.0)),
+    "K dwarf": ((4700.0, 5100.0), (4.3, 9.0)),
 }
 
 
