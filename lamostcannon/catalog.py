@@ -52,6 +52,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from . import calibration as _calibration
 from . import labels as labelsets
 from . import paths
 
@@ -351,11 +352,12 @@ def choose_model(teff, logg) -> tuple[np.ndarray, np.ndarray]:
     giant : bool array
         True where eq. 1 says giant.
     known : bool array
-        True where both teff and logg are finite; elsewhere both models are tried.
+        True where both teff and logg are finite and not LAMOST's ``-9999`` "no value"
+        sentinel; elsewhere both models are tried.
     """
     teff = np.asarray(teff, dtype=float)
     logg = np.asarray(logg, dtype=float)
-    known = np.isfinite(teff) & np.isfinite(logg)
+    known = np.isfinite(teff) & np.isfinite(logg) & (teff > 0) & (logg > -9000)
     return np.asarray(labelsets.is_giant(teff, logg), dtype=bool) & known, known
 
 
@@ -1045,6 +1047,8 @@ def _describe(name: str) -> tuple[str | None, str]:
     }
     if name in fixed:
         return fixed[name]
+    if name.endswith("_cal"):
+        return _calibration.describe_column(name)
 
     def element(label):
         x = label[:-3]
@@ -1129,7 +1133,7 @@ def write_table(table, path) -> Path:
 
 
 def build_catalog(obs: pd.DataFrame, gaia=None, distances=None, fits_path=None,
-                  parquet_path=None, radius_arcsec: float = 1.0):
+                  parquet_path=None, radius_arcsec: float = 1.0, calibration=False):
     """Per-star catalogue (paper Table 1) from the per-observation table; written as FITS and Parquet.
 
     Parameters
@@ -1141,6 +1145,10 @@ def build_catalog(obs: pd.DataFrame, gaia=None, distances=None, fits_path=None,
         and ``raw_dir()/gaia/distances.fits`` when they exist.
     fits_path, parquet_path : path, optional
         Default ``processed/catalog.fits`` and ``processed/catalog.parquet``; ``False`` skips.
+    calibration : bool, Calibration or path
+        The dwarfs' temperature calibration (:func:`lamostcannon.calibration.apply`), adding
+        ``<x>_cal`` and ``e_<x>_cal``: ``True`` applies ``processed/calibration_dwarf.json`` when
+        it was fitted on the current dwarf model; ``False`` (default) writes the raw catalogue.
 
     Returns
     -------
@@ -1159,7 +1167,7 @@ def build_catalog(obs: pd.DataFrame, gaia=None, distances=None, fits_path=None,
     stars["source_id"] = (match_gaia(stars["ra"], stars["dec"], gaia, radius_arcsec)
                           if gaia is not None else NO_SOURCE_ID)
     stars = add_kinematics(stars, gaia, distances)
-    table = to_table(stars, kind="catalog")
+    table = _calibration.apply(to_table(stars, kind="catalog"), calibration)
     if fits_path is not False:
         write_table(table, fits_path or paths.processed_dir() / "catalog.fits")
     if parquet_path is not False:
