@@ -101,7 +101,7 @@ def classifier_map(result, *, regions=None, panels=DEFAULT_PANELS):
         bottom.plot(wave[sel], diff[sel], color="0.2", lw=0.6)
         if regions:
             for name, (a, b) in regions.items():
-                if a >= lo and b <= hi + 1 and name in result["auc"]:
+                if lo <= 0.5 * (a + b) <= hi and name in result["auc"]:
                     top.text(0.5 * (a + b), 1.0, f"AUC {result['auc'][name]:.2f}",
                              transform=top.get_xaxis_transform(), ha="center", va="bottom",
                              fontsize="x-small")
