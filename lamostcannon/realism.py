@@ -447,10 +447,6 @@ def classifier_auc(real: RealismSet, mock: RealismSet, regions=REGIONS, *, k: in
             "C": C, "k": k}
 
 
-def _ratios(mock: pd.DataFrame, real: pd.DataFrame) -> pd.DataFrame:
-    return mock / real
-
-
 def compare(real: RealismSet, mock: RealismSet, *, k: int = 12, seed: int = 0,
             classifier: bool = True, classifier_kw=None) -> dict:
     """Every figure of merit of the module docstring, for a real set and its mock twins.

@@ -1,4 +1,5 @@
-"""The mock universe against real LAMOST spectra through the Cannon's eyes (:mod:`lamostcannon.realism`).
+"""The mock universe against real LAMOST spectra through the Cannon's eyes
+(:mod:`lamostcannon.realism`).
 
 The fast version of ``benchmarks/bench_realism.py``: a seeded subset of the held-out (odd obsid)
 real DR10 stars of notebook 09's training cut and their mock twins. The mock is tuned on the even

@@ -58,8 +58,9 @@ Notation: :math:`\theta = 5040/T` (T the layer temperature of step 1); abundance
    (theta_eff = 5040/teff; a Saha-Boltzmann-like dissociation equilibrium; D ~ dissociation
    energy; MgH and CaH stronger in dwarfs, CN in giants, CH weaker in giants as after the first
    dredge-up) that saturates smoothly, ``cap (1 - exp(-x / cap))`` per molecule
-   (:data:`BAND_SATURATION`). TiO appears below ~4000 K. The CN, CH and MgH strengths and temperature factors are
-   calibrated on real DR10 K dwarfs and giants with even obsid (:data:`linelist.MOLECULAR_BANDS`).
+   (:data:`BAND_SATURATION`). TiO appears below ~4000 K. The CN, CH and MgH strengths and
+   temperature factors are calibrated on real DR10 K dwarfs and giants with even obsid
+   (:data:`linelist.MOLECULAR_BANDS`).
    Ba II and Eu II lines carry an extra hyperfine/isotopic width (:data:`HYPERFINE`).
 9. **Low resolution.** The line profiles are convolved with a Gaussian line-spread function of
    constant effective R = 1400 (:data:`LAMOST_R`; FWHM 3.1 px of the 1e-4 dex grid, plus the
@@ -121,7 +122,8 @@ made of low-resolution blends at empirical wavelengths whose species and excitat
 are chosen to follow four composites of real stars (G and K dwarfs, K giants, F dwarfs), one
 species per blend (pseudo-random outside 3800-9000 A and in masked regions, see
 :mod:`lamostcannon.mock.linelist`); the strong lines of K dwarfs come out too weak (a model
-trained on real spectra reads mock K dwarfs ~250 K hotter and 0.4 dex lower in logg, notebook 01); constant mean resolving power (per-fibre changes only as
+trained on real spectra reads mock K dwarfs ~250 K hotter and 0.4 dex lower in logg, notebook 01);
+constant mean resolving power (per-fibre changes only as
 random systematics); the instrument systematics are random fields with measured amplitudes, not a
 model of the LAMOST pipeline. The rv shift is non-relativistic (``z = rv/c``), as in the LAMOST
 pipeline.
