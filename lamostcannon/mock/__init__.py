@@ -104,7 +104,8 @@ def _lamost_task(task):
     enc = writers.LamostFileEncoder(synth.lamost_wavelength())
     z_err = np.hypot(3.0, 150.0 / df["snrg"].to_numpy()) / C_KMS
     records = []
-    spec_dir = Path(spec_dir)
+    spec_dir, root = Path(spec_dir), Path(root)
+    flux, ivar = writers.quantize(out["flux"]), writers.quantize(out["ivar"])
     for i, row in enumerate(df.itertuples(index=False)):
         values = {
             "FILENAME": row.filename[:-3], "OBSID": int(row.obsid),
@@ -119,10 +120,10 @@ def _lamost_task(task):
             "SNRR": float(out["snrr"][i]), "SNRI": float(out["snri"][i]),
             "SNRZ": float(out["snrz"][i]),
         }
-        raw = enc.encode(values, out["flux"][i], out["ivar"][i], out["andmask"][i],
-                         out["ormask"][i])
-        records.append(writers.write_bytes(spec_dir / row.filename, writers.gzip_bytes(raw),
-                                           Path(root)))
+        raw = enc.encode(values, flux[i], ivar[i], out["andmask"][i], out["ormask"][i],
+                         quantized=True)
+        records.append(writers.write_bytes(spec_dir / row.filename,
+                                           writers.gzip_bytes(raw, fast=True), root))
     result = {"index": index, "obsid": df["obsid"].astype(int).tolist(), "records": records,
               "z": out["z"].tolist(), "z_err": z_err.tolist()}
     for band in "ugriz":
