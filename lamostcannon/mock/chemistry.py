@@ -17,7 +17,11 @@ The recipe (documented with its numbers in ``docs/mock_universe.md``):
   +0.25 dex in the accreted halo; Al alpha-like, lower at low metallicity and -0.25 dex in the
   accreted halo; Sc mildly alpha-like; Mn rising with [Fe/H] (0.25 per dex) and lower in
   alpha-rich and accreted stars; Ba and Y from an s-process term that rises in the young thin disk
-  (-0.045 dex/Gyr with age) and peaks near [Fe/H] = -0.15.
+  (-0.04 dex/Gyr with age plus a steeper rise below ~2 Gyr, as in young open clusters) and peaks
+  near [Fe/H] = -0.15, with a star-to-star scatter of 0.10 dex in the disks and a halo scatter
+  that grows towards low metallicity (0.20 dex at [Fe/H] = -1 to 0.43 at -2.5), where the halo
+  mean also falls (:func:`s_process`, :func:`s_scatter`); 2% of the stars are barium stars
+  (+0.3 to +1.0 dex, mass transfer from an AGB companion).
 """
 
 from __future__ import annotations
@@ -39,6 +43,12 @@ _ALPHA_LIKE = {
     "al": (0.90, 0.02, 0.00, 0.05),
     "sc": (0.45, 0.03, 0.00, 0.04),
 }
+
+#: Fraction of stars with the s-process excess of a barium (or CH, CEMP-s) star: material from an
+#: AGB companion, now a white dwarf (~1% of G/K giants are classical Ba stars, more are mild ones).
+BA_STAR_FRACTION = 0.02
+#: Range (dex) of the uniform [Ba/Fe] excess of those stars.
+BA_STAR_BOOST = (0.3, 1.0)
 
 #: extra offsets of the accreted halo (dex)
 ACCRETED_OFFSETS = {"eu": 0.25, "al": -0.25, "mn": -0.10, "sc": -0.05, "o": -0.03}
@@ -68,18 +78,57 @@ def alpha_enhancement(population, feh):
 
 
 def s_process(population, age, feh):
-    """The s-process term (dex) shared by Ba and Y, before scatter."""
+    """The s-process term (dex) shared by Ba and Y, before scatter.
+
+    Thin disk: ``0.25 - 0.04 age + 0.15 exp(-age / 1.5 Gyr) - 0.30 ([Fe/H] + 0.15)^2``: young
+    stars richer (the AGB contribution builds up; open clusters younger than ~1 Gyr reach
+    [Ba/Fe] ~ +0.3-0.4), a peak near [Fe/H] = -0.15. Thick disk ``-0.02 - 0.20 ([Fe/H] + 0.3)^2``.
+    Halo: 0 (in situ) or +0.05 (accreted), falling by 0.2 dex per dex below [Fe/H] = -1.5 (to
+    -0.2 at -2.5).
+
+    Parameters
+    ----------
+    population : (S,) str
+    age : (S,) Gyr
+    feh : (S,) dex
+
+    Returns
+    -------
+    (S,) dex
+    """
     population = np.asarray(population)
     age = np.asarray(age, float)
     feh = np.asarray(feh, float)
-    thin = 0.30 - 0.045 * age - 0.30 * (feh + 0.15) ** 2
+    thin = 0.25 - 0.04 * age + 0.15 * np.exp(-age / 1.5) - 0.30 * (feh + 0.15) ** 2
     thick = -0.02 - 0.20 * (feh + 0.3) ** 2
+    poor = -0.2 * np.clip(-1.5 - feh, 0.0, 1.0)
     return np.select([population == "thin", population == "thick",
-                      population == "halo_insitu"], [thin, thick, np.zeros_like(feh)],
-                     np.full_like(feh, 0.05))
+                      population == "halo_insitu"], [thin, thick, poor], poor + 0.05)
 
 
-def abundances(population, age, R, z, rng, feh=None) -> dict[str, np.ndarray]:
+def s_scatter(population, feh):
+    """The star-to-star scatter (dex) of the s-process term: 0.10 in the disks; in the halo
+    ``0.20 + 0.15 clip(-1 - [Fe/H], 0, 1.5)``, growing towards low metallicity as the observed
+    [Ba/Fe] scatter of halo stars does (a few AGB and r-process events dominate each star's
+    heavy elements there).
+
+    Parameters
+    ----------
+    population : (S,) str
+    feh : (S,) dex
+
+    Returns
+    -------
+    (S,) dex
+    """
+    population = np.asarray(population)
+    feh = np.asarray(feh, float)
+    halo = 0.20 + 0.15 * np.clip(-1.0 - feh, 0.0, 1.5)
+    return np.where(np.isin(population, ("halo_insitu", "halo_accreted")), halo, 0.10)
+
+
+def abundances(population, age, R, z, rng, feh=None,
+               ba_stars: bool = True) -> dict[str, np.ndarray]:
     """Draw ``fe_h`` and ``<x>_fe`` (x in :data:`lamostcannon.labels.ELEMENTS`) for each star.
 
     Parameters
@@ -92,6 +141,10 @@ def abundances(population, age, R, z, rng, feh=None) -> dict[str, np.ndarray]:
     feh : (S,) dex, optional
         A given [Fe/H] (an open cluster's); the [X/Fe] then follow the recipe at that [Fe/H]
         (the [Fe/H] draws are made all the same, so the random stream does not depend on it).
+    ba_stars : bool
+        Give a fraction :data:`BA_STAR_FRACTION` of the stars the s-process excess of a barium
+        star (:data:`BA_STAR_BOOST`, added to [Ba/Fe] and 0.8x to [Y/Fe]); ``False`` for the
+        one shared chemistry of an open cluster.
 
     Returns
     -------
@@ -135,12 +188,26 @@ def abundances(population, age, R, z, rng, feh=None) -> dict[str, np.ndarray]:
     mn = 0.25 * np.clip(feh, -1.5, 0.5) - 0.30 * A + rng.normal(0.0, 0.04, n)
     out["mn_fe"] = mn + np.where(acc, ACCRETED_OFFSETS["mn"], 0.0)
     s = s_process(population, age, feh)
-    s_sd = np.where(np.isin(population, ("halo_insitu", "halo_accreted")), 0.15, 0.07)
+    s_sd = s_scatter(population, feh)
     out["ba_fe"] = s + rng.normal(0.0, s_sd)
     out["y_fe"] = 0.75 * s - 0.03 + rng.normal(0.0, s_sd)
+    if ba_stars:  # from a side stream: the caller's random stream is left as it was
+        side = _side_rng(rng)
+        boost = np.where(side.random(n) < BA_STAR_FRACTION, side.uniform(*BA_STAR_BOOST, n), 0.0)
+        out["ba_fe"] = out["ba_fe"] + boost
+        out["y_fe"] = out["y_fe"] + 0.8 * boost
     out = {"fe_h": out["fe_h"], **{f"{x}_fe": out[f"{x}_fe"] for x in ELEMENTS}}
     out["R_birth"] = R_b
     return out
+
+
+def _side_rng(rng) -> np.random.Generator:
+    """A generator seeded from ``rng``'s current state without advancing it (so that a draw
+    added to the recipe leaves every later draw of the caller unchanged)."""
+    state = rng.bit_generator.state["state"]
+    words = [int(v) for v in (state.values() if isinstance(state, dict) else np.ravel(state))]
+    ent = [w >> (32 * k) & 0xFFFFFFFF for w in words for k in range(4)]
+    return np.random.default_rng(np.random.SeedSequence([*ent, 0xBA]))
 
 
 def mean_alpha(table) -> np.ndarray:

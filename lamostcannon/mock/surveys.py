@@ -325,7 +325,7 @@ def make_cluster(spec: "ClusterSpec", n_members: int, rng) -> pd.DataFrame:
     # one chemistry: that of a thin-disk star of the cluster's age and [Fe/H] near the Sun, with
     # its own [X/Fe] scatter (clusters differ in chemistry, as they should)
     chem = chemistry.abundances(np.array(["thin"]), np.array([min(P.age, 10.0)]), np.array([8.15]),
-                                np.array([0.07]), rng, feh=np.array([P.fe_h]))
+                                np.array([0.07]), rng, feh=np.array([P.fe_h]), ba_stars=False)
     # IMF (slope 2.3) between 0.6 and 3.0 Msun; keep the stars alive at the cluster age
     life = 1.0 + galaxy._T_SGB + galaxy._T_RGB + galaxy._T_RC
     a_imf = -1.3

@@ -26,6 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
+try:  # ISA-L's deflate (fast=True of gzip_bytes)
+    from isal import isal_zlib as _isal_zlib
+except ImportError:  # pragma: no cover - isal is a dependency
+    _isal_zlib = None
+
 FITS_BLOCK = 2880
 
 # (key, value, comment): value None marks a per-file value. Order and comments follow the
@@ -240,13 +245,18 @@ def write_bytes(path: Path, data: bytes, root: Path | None = None) -> dict:
 def gzip_bytes(data: bytes, level: int = 2, *, fast: bool = False) -> bytes:
     """Deterministic gzip (mtime 0, no file name).
 
-    ``fast=True`` uses zlib's run-length strategy (level 1, ``Z_RLE``): about 2.2x faster than
-    level 2 on the LAMOST files (0.45 against 1.0 ms for 89 kB), 16% larger (40 against 35 kB),
-    decompressed as fast; any gzip reader reads it. The mock's spectra use it.
+    ``fast=True`` deflates with ISA-L (``isal``, a dependency; level 2) when it is installed:
+    ~7x faster than the standard library's level 2 on the LAMOST files (0.15 against 1.0 ms for
+    89 kB), 11% larger (38 against 35 kB); without it, zlib's run-length strategy (level 1,
+    ``Z_RLE``: 0.45 ms, 40 kB). Any gzip reader reads either; the bytes depend on the deflate
+    library, so a mock is byte-stable on one installation. The mock's spectra use it.
     """
     if not fast:
         return gzip.compress(data, compresslevel=level, mtime=0)
-    comp = zlib.compressobj(1, zlib.DEFLATED, 31, 9, zlib.Z_RLE)  # wbits 31: gzip, mtime 0
+    if _isal_zlib is not None:
+        comp = _isal_zlib.compressobj(2, _isal_zlib.DEFLATED, 31)  # wbits 31: gzip, mtime 0
+    else:
+        comp = zlib.compressobj(1, zlib.DEFLATED, 31, 9, zlib.Z_RLE)
     return comp.compress(data) + comp.flush()
 
 
