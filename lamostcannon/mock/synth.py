@@ -345,6 +345,7 @@ class _Lines:
     wide: np.ndarray
     species_list: tuple      # (element, stage)
     galah: np.ndarray        # used at high resolution (not an empirical low-resolution blend)
+    s_track: np.ndarray | None = None  # (N, 2) weights of [Ba/Fe], [Y/Fe] (:data:`S_TRACERS`)
 
 
 def _label_columns(stars) -> dict:
@@ -415,14 +416,21 @@ def _sun_labels(n: int = 1) -> dict:
 
 
 def _line_quantities(lines_wave, chi, base, damp, species_idx, species_list, lab,
-                     hyperfine: bool = True):
-    """log tau0, log a and Doppler width (A) for every star x line, float32 (S, N) each."""
+                     hyperfine: bool = True, s_track=None):
+    """log tau0, log a and Doppler width (A) for every star x line, float32 (S, N) each.
+
+    ``s_track`` (N, 2), optional: per line, the weights of the star's [Ba/Fe] and [Y/Fe] added
+    to its element's abundance (the identified lines of the other s-process elements,
+    :data:`S_TRACERS`)."""
     f32 = np.float32
     atm = atmosphere(lab["teff"], lab["logg"], lab["fe_h"])
     terms, vdop = _species_terms(species_list, lab, atm, hyperfine)
     log_vd = np.log10(vdop / 2.0).astype(f32)
     log_tau0 = np.take(terms.astype(f32), species_idx, axis=1)
     log_tau0 += np.asarray(base, f32)[None, :]
+    if s_track is not None and np.any(s_track):
+        s_lab = np.stack([lab["ba_fe"], lab["y_fe"]], axis=1).astype(f32)   # (S, 2)
+        log_tau0 += s_lab @ np.asarray(s_track, f32).T
     log_tau0 -= atm["theta"].astype(f32)[:, None] * np.asarray(chi, f32)[None, :]
     star = (np.log10(0.015) + 0.5 * (lab["logg"] - 4.44)
             + 0.3 * np.log10(lab["teff"] / 5777.0)).astype(f32)
@@ -517,6 +525,15 @@ def _lines() -> _Lines:
     return _default_model()["lines"]
 
 
+#: Heavy elements without a label of their own that follow the s-process labels on their
+#: identified (``known`` and GALAH ``window``) lines: [X/Fe] += f [Ba/Fe] (second-peak La, Ce,
+#: Nd) or f [Y/Fe] (first-peak Sr, Zr), f the element's solar s-process fraction (Sr 0.85, Zr
+#: 0.8, La 0.75, Ce 0.8, Nd 0.55). A Ba-rich star is rich in all of them; without this its only
+#: signature at low resolution would be the five Ba II and a few Y II lines.
+S_TRACERS = {"Sr": ("y_fe", 0.85), "Zr": ("y_fe", 0.8), "La": ("ba_fe", 0.75),
+             "Ce": ("ba_fe", 0.8), "Nd": ("ba_fe", 0.55)}
+
+
 def _prepare_lines(t) -> _Lines:
     from .linelist import split_species
 
@@ -530,7 +547,14 @@ def _prepare_lines(t) -> _Lines:
                                 t.loggf[cal].to_numpy(), t.species[cal].to_numpy(),
                                 t.ew_sun[cal].to_numpy())
     wave_air = t["wave_air"].to_numpy(float)
-    return _Lines(wave_vac=t["wave_vac"].to_numpy(float), wave_air=wave_air,
+    s_track = np.zeros((len(t), 2))
+    identified = (t["source"].isin(("known", "window")).to_numpy(bool) if "source" in t
+                  else np.zeros(len(t), bool))
+    for k, (element, _stage) in enumerate(species):
+        if element in S_TRACERS and identified[k]:
+            label, frac = S_TRACERS[element]
+            s_track[k, 0 if label == "ba_fe" else 1] = frac
+    return _Lines(s_track=s_track, wave_vac=t["wave_vac"].to_numpy(float), wave_air=wave_air,
                   chi=t["chi"].to_numpy(float),
                   base=t["loggf"].to_numpy(float) + np.log10(wave_air / 5000.0) + _k0(),
                   damp=damp, species=idx, wide=t["wide"].to_numpy(bool),
@@ -1096,7 +1120,7 @@ def _rest_tau(lab: dict, model: dict | None = None) -> np.ndarray:
     model = _default_model() if model is None else model
     lines = model["lines"]
     lt, la, dl = _line_quantities(lines.wave_air, lines.chi, lines.base, lines.damp, lines.species,
-                                  lines.species_list, lab)
+                                  lines.species_list, lab, s_track=lines.s_track)
     ew_pix = dl * reduced_width(lt, la)                                # (S, N) A
     ew_pix *= (1.0 / _pixel_width(lines.wave_vac)).astype(np.float32)[None, :]   # -> pixels
     wide = lines.wide
@@ -1142,7 +1166,7 @@ def equivalent_widths(stars) -> np.ndarray:
     lab = _label_columns(cols)
     lines = _lines()
     lt, la, dl = _line_quantities(lines.wave_air, lines.chi, lines.base, lines.damp, lines.species,
-                                  lines.species_list, lab)
+                                  lines.species_list, lab, s_track=lines.s_track)
     return dl * reduced_width(lt, la)
 
 
@@ -1448,7 +1472,7 @@ def _galah_normalised(lab: dict, chunk: int = 256) -> np.ndarray:
         sl = {k: v[s0:s0 + chunk] for k, v in lab.items()}
         lt, la, dl = _line_quantities(lines.wave_air[idx], lines.chi[idx], lines.base[idx],
                                       lines.damp[idx], lines.species[idx], lines.species_list, sl,
-                                      hyperfine=False)
+                                      hyperfine=False, s_track=lines.s_track[idx])
         tau0 = 10.0 ** lt[:, g["pair_line"]]
         a = 10.0 ** la[:, g["pair_line"]]
         x = g["pair_dx"][None, :] / dl[:, g["pair_line"]]
