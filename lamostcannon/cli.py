@@ -76,10 +76,11 @@ META_COLUMNS = ("obsid", "designation", "ra", "dec", "mjd", "z", "snru", "snrg",
 
 _OUTPUT_SUFFIXES = (".fits", ".fit", ".parquet", ".csv")
 
-#: Files per extra worker process before it pays for its start-up (spawn, imports, model load;
-#: measured in ``benchmarks/bench_label_workers.py``): below it the files are labelled in this
-#: process.
-FILES_PER_WORKER = 1500
+#: Files per worker process before it pays for its start-up (spawn, imports, model and
+#: calibration load: seconds, against ~3 ms a file): below it the files are labelled in this
+#: process. Measured in ``benchmarks/bench_label_workers.py``: on the 2-core development machine
+#: two processes were slower than one for every run up to the 1,726 DR10 files.
+FILES_PER_WORKER = 4000
 
 
 class OutputBusyError(RuntimeError):
@@ -137,11 +138,20 @@ def collect_inputs(inputs) -> list[Path]:
     return out
 
 
-def auto_workers(n_files: int, requested: int, files_per_worker: int = FILES_PER_WORKER) -> int:
+def auto_workers(n_files: int, requested: int, files_per_worker: int = FILES_PER_WORKER,
+                 idle_cpus: float | None = None) -> int:
     """Worker processes for ``n_files``: 1 (this process) unless every worker gets at least
-    ``files_per_worker`` files, at most ``requested``. Start-up costs seconds per worker
-    (spawn, numpy/astropy imports, the model), which small runs never earn back."""
-    return int(max(1, min(int(requested), n_files // max(int(files_per_worker), 1))))
+    ``files_per_worker`` files, and no more than ``requested`` or the idle CPUs (CPU count minus
+    the 1-minute load average; ``idle_cpus`` overrides it). Start-up costs seconds per worker
+    (spawn, numpy/astropy imports, the model), which small runs never earn back, and a busy
+    machine gives extra processes no core to run on. The labels do not depend on the choice."""
+    if idle_cpus is None:
+        try:
+            idle_cpus = (os.cpu_count() or 1) - os.getloadavg()[0]
+        except (AttributeError, OSError):  # pragma: no cover - no load average on this OS
+            idle_cpus = os.cpu_count() or 1
+    cap = max(1, int(round(idle_cpus)))
+    return int(max(1, min(int(requested), n_files // max(int(files_per_worker), 1), cap)))
 
 
 @contextlib.contextmanager
@@ -729,7 +739,8 @@ def add_label_command(subparsers) -> argparse.ArgumentParser:
                    help="also write the data and best-fit model spectra (one .fits file)")
     p.add_argument("--workers", "-j", type=int, default=None,
                    help="processes (default: up to LAMOSTCANNON_WORKERS or the CPU count, "
-                        f"one per {FILES_PER_WORKER} files: small runs stay in one process)")
+                        f"one per {FILES_PER_WORKER} files and idle CPU: small runs stay in "
+                        "one process)")
     p.add_argument("--chunk-size", type=int, default=64, help="files per task (default 64)")
     p.add_argument("--boundaries", default=None,
                    help="KDE extrapolation boundaries JSON (default: found beside the model)")

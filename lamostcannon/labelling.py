@@ -458,7 +458,10 @@ class Labeller:
         for name, cand in candidates.items():
             bundle = self.models[name]
             idx = np.flatnonzero(cand)
-            fit = self._fit(bundle, flux[idx], ivar[idx]) if idx.size else None
+            if idx.size == n:     # every spectrum: no copy of the chunk
+                fit = self._fit(bundle, flux, ivar)
+            else:
+                fit = self._fit(bundle, flux[idx], ivar[idx]) if idx.size else None
             usable = np.zeros(n, bool)
             if fit is not None:   # fewer than min_pixels usable pixels: not a fit
                 enough = fit["n_pixels"] >= self.min_pixels
@@ -498,9 +501,8 @@ class Labeller:
             rows = idx[keep]
             if rows.size == 0:
                 continue
-            self._fill(out, qf, self.models[name], rows, {k: _take(v, keep) for k, v in
-                                                          fit.items()},
-                       flux[rows], ivar[rows], snr[rows])
+            part = fit if keep.all() else {k: _take(v, keep) for k, v in fit.items()}
+            self._fill(out, qf, self.models[name], rows, part, snr[rows])
         out["quality_flag"] = qf
         return pd.DataFrame(out).astype(self.columns())
 
@@ -525,7 +527,7 @@ class Labeller:
                 "binned": {f"ood_{k}": np.asarray(v, dtype=float) for k, v in
                            dict(getattr(res, "binned", {}) or {}).items()}}
 
-    def _fill(self, out, qf, bundle, rows, fit, flux, ivar, snr):
+    def _fill(self, out, qf, bundle, rows, fit, snr):
         """Write one model's fits of ``rows`` into the output columns; set their bits."""
         names = bundle.label_names
         values, err = fit["labels"], fit["err"]

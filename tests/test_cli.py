@@ -211,10 +211,11 @@ def test_extrapolation_flags_on_hot_stars(small_model, real_lamost, tmp_path):
 
 
 def test_auto_workers_start_processes_only_when_they_pay():
-    assert cli.auto_workers(500, 2) == 1
-    assert cli.auto_workers(cli.FILES_PER_WORKER * 2, 2) == 2
-    assert cli.auto_workers(cli.FILES_PER_WORKER * 10, 4) == 4
-    assert cli.auto_workers(0, 8) == 1
+    assert cli.auto_workers(500, 2, idle_cpus=2) == 1
+    assert cli.auto_workers(cli.FILES_PER_WORKER * 2, 2, idle_cpus=2) == 2
+    assert cli.auto_workers(cli.FILES_PER_WORKER * 10, 4, idle_cpus=8) == 4
+    assert cli.auto_workers(cli.FILES_PER_WORKER * 10, 4, idle_cpus=0.3) == 1   # busy machine
+    assert cli.auto_workers(0, 8, idle_cpus=8) == 1
 
 
 def test_claim_output_is_exclusive_and_leaves_nothing(tmp_path):
