@@ -37,11 +37,12 @@ class StubModel:
 
     def test(self, flux, ivar, windows=None, **kwargs):
         n, L = len(flux), len(self.label_names)
-        resid = ivar * (flux - 1 - self.offset) ** 2
+        ok = np.isfinite(flux) & np.isfinite(ivar) & (ivar > 0)   # bad input is masked
+        resid = np.where(ok, ivar * (np.where(ok, flux, 1) - 1 - self.offset) ** 2, 0)
         return SimpleNamespace(
             labels=flux[:, :L].astype(float), cov=np.tile(np.eye(L) * 0.01, (n, 1, 1)),
             chi2=resid.sum(1), chi2_windows={k: resid[:, w].sum(1) for k, w in (windows or {}).items()},
-            n_pixels=(ivar > 0).sum(1), n_iter=np.full(n, 3), converged=flux[:, 0] < 5,
+            n_pixels=ok.sum(1), n_iter=np.full(n, 3), converged=flux[:, 0] < 5,
             flag=np.zeros(n, int))
 
 
