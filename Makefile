@@ -6,10 +6,11 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.lamostcannon-installed
 
-.PHONY: setup reproduce test test-fast bench clean-data help
+.PHONY: setup reproduce site test test-fast bench clean-data help
 
 help:
 	@echo "make reproduce   set up .venv and run notebooks 01-09 in order (mock universe by default)"
+	@echo "make site        static HTML site of the executed notebooks and the claims table (build/site)"
 	@echo "make test        set up .venv and run the whole test suite, notebooks included"
 	@echo "make bench       speed and memory benchmarks (writes benchmarks/results/*.json)"
 
@@ -23,6 +24,11 @@ setup: $(STAMP)
 
 reproduce: setup
 	$(BIN)/python -m lamostcannon reproduce
+
+# The executed notebooks of `make reproduce` (build/notebooks) as HTML pages, an index and the
+# claims table, in build/site/ (offline; nothing is executed again).
+site: setup
+	$(BIN)/python -m lamostcannon site
 
 # Unit and integration tests first, then every notebook in order under nbval (01 writes the
 # mock universe that 02-08 read; 09 reads the real spectra).

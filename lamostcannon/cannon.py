@@ -1330,7 +1330,18 @@ class CannonModel:
         except Exception as exc:  # astropy raises OSError, ValueError, warnings-as-errors ...
             raise ModelFileError(f"{path} is not a readable lamostcannon model FITS file "
                                  f"(truncated or corrupt?): {type(exc).__name__}: {exc}") from exc
-        return cls._from_parts(parts, path)
+        model = cls._from_parts(parts, path)
+        # a model written by another major.minor version may not mean the same: say so
+        from . import __version__
+
+        written = str(model.meta.get("version") or "unknown")
+        if written.split(".")[:2] != __version__.split(".")[:2]:
+            text = (f"{path} was written by lamostcannon {written}, this is {__version__}: "
+                    "the model may differ in meaning (labels, preprocessing); retrain it or use "
+                    "the version that wrote it")
+            logger.warning(text)
+            warnings.warn(text, UserWarning, stacklevel=2)
+        return model
 
     @classmethod
     def _from_parts(cls, parts, path):

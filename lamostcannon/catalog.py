@@ -63,6 +63,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from . import calibration as _calibration
 from . import labels as labelsets
 from . import paths
 from .labelling import QUALITY_BITS, Labeller, ModelBundle, quality_flag_description
@@ -1047,6 +1048,8 @@ def _describe(name: str) -> tuple[str | None, str]:
     }
     if name in fixed:
         return fixed[name]
+    if name.endswith("_cal"):
+        return _calibration.describe_column(name)
 
     def element(label):
         x = label[:-3]
@@ -1172,7 +1175,7 @@ def write_table(table, path) -> Path:
 
 
 def build_catalog(obs: pd.DataFrame, gaia=None, distances=None, fits_path=None,
-                  parquet_path=None, radius_arcsec: float = 1.0, ctx=None):
+                  parquet_path=None, radius_arcsec: float = 1.0, ctx=None, calibration=False):
     """Per-star catalogue (paper Table 1) from the per-observation table; written as FITS and Parquet.
 
     Parameters
@@ -1187,6 +1190,10 @@ def build_catalog(obs: pd.DataFrame, gaia=None, distances=None, fits_path=None,
     ctx : LabelContext, optional
         Where the header's OOD thresholds and labels without CV skill come from (default: the
         calibration files beside the models in ``processed/``, :func:`trust_header`).
+    calibration : bool, Calibration or path
+        The dwarfs' temperature calibration (:func:`lamostcannon.calibration.apply`), adding
+        ``<x>_cal`` and ``e_<x>_cal``: ``True`` applies ``processed/calibration_dwarf.json`` when
+        it was fitted on the current dwarf model; ``False`` (default) writes the raw catalogue.
 
     Returns
     -------
@@ -1205,7 +1212,8 @@ def build_catalog(obs: pd.DataFrame, gaia=None, distances=None, fits_path=None,
     stars["source_id"] = (match_gaia(stars["ra"], stars["dec"], gaia, radius_arcsec)
                           if gaia is not None else NO_SOURCE_ID)
     stars = add_kinematics(stars, gaia, distances)
-    table = to_table(stars, kind="catalog", meta=trust_header(ctx))
+    table = _calibration.apply(to_table(stars, kind="catalog", meta=trust_header(ctx)),
+                               calibration)
     if fits_path is not False:
         write_table(table, fits_path or paths.processed_dir() / "catalog.fits")
     if parquet_path is not False:

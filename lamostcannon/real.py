@@ -30,7 +30,17 @@ Environment variables
                                 ``<real_lamost_dir>/dr8_repeats``; optional
 ``LAMOSTCANNON_LAMOST_DIR``     the folder holding ``dr10/``, ``dr8_repeats/`` (see
                                 :func:`lamostcannon.paths.real_lamost_dir`)
+``LAMOSTCANNON_REAL_FETCH``     ``0`` forbids the archive fallback below (default: allowed)
 ==============================  ==========================================================
+
+Without that folder (and without ``LAMOSTCANNON_REAL_SPECTRA``), :func:`real_sources` falls
+back to the archive: the package ships notebook 09's sample as small tables (no spectra):
+``lamostcannon/data/real_dr10_sample.csv`` (obsid, filename, class, subclass, snrg and the LASP
+teff, logg, feh, ra, dec, z of the 1726 DR10 files) and ``real_dr8_repeat_groups.csv`` (the
+DR8 repeat visits and their ``GroupID``); :func:`fetch_real_spectra` downloads those spectra by
+obsid with :mod:`lamostcannon.archives` (verified, resumable, idempotent) into
+``data/raw/real_lamost/dr10/`` and ``.../dr8_repeats/``, laid out like the shared folder, so the
+products keep their names (``real_dr10``). Offline, :class:`RealDataMissing` says what to set.
 
 The LAMOST files are public data products of the Guoshoujing Telescope (LAMOST); any use must
 carry the LAMOST acknowledgement (https://www.lamost.org/policies/).
@@ -54,7 +64,8 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "ENV_SPECTRA", "ENV_LABELS", "ENV_REPEATS", "LABEL_NAMES", "TEFF_MAX", "SNR_MIN",
-    "RealDataMissing", "RealSources", "real_sources", "run_name", "read_label_table",
+    "RealDataMissing", "RealSources", "real_sources", "fetch_real_spectra", "fetched_dir",
+    "shipped_table", "run_name", "read_label_table",
     "store_path_for", "load_spectra", "training_selection", "RealSample", "build_sample",
     "extrapolation_table", "flag_fractions", "read_repeat_groups", "load_repeats",
     "repeat_pairs", "pair_differences", "pair_spreads", "robust_std", "pair_table",
@@ -64,6 +75,10 @@ __all__ = [
 ENV_SPECTRA = "LAMOSTCANNON_REAL_SPECTRA"
 ENV_LABELS = "LAMOSTCANNON_REAL_LABELS"
 ENV_REPEATS = "LAMOSTCANNON_REAL_REPEATS"
+ENV_FETCH = "LAMOSTCANNON_REAL_FETCH"
+#: Package tables of notebook 09's sample (see the module docstring).
+SAMPLE_TABLE = "real_dr10_sample.csv"
+REPEATS_TABLE = "real_dr8_repeat_groups.csv"
 
 #: The labels transferred from the LAMOST pipeline (LASP): teff (K), logg, [Fe/H] (dex).
 LABEL_NAMES = ("teff", "logg", "fe_h")
@@ -123,6 +138,11 @@ def _env_path(name: str) -> Path | None:
 def real_sources(*, require_repeats: bool = False) -> RealSources:
     """Locate the real spectra, their labels and the repeat observations.
 
+    Without the default folder (``<real_lamost_dir>/dr10``) and without
+    ``LAMOSTCANNON_REAL_SPECTRA``, the spectra of notebook 09's shipped sample are fetched from
+    the LAMOST archive by obsid (:func:`fetch_real_spectra`; a second call fetches nothing),
+    unless ``LAMOSTCANNON_REAL_FETCH=0``.
+
     Parameters
     ----------
     require_repeats : bool
@@ -135,15 +155,23 @@ def real_sources(*, require_repeats: bool = False) -> RealSources:
     Raises
     ------
     RealDataMissing
-        A folder or table is missing; the message says what to set.
+        A folder or table is missing and cannot be fetched; the message says what to set.
     """
-    spectra = _env_path(ENV_SPECTRA) or paths.real_lamost_dir() / "dr10"
+    chosen = _env_path(ENV_SPECTRA)
+    spectra = chosen or paths.real_lamost_dir() / "dr10"
+    fetched = None
     if not spectra.is_dir():
-        raise RealDataMissing(f"no folder of real LAMOST spectra at {spectra}. {_HOW_TO}")
+        if chosen is not None:
+            raise RealDataMissing(f"no folder of real LAMOST spectra at {spectra}. {_HOW_TO}")
+        fetched = _fetch_fallback(spectra)
+        spectra = fetched / "dr10"
     labels = _env_path(ENV_LABELS) or spectra / "catalog.csv"
     if not labels.is_file():
         raise RealDataMissing(f"no label table at {labels}. {_HOW_TO}")
     repeats = _env_path(ENV_REPEATS) or paths.real_lamost_dir() / "dr8_repeats"
+    if not (repeats / "groups.csv").is_file() and fetched is not None \
+            and _env_path(ENV_REPEATS) is None:
+        repeats = fetched / "dr8_repeats"
     if not (repeats / "groups.csv").is_file():
         if require_repeats:
             raise RealDataMissing(f"no repeat observations (groups.csv) in {repeats}. Set "
@@ -151,6 +179,109 @@ def real_sources(*, require_repeats: bool = False) -> RealSources:
                                   "groups.csv (columns GroupID and combined_file or filename).")
         repeats = None
     return RealSources(spectra, labels, repeats)
+
+
+def fetched_dir() -> Path:
+    """Where :func:`fetch_real_spectra` writes: ``<data>/raw/real_lamost`` (``dr10/``,
+    ``dr8_repeats/``, ``manifest.json``)."""
+    return paths.data_dir() / "raw" / "real_lamost"
+
+
+def shipped_table(name: str = SAMPLE_TABLE) -> Path:
+    """Path of a table shipped with the package (:data:`SAMPLE_TABLE`, :data:`REPEATS_TABLE`)."""
+    from importlib.resources import files
+
+    return Path(str(files("lamostcannon") / "data" / name))
+
+
+def fetch_real_spectra(out_dir=None, *, repeats: bool = True, downloader=None,
+                       dr10_url: str | None = None, dr8_url: str | None = None) -> dict:
+    """Download notebook 09's sample by obsid: the DR10 spectra of :data:`SAMPLE_TABLE` and
+    (with ``repeats``) the DR8 repeat visits of :data:`REPEATS_TABLE`.
+
+    Parameters
+    ----------
+    out_dir : path, optional
+        Default :func:`fetched_dir`. Written: ``dr10/<filename>`` + ``dr10/catalog.csv``,
+        ``dr8_repeats/<file>`` + ``dr8_repeats/groups.csv``, ``manifest.json``.
+    repeats : bool
+        Also fetch the DR8 repeat visits.
+    downloader : lamostcannon.archives.Downloader, optional
+        Retry, timeout and concurrency settings.
+    dr10_url, dr8_url : str, optional
+        ``{obsid}`` URL templates; default the archive addresses
+        (``LAMOSTCANNON_LAMOST_URL`` with the DR10 release, ``LAMOSTCANNON_LAMOST_DR8_URL``).
+
+    Returns
+    -------
+    dict
+        ``{"dr10": FetchReport, "dr8_repeats": FetchReport}``: files fetched, already there,
+        failed (with reasons).
+
+    Raises
+    ------
+    lamostcannon.archives.ArchiveUnavailable
+        The archive cannot be reached.
+    """
+    from .archives import Downloader, Endpoints, FileTask, Manifest, validate_lamost
+    from .archives.sources import lamost_dr8_spectra
+    from .spectra import MAX_SPECTRUM_BYTES
+
+    out = Path(out_dir) if out_dir is not None else fetched_dir()
+    dl = downloader or Downloader(progress=True, timeout=(5.0, 60.0))
+    manifest = Manifest(out, source="lamost")
+    sample = pd.read_csv(shipped_table(SAMPLE_TABLE))
+    jobs = {"dr10": (dr10_url or Endpoints(lamost_release="dr10").lamost_spectra,
+                     list(zip(sample["obsid"], sample["filename"])), SAMPLE_TABLE, "catalog.csv",
+                     "LAMOST DR10 spectra of notebook 09's sample")}
+    if repeats:
+        groups = read_repeat_groups(shipped_table(REPEATS_TABLE))
+        jobs["dr8_repeats"] = (dr8_url or lamost_dr8_spectra(),
+                               list(zip(groups["obsid"], groups["filename"])), REPEATS_TABLE,
+                               "groups.csv", "LAMOST DR8 repeat visits of notebook 09")
+    reports = {}
+    for folder, (template, items, table, name, what) in jobs.items():
+        tasks = [FileTask(template.format(obsid=int(o)), f"{folder}/{f}", key=str(int(o)),
+                          max_bytes=MAX_SPECTRUM_BYTES) for o, f in items if int(o) >= 0]
+        reports[folder] = dl.fetch_many(tasks, out, manifest, what=what,
+                                        validate=validate_lamost)
+        dest = out / folder / name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{name}.{os.getpid()}.tmp")
+        tmp.write_bytes(shipped_table(table).read_bytes())
+        os.replace(tmp, dest)
+        rep = reports[folder]
+        log.log(logging.WARNING if rep.failures else logging.INFO,
+                "%s: %d fetched, %d already there, %d failed%s", what, len(rep.fetched),
+                len(rep.skipped), len(rep.failures),
+                f" (e.g. obsid {rep.failures[0].key}: {rep.failures[0].reason})"
+                if rep.failures else "")
+    return reports
+
+
+def _fetch_fallback(missing: Path) -> Path:
+    """Fetch the shipped sample (see :func:`real_sources`); its folder, or RealDataMissing."""
+    from .archives import ArchiveUnavailable
+
+    if os.environ.get(ENV_FETCH, "").strip().lower() in ("0", "no", "false", "off"):
+        raise RealDataMissing(f"no folder of real LAMOST spectra at {missing} (and "
+                              f"{ENV_FETCH}=0 forbids fetching the sample). {_HOW_TO}")
+    out = fetched_dir()
+    log.warning("no real LAMOST spectra at %s: fetching notebook 09's sample (%s) by obsid from "
+                "the LAMOST archive into %s", missing, SAMPLE_TABLE, out)
+    try:
+        reports = fetch_real_spectra(out)
+    except ArchiveUnavailable as exc:
+        raise RealDataMissing(f"no folder of real LAMOST spectra at {missing}, and the LAMOST "
+                              f"archive is not reachable to fetch notebook 09's sample "
+                              f"({exc.reason}; tried {exc.url}). {_HOW_TO}") from None
+    if not reports["dr10"].fetched and not reports["dr10"].skipped:
+        first = reports["dr10"].failures[0] if reports["dr10"].failures else None
+        raise RealDataMissing(f"no folder of real LAMOST spectra at {missing}, and no spectrum "
+                              f"of notebook 09's sample could be fetched"
+                              f"{f' (e.g. obsid {first.key}: {first.reason})' if first else ''}."
+                              f" {_HOW_TO}")
+    return out
 
 
 def run_name(sources: RealSources) -> str:

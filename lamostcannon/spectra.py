@@ -19,11 +19,18 @@ The image layouts are told apart by the third row: a wavelength row holds values
 Angstrom, the DR1-3 continuum-subtracted flux does not. LAMOST wavelengths are vacuum,
 heliocentric, observed frame.
 
-The file is decompressed into memory in one call and the FITS headers and data are parsed with
+The file is decompressed into memory and the FITS headers and data are parsed with
 numpy straight from the bytes (big-endian ``float32`` images and binary-table columns without
 scaling); anything that parser does not support (scaled data, other pixel types) goes to
 :mod:`astropy.io.fits`, which reads the same bytes. ``engine="astropy"`` forces astropy; the
 test-suite checks that both engines agree on every real file.
+
+A LAMOST low-resolution spectrum is well under 1 MB uncompressed, so no file is allowed more
+than :data:`MAX_SPECTRUM_BYTES` (64 MiB; environment variable ``LAMOSTCANNON_MAX_SPECTRUM_BYTES``
+or the ``max_bytes`` argument of :func:`read_lamost`), on disk or decompressed: a gzip bomb
+(a few MB that inflate to GB) is refused with that reason after inflating at most the cap, so
+memory stays bounded. Folders are searched with :func:`find_spectra`, which also lists the
+symbolic links it cannot follow (dangling, looping) so that the reader reports them by name.
 
 Preprocessing (Wheeler et al. 2020, section 3, following Ho et al. 2017, ApJ 836, 5)
 -------------------------------------------------------------------------------------
@@ -48,6 +55,21 @@ Preprocessing (Wheeler et al. 2020, section 3, following Ho et al. 2017, ApJ 836
    built once per process as dense row blocks that cover just the band
    (:func:`continuum_blocks`) and applied to many spectra at once with one matrix product per
    block (BLAS), in float64.
+
+   **Exact, so independent of batch size, BLAS and CPU.** A BLAS product sums in an order that
+   depends on the matrix shapes, the CPU's vector width and the library build, so one spectrum
+   normalised alone and the same spectrum normalised in a batch of 32 could differ in the last
+   bit (and after the cast to float32, by 1 ulp). To rule that out by construction, every
+   product is done on integers: the weights are rounded to multiples of ``2**-20``
+   (:data:`CONTINUUM_WEIGHT_BITS`; at most 2e-5 relative change of the kernel at its 150 A
+   edge), and in each row block the right-hand side of each spectrum (``ivar * f`` and
+   ``ivar``, separately) is scaled by a power of two so that its largest value in the block's
+   columns lies just below ``2**23`` (:data:`CONTINUUM_DATA_BITS`) and rounded to an integer
+   (relative precision ``2**-24`` of that local maximum). Each product term is then an integer
+   below ``2**43`` and each sum of at most 353 terms below ``2**52``, so every partial sum is
+   exact in float64 whatever the order of summation; scaling back is a division by a power of
+   two (exact) and the ratio ``num / den`` one correctly rounded division. Hence
+   ``normalise`` of a spectrum gives the same bits alone, in any batch, on any machine.
 5. Normalised flux ``f / cont``, inverse variance ``ivar * cont**2``. Where there is no data
    (``ivar == 0``) or the continuum is not positive, the output has ``ivar = 0`` and ``flux = 1``
    (the continuum level), so the output never holds NaN or inf.
@@ -60,10 +82,13 @@ conservative choice for other releases) and can be switched off with ``use_ormas
 
 from __future__ import annotations
 
+import errno
 import io
 import logging
 import math
+import os
 import re
+import stat
 import zlib
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -77,7 +102,9 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "LOG10_WAVE_START", "LOG10_WAVE_STEP", "N_PIXELS", "CONTINUUM_SIGMA", "CONTINUUM_TRUNCATE",
-    "MIN_GOOD_PIXELS", "LAYOUTS", "common_wavelength", "LamostSpectrum", "SpectrumReadError",
+    "MIN_GOOD_PIXELS", "CONTINUUM_WEIGHT_BITS", "CONTINUUM_DATA_BITS", "LAYOUTS",
+    "MAX_SPECTRUM_BYTES", "SPECTRUM_SUFFIXES",
+    "common_wavelength", "LamostSpectrum", "SpectrumReadError",
     "read_lamost", "resample", "normalise", "preprocess", "preprocess_many", "continuum",
     "continuum_blocks", "continuum_matrix", "find_spectra", "SpectraStore", "ingest",
 ]
@@ -96,6 +123,13 @@ CONTINUUM_TRUNCATE = 150.0
 MIN_GOOD_PIXELS = 100
 #: The layouts :func:`read_lamost` recognises.
 LAYOUTS = ("dr1-3", "dr4-9", "dr10+")
+#: Largest spectrum file accepted, on disk and decompressed (bytes). A LAMOST low-resolution
+#: spectrum is < ~1 MB uncompressed; anything bigger than this is refused (gzip-bomb guard).
+#: Override with the environment variable ``LAMOSTCANNON_MAX_SPECTRUM_BYTES`` (read at import,
+#: so worker processes inherit it) or ``read_lamost(..., max_bytes=)``.
+MAX_SPECTRUM_BYTES = int(os.environ.get("LAMOSTCANNON_MAX_SPECTRUM_BYTES", "") or 64 * 2 ** 20)
+#: File names :func:`find_spectra` picks up (case-insensitive).
+SPECTRUM_SUFFIXES = (".fits", ".fits.gz", ".fit", ".fit.gz", ".fz")
 
 _META_KEYS = ("obsid", "designation", "ra", "dec", "z", "z_err", "snru", "snrg", "snrr", "snri",
               "snrz", "class", "subclass", "mjd", "data_release", "layout", "filename")
@@ -189,22 +223,62 @@ class _RawFits:
     tables: list  # [(extname, header, {column: row-0 array}, nrows)]
 
 
-def _load_bytes(path: Path) -> bytes:
-    """The file's bytes, gunzipped in memory when the content is gzip (magic 1f 8b)."""
+def _load_bytes(path: Path, max_bytes: int | None = None) -> bytes:
+    """The file's bytes, gunzipped in memory when the content is gzip (magic 1f 8b).
+
+    At most ``max_bytes`` (default :data:`MAX_SPECTRUM_BYTES`) are read or inflated; a bigger
+    file or decompressed stream raises :class:`SpectrumReadError` (memory stays bounded).
+    """
+    cap = MAX_SPECTRUM_BYTES if max_bytes is None else int(max_bytes)
+    info = _stat_or_reason(path)
+    if info.st_size > cap:
+        raise SpectrumReadError(path, f"file of {info.st_size} bytes exceeds the "
+                                      f"{cap}-byte limit for a spectrum (MAX_SPECTRUM_BYTES)")
     try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise SpectrumReadError(path, "file not found") from None
+        with open(path, "rb") as fh:
+            raw = fh.read(cap + 1)
     except OSError as exc:
-        raise SpectrumReadError(path, f"cannot read file: {exc}") from None
+        raise SpectrumReadError(path, f"cannot read file: {exc.strerror or exc}") from None
+    if len(raw) > cap:  # grew since the stat
+        raise SpectrumReadError(path, f"file exceeds the {cap}-byte limit for a spectrum")
     if raw[:2] != b"\x1f\x8b":
         return raw
-    pieces = []
-    data = raw
+    return _gunzip(raw, path, cap)
+
+
+#: Inflated bytes kept while the size of a gzip stream is not yet known to be under the cap;
+#: a bigger stream is first inflated without keeping the output (to check the cap), then again.
+_KEEP_BYTES = 8 * 2 ** 20
+
+
+def _gunzip(raw: bytes, path, cap: int) -> bytes:
+    """Inflate every gzip member of ``raw``, refusing more than ``cap`` bytes of output.
+
+    Output is inflated in 1 MiB steps; beyond :data:`_KEEP_BYTES` (far above any LAMOST file)
+    it is only counted, so a bomb costs at most ~9 MiB of memory before it is refused, and a
+    legitimate large file (up to ``cap``) is inflated a second time.
+    """
+    pieces, total, data, keep = [], 0, raw, True
     try:
         while data:
             dec = zlib.decompressobj(wbits=31)
-            pieces.append(dec.decompress(data))
+            buf = data
+            while not dec.eof:
+                out = dec.decompress(buf, min(1 << 20, cap + 1 - total))
+                total += len(out)
+                if total > cap:
+                    raise SpectrumReadError(
+                        path, f"decompressed size exceeds the {cap}-byte limit for a spectrum "
+                              f"({len(raw)} compressed bytes; a gzip bomb?); MAX_SPECTRUM_BYTES "
+                              "raises the limit")
+                if keep:
+                    pieces.append(out)
+                    if total > _KEEP_BYTES:
+                        keep = False
+                        pieces.clear()
+                buf = dec.unconsumed_tail
+                if not out and not buf:
+                    break
             if not dec.eof:
                 raise SpectrumReadError(
                     path, f"truncated gzip stream ({len(raw)} compressed bytes end before the "
@@ -212,7 +286,52 @@ def _load_bytes(path: Path) -> bytes:
             data = dec.unused_data.lstrip(b"\x00")  # multi-member gzip; trailing zero padding
     except zlib.error as exc:
         raise SpectrumReadError(path, f"corrupt gzip stream ({exc})") from None
-    return b"".join(pieces)
+    if keep:
+        return b"".join(pieces)
+    out, data = [], raw  # under the cap, but large: inflate again, keeping everything
+    while data:
+        dec = zlib.decompressobj(wbits=31)
+        out.append(dec.decompress(data))
+        data = dec.unused_data.lstrip(b"\x00")
+    return b"".join(out)
+
+
+def _stat_or_reason(path: Path) -> os.stat_result:
+    """``os.stat(path)`` of a regular file, or :class:`SpectrumReadError` saying what it is."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise SpectrumReadError(path, "dangling symbolic link (its target "
+                                          f"{os.readlink(path)} does not exist)") from None
+        raise SpectrumReadError(path, "file not found") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise SpectrumReadError(path, "symbolic link loop (too many levels of symbolic "
+                                          "links)") from None
+        raise SpectrumReadError(path, f"cannot read file: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(info.st_mode):
+        if os.path.islink(path) and _links_to_ancestor(Path(path)):
+            raise SpectrumReadError(path, "symbolic link loop: it points to a folder that "
+                                          f"contains it ({os.path.realpath(path)}); not followed")
+        raise SpectrumReadError(path, "is a folder, not a spectrum file")
+    if not stat.S_ISREG(info.st_mode):
+        raise SpectrumReadError(path, "not a regular file (a pipe, socket or device)")
+    return info
+
+
+def _links_to_ancestor(link: Path) -> bool:
+    """True when the folder ``link`` points to contains ``link`` itself."""
+    try:
+        target = os.stat(link)
+        parent = Path(os.path.abspath(link)).parent
+        for folder in (parent, *parent.parents):
+            st = os.stat(folder)
+            if (st.st_dev, st.st_ino) == (target.st_dev, target.st_ino):
+                return True
+    except OSError:
+        return False
+    return False
 
 
 def _parse_value(raw: str):
@@ -525,7 +644,8 @@ def _mask(values) -> np.ndarray:
     return values.astype(np.int64)
 
 
-def read_lamost(path: str | PathLike, *, engine: str = "auto") -> LamostSpectrum:
+def read_lamost(path: str | PathLike, *, engine: str = "auto",
+                max_bytes: int | None = None) -> LamostSpectrum:
     """Read one LAMOST low-resolution spectrum file of any layout, plain or gzipped.
 
     Parameters
@@ -536,6 +656,8 @@ def read_lamost(path: str | PathLike, *, engine: str = "auto") -> LamostSpectrum
         ``"fast"``: parse the decompressed bytes with numpy; ``"astropy"``: parse them with
         :func:`astropy.io.fits.open`; ``"auto"`` (default): fast, with astropy for anything the
         fast parser does not support.
+    max_bytes : int, optional
+        Largest file or decompressed size accepted; default :data:`MAX_SPECTRUM_BYTES`.
 
     Returns
     -------
@@ -545,14 +667,16 @@ def read_lamost(path: str | PathLike, *, engine: str = "auto") -> LamostSpectrum
     Raises
     ------
     SpectrumReadError
-        With a reason: file not found, truncated or corrupt gzip, truncated file, unreadable
-        header, missing HDU (no image and no COADD table), NaN/inf wavelengths, wavelengths not
-        increasing, arrays of different lengths.
+        With a reason: file not found, dangling symbolic link, symbolic link loop, not a
+        regular file, larger than ``max_bytes`` (on disk or decompressed: a gzip bomb),
+        truncated or corrupt gzip, truncated file, unreadable header, missing HDU (no image and
+        no COADD table), NaN/inf wavelengths, wavelengths not increasing, arrays of different
+        lengths.
     """
     if engine not in ("auto", "fast", "astropy"):
         raise ValueError(f"engine must be 'auto', 'fast' or 'astropy', got {engine!r}")
     path = Path(path)
-    buf = _load_bytes(path)
+    buf = _load_bytes(path, max_bytes)
     if engine == "astropy":
         raw = _parse_astropy(buf, path)
     else:
@@ -630,12 +754,25 @@ def resample(spectrum: LamostSpectrum, *, use_ormask: bool = True,
     return flux, ivar
 
 
+#: Continuum weights are multiples of ``2**-CONTINUUM_WEIGHT_BITS`` (see the module docstring).
+CONTINUUM_WEIGHT_BITS = 20
+#: Per block, the continuum's right-hand side is rounded to integers below
+#: ``2**CONTINUUM_DATA_BITS`` (relative precision ``2**-(CONTINUUM_DATA_BITS + 1)`` of the
+#: block's largest value).
+CONTINUUM_DATA_BITS = 23
+#: Rows per block of the continuum products, and rows per block of the maxima that set the
+#: per-block integer scale.
+_CONT_BLOCK_ROWS = 128
+_MAX_CHUNK = 32
+
+
 @lru_cache(maxsize=4)
-def continuum_blocks(block_rows: int = 128) -> tuple:
+def continuum_blocks(block_rows: int = _CONT_BLOCK_ROWS) -> tuple:
     """The banded continuum weight matrix of the common grid, as dense row blocks.
 
     ``w_ij = exp(-(lambda_i - lambda_j)**2 / (2 L**2))`` for ``|lambda_i - lambda_j| <= 150 A``
-    (``L = 50 A``), zero beyond. Built once per process and cached.
+    (``L = 50 A``), zero beyond, rounded to a multiple of ``2**-20``
+    (:data:`CONTINUUM_WEIGHT_BITS`). Built once per process and cached.
 
     Parameters
     ----------
@@ -647,18 +784,50 @@ def continuum_blocks(block_rows: int = 128) -> tuple:
     blocks : tuple of (r0, r1, c0, c1, w)
         ``w`` (r1 - r0, c1 - c0) float64 is ``W[r0:r1, c0:c1]``; ``W`` is zero outside the blocks.
     """
+    return tuple((r0, r1, c0, c1, _frozen(wq / 2.0 ** CONTINUUM_WEIGHT_BITS))
+                 for r0, r1, c0, c1, wq in _integer_blocks(block_rows))
+
+
+def _frozen(a: np.ndarray) -> np.ndarray:
+    a.setflags(write=False)
+    return a
+
+
+@lru_cache(maxsize=4)
+def _integer_blocks(block_rows: int = _CONT_BLOCK_ROWS) -> tuple:
+    """The blocks of :func:`continuum_blocks` times ``2**CONTINUUM_WEIGHT_BITS``: integers."""
     lam = common_wavelength()
     blocks = []
+    most = 0
     for r0 in range(0, N_PIXELS, block_rows):
         r1 = min(N_PIXELS, r0 + block_rows)
         c0 = int(np.searchsorted(lam, lam[r0] - CONTINUUM_TRUNCATE, "left"))
         c1 = int(np.searchsorted(lam, lam[r1 - 1] + CONTINUUM_TRUNCATE, "right"))
         d = lam[r0:r1, None] - lam[None, c0:c1]
-        w = np.exp(-0.5 * (d / CONTINUUM_SIGMA) ** 2)
+        w = np.rint(np.exp(-0.5 * (d / CONTINUUM_SIGMA) ** 2) * 2.0 ** CONTINUUM_WEIGHT_BITS)
         w[np.abs(d) > CONTINUUM_TRUNCATE] = 0.0
-        w.setflags(write=False)
-        blocks.append((r0, r1, c0, c1, w))
+        most = max(most, int(np.count_nonzero(w, axis=1).max()))
+        blocks.append((r0, r1, c0, c1, _frozen(w)))
+    # every partial sum of a product row stays an exact float64 integer (module docstring)
+    assert most * 2.0 ** (CONTINUUM_WEIGHT_BITS + CONTINUUM_DATA_BITS) < 2.0 ** 53, most
     return tuple(blocks)
+
+
+@lru_cache(maxsize=1)
+def _block_chunks() -> np.ndarray:
+    """(blocks, width) indices of the _MAX_CHUNK-row chunks covering each block's columns
+    (padded by repeating the last index)."""
+    ranges = [np.arange(c0 // _MAX_CHUNK, -(-c1 // _MAX_CHUNK))
+              for _, _, c0, c1, _ in _integer_blocks()]
+    width = max(len(r) for r in ranges)
+    return np.array([np.pad(r, (0, width - len(r)), mode="edge") for r in ranges])
+
+
+@lru_cache(maxsize=1)
+def _rows_of_block() -> np.ndarray:
+    """(3909,) the block index of each grid pixel (row) of :func:`_integer_blocks`."""
+    return np.concatenate([np.full(r1 - r0, b) for b, (r0, r1, *_) in
+                           enumerate(_integer_blocks())])
 
 
 def continuum_matrix():
@@ -678,7 +847,9 @@ def continuum(flux: np.ndarray, ivar: np.ndarray) -> np.ndarray:
     """Inverse-variance-weighted Gaussian-smoothed continuum (Ho et al. 2017, eq. 1).
 
     ``cont_i = sum_j w_ij ivar_j f_j / sum_j w_ij ivar_j`` with the truncated Gaussian weights of
-    :func:`continuum_blocks`.
+    :func:`continuum_blocks`. The sums are computed exactly on integers (module docstring, step
+    4), so row ``k`` of the result depends only on row ``k`` of the input: not on the other
+    spectra of the batch, the BLAS library or the CPU.
 
     Parameters
     ----------
@@ -702,9 +873,23 @@ def continuum(flux: np.ndarray, ivar: np.ndarray) -> np.ndarray:
     x = np.empty((N_PIXELS, 2 * s))
     x[:, :s] = (np.where(i2 > 0, f2, 0.0) * i2).T
     x[:, s:] = i2.T
+    # Per block and column, the power of two that puts the largest |x| of the block's columns
+    # just below 2**CONTINUUM_DATA_BITS; the maxima come from chunks of _MAX_CHUNK rows that
+    # cover the block's columns (a superset, so the bound holds).
+    blocks, chunks, rows_of_block = _integer_blocks(), _block_chunks(), _rows_of_block()
+    chunk_max = np.maximum.reduceat(np.abs(x), np.arange(0, N_PIXELS, _MAX_CHUNK), axis=0)
+    _, expo = np.frexp(chunk_max[chunks].max(axis=1))  # (blocks, 2S): max < 2**expo
+    expo = np.clip(expo, -1000, None)  # no overflow of the scale for (sub)normal tiny maxima
+    scale = np.ldexp(1.0, CONTINUUM_DATA_BITS - expo)
     out = np.empty_like(x)
-    for r0, r1, c0, c1, w in continuum_blocks():
-        np.matmul(w, x[c0:c1], out=out[r0:r1])
+    q = np.empty_like(x)
+    for b, (r0, r1, c0, c1, w) in enumerate(blocks):
+        qb = q[c0:c1]
+        np.multiply(x[c0:c1], scale[b], out=qb)
+        np.rint(qb, out=qb)
+        np.matmul(w, qb, out=out[r0:r1])  # exact: integers below 2**53
+    # back to data units: multiply by powers of two (exact)
+    out *= np.ldexp(1.0, expo - (CONTINUUM_DATA_BITS + CONTINUUM_WEIGHT_BITS))[rows_of_block]
     num, den = out[:, :s].T, out[:, s:].T
     cont = np.full(f2.shape, np.nan)
     np.divide(num, den, out=cont, where=den > 0)
@@ -848,18 +1033,61 @@ def _process_files(sources: Sequence[str], use_ormask: bool, min_good_pixels: in
 
 
 def find_spectra(folder: str | PathLike) -> list[Path]:
-    """All LAMOST spectrum files (``*.fits``, ``*.fit``, optionally ``.gz``) under ``folder``.
+    """All LAMOST spectrum files (``*.fits``, ``*.fit``, optionally ``.gz``; ``*.fz``) under
+    ``folder``, searched recursively, following symbolic links to folders.
+
+    Links that cannot be followed are listed too, so that reading them reports why (and a run
+    names them in its error report instead of dropping them silently): dangling links and link
+    loops with a spectrum's name, and links to a folder that contains them (a loop; not
+    followed). A folder reached twice through links is searched once.
 
     Returns
     -------
     list of Path
-        Sorted by path, searched recursively.
+        Sorted by path.
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"no such folder: {folder}")
-    suffixes = (".fits", ".fits.gz", ".fit", ".fit.gz", ".fz")
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name.lower().endswith(suffixes))
+    found: list[Path] = []
+    root = os.stat(folder)
+    seen = {(root.st_dev, root.st_ino)}
+    links: list = []  # links to folders: followed after the real tree, so it is found first
+
+    def walk(path: Path, ancestors: frozenset) -> None:
+        try:
+            entries = sorted(os.scandir(path), key=lambda e: e.name)
+        except OSError as exc:
+            log.warning("cannot list %s: %s", path, exc.strerror or exc)
+            return
+        for entry in entries:
+            p = Path(entry.path)
+            named = entry.name.lower().endswith(SPECTRUM_SUFFIXES)
+            try:
+                st = entry.stat()  # follows links
+            except OSError:  # dangling link or a link loop
+                if entry.is_symlink() and named:
+                    found.append(p)
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                key = (st.st_dev, st.st_ino)
+                if entry.is_symlink():
+                    links.append((p, key, ancestors))
+                elif key not in seen:
+                    seen.add(key)
+                    walk(p, ancestors | {key})
+            elif named and stat.S_ISREG(st.st_mode):
+                found.append(p)
+
+    walk(folder, frozenset(seen))
+    while links:
+        p, key, ancestors = links.pop(0)
+        if key in ancestors:  # a link to a folder that contains it
+            found.append(p)
+        elif key not in seen:
+            seen.add(key)
+            walk(p, ancestors | {key})
+    return sorted(found)
 
 
 def __getattr__(name):  # the store lives in store.py; imported lazily (zarr, pandas)

@@ -13,7 +13,8 @@ Format (a folder, conventionally ``<name>.zarr``)
       meta/part-*.parquet  the metadata table, row-aligned with flux/ivar, in committed parts
       COMMIT.json          {"n_rows": N, "parts": [[file, first_row, n_rows], ...]}
       ingest_report.csv    the last :func:`ingest` run: one line per input file and its fate
-      .lock                pid of the process that holds the store open for writing
+      .lock                the write lock (an OS file lock, see below); holds the pid of the
+                           last writer, for messages only
 
 Row ``i`` of ``flux``/``ivar`` is row ``i`` of the metadata table (columns :data:`META_COLUMNS`;
 ``obsid`` is the key, unique when ingested with ``deduplicate=True``).
@@ -28,6 +29,19 @@ the committed length and deletes metadata parts that no commit names, so an inte
 leaves no trace and is redone by the next :func:`ingest` (files already stored are skipped).
 Readers see exactly the committed rows. (The files are not fsync'ed: this protects against a
 killed process, not against a power cut on a filesystem that reorders writes.)
+
+One writer at a time
+--------------------
+Opening for writing takes an exclusive, non-blocking OS lock on ``<store>/.lock``
+(:func:`fcntl.flock` on POSIX, :func:`msvcrt.locking` on Windows) on a file descriptor held until
+:meth:`SpectraStore.close`; a second writer gets :class:`StoreBusy` at once. The kernel
+arbitrates simultaneous openers, and releases the lock when the holder exits or is killed, so
+there is no stale lock to clean up (the file itself stays; it is never deleted, which would let
+two writers lock two different files). Readers take no lock. The descriptor is not inherited by
+spawned processes; a *forked* child shares it (and so keeps the lock while it lives).
+:meth:`SpectraStore.create` builds a new store in a locked temporary sibling folder and renames
+it into place, so two processes creating one store at once end with one store, one of them
+writing and the other told so in one line.
 """
 
 from __future__ import annotations
@@ -52,7 +66,8 @@ from .spectra import (LOG10_WAVE_START, LOG10_WAVE_STEP, MIN_GOOD_PIXELS, N_PIXE
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SpectraStore", "ingest", "META_COLUMNS", "REPORT_COLUMNS", "FORMAT", "FORMAT_VERSION"]
+__all__ = ["SpectraStore", "StoreBusy", "ingest", "META_COLUMNS", "REPORT_COLUMNS", "FORMAT",
+           "FORMAT_VERSION"]
 
 FORMAT = "lamostcannon.SpectraStore"
 FORMAT_VERSION = 1
@@ -95,14 +110,133 @@ def _write_atomic(path: Path, write) -> None:
             tmp.unlink()
 
 
-def _pid_alive(pid: int) -> bool:
+class StoreBusy(RuntimeError):
+    """The store is open for writing by another process (or another writer in this one)."""
+
+
+def _os_lock(fd: int) -> None:
+    """Take an exclusive, non-blocking lock on ``fd``; raise :class:`BlockingIOError` if held."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        import msvcrt
+
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        except OSError as exc:
+            raise BlockingIOError(str(exc)) from None
+        return
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def _os_unlock(fd: int) -> None:
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        import msvcrt
+
+        os.lseek(fd, 0, os.SEEK_SET)
+        msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
+        return
+    fcntl.flock(fd, fcntl.LOCK_UN)
+
+
+def _acquire_lock(store: Path) -> int:
+    """Lock ``store/.lock`` for writing; return the descriptor that holds the lock.
+
+    Raises
+    ------
+    StoreBusy
+        Another process (or another open writer) holds it; the message names its pid when known.
+    """
+    lock = store / _LOCK
+    # not inheritable (PEP 446); never through a planted symbolic link
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    try:
+        _os_lock(fd)
+    except OSError:
+        try:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        except OSError:  # pragma: no cover
+            holder = ""
+        os.close(fd)
+        who = f" (pid {holder})" if holder.isdigit() else ""
+        raise StoreBusy(f"{store} is open for writing by another process{who}; wait for it to "
+                        "finish (or stop it) and try again") from None
+    except BaseException:
+        os.close(fd)
+        raise
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def _release_lock(fd: int) -> None:
+    try:
+        _os_unlock(fd)
+    finally:
+        os.close(fd)
+
+
+def _is_empty_dir(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink() and not any(path.iterdir())
+
+
+def _build_empty(path: Path, chunk_rows: int) -> None:
+    """Write an empty store into the (existing, empty but for .lock) folder ``path``."""
+    import zarr
+
+    group = zarr.open_group(path, mode="a", attributes={
+        "format": FORMAT, "format_version": FORMAT_VERSION,
+        "log10_wave_start": LOG10_WAVE_START, "log10_wave_step": LOG10_WAVE_STEP,
+        "n_pixels": N_PIXELS, "created_by": f"lamostcannon {__version__}",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "description": "LAMOST continuum-normalised spectra on the common rest-frame grid; "
+                       "flux = 1, ivar = 0 where there is no data"})
+    for name in ("flux", "ivar"):
+        group.create_array(name, shape=(0, N_PIXELS), chunks=(chunk_rows, N_PIXELS),
+                           dtype="float32", compressors=[_codec()],
+                           fill_value=0.0 if name == "ivar" else 1.0,
+                           dimension_names=("observation", "pixel"))
+    wave = group.create_array("wavelength", shape=(N_PIXELS,), dtype="float64",
+                              dimension_names=("pixel",), attributes={"unit": "Angstrom"})
+    wave[:] = common_wavelength()
+    (path / "meta").mkdir()
+    _write_atomic(path / _COMMIT, lambda p: p.write_text(json.dumps(
+        {"n_rows": 0, "parts": []})))
+
+
+def _remove_abandoned_builds(path: Path) -> None:
+    """Delete temporary folders of creations/replacements of ``path`` whose process died.
+
+    ``.<name>.creating-*`` folders are locked by their creator for their whole life (they get
+    that name only once locked), so a free lock means an abandoned build; ``.<name>.new-*``
+    (a creator killed between two system calls) and ``.<name>.replaced-*`` are removed once an
+    hour old.
+    """
+    import shutil
+
+    for tmp in path.parent.glob(f".{path.name}.creating-*"):
+        try:
+            fd = os.open(tmp / _LOCK, os.O_RDWR)
+        except OSError:
+            continue
+        try:
+            _os_lock(fd)
+        except OSError:
+            os.close(fd)
+            continue
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+        finally:
+            _release_lock(fd)
+    for pattern in (f".{path.name}.new-*", f".{path.name}.replaced-*"):
+        for old in path.parent.glob(pattern):
+            try:
+                if time.time() - old.stat().st_mtime > 3600:
+                    shutil.rmtree(old, ignore_errors=True)
+            except OSError:
+                continue
 
 
 class SpectraStore:
@@ -130,7 +264,7 @@ class SpectraStore:
         The common rest-frame vacuum grid (Angstrom).
     """
 
-    def __init__(self, path: str | PathLike, mode: str = "r"):
+    def __init__(self, path: str | PathLike, mode: str = "r", *, _lock_fd: int | None = None):
         import zarr
 
         if mode not in ("r", "a"):
@@ -140,9 +274,9 @@ class SpectraStore:
         if not (self.path / _COMMIT).is_file():
             raise FileNotFoundError(f"{self.path} is not a SpectraStore (no {_COMMIT}); create "
                                     "one with SpectraStore.create or ingest")
-        self._locked = False
-        if mode == "a":
-            self._lock()
+        self._lock_fd = _lock_fd
+        if mode == "a" and _lock_fd is None:
+            self._lock_fd = _acquire_lock(self.path)
         try:
             self._group = zarr.open_group(self.path, mode="r+" if mode == "a" else "r")
             attrs = dict(self._group.attrs)
@@ -167,84 +301,97 @@ class SpectraStore:
                overwrite: bool = False) -> "SpectraStore":
         """Create an empty store and open it for appending.
 
+        The store is built in a locked temporary sibling folder and renamed into place, so a
+        store path never holds a half-created store, and of two processes creating one path at
+        once exactly one succeeds (the other gets :class:`FileExistsError`).
+
         Parameters
         ----------
         path : str or path-like
-            A folder that must not exist yet (unless ``overwrite``).
+            A folder that must not exist yet or be empty (unless ``overwrite``).
         chunk_rows : int
             Observations per chunk (256 rows = 4 MB of float32 per array and chunk).
         overwrite : bool
-            Delete an existing store at ``path`` first.
+            Replace an existing store at ``path`` (after taking its write lock).
+
+        Raises
+        ------
+        FileExistsError
+            ``path`` exists (and is not an empty folder), without ``overwrite``; or it is not a
+            store; or another process created it meanwhile.
+        StoreBusy
+            ``overwrite`` of a store that another process has open for writing.
         """
         import shutil
-
-        import zarr
 
         path = Path(path)
         if chunk_rows < 1:
             raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
-        if path.exists():
+        replace = False
+        if path.exists() and not _is_empty_dir(path):
+            if not (path / _COMMIT).is_file():
+                raise FileExistsError(f"{path} exists and is not a SpectraStore (no {_COMMIT}); "
+                                      "choose a new path or remove it")
             if not overwrite:
                 raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
-            if not (path / _COMMIT).is_file() and any(path.iterdir()):
-                raise FileExistsError(f"{path} exists and is not a SpectraStore; not deleting it")
-            shutil.rmtree(path)
-        group = zarr.open_group(path, mode="w", attributes={
-            "format": FORMAT, "format_version": FORMAT_VERSION,
-            "log10_wave_start": LOG10_WAVE_START, "log10_wave_step": LOG10_WAVE_STEP,
-            "n_pixels": N_PIXELS, "created_by": f"lamostcannon {__version__}",
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "description": "LAMOST continuum-normalised spectra on the common rest-frame grid; "
-                           "flux = 1, ivar = 0 where there is no data"})
-        for name in ("flux", "ivar"):
-            group.create_array(name, shape=(0, N_PIXELS), chunks=(chunk_rows, N_PIXELS),
-                               dtype="float32", compressors=[_codec()],
-                               fill_value=0.0 if name == "ivar" else 1.0,
-                               dimension_names=("observation", "pixel"))
-        wave = group.create_array("wavelength", shape=(N_PIXELS,), dtype="float64",
-                                  dimension_names=("pixel",), attributes={"unit": "Angstrom"})
-        wave[:] = common_wavelength()
-        (path / "meta").mkdir()
-        _write_atomic(path / _COMMIT, lambda p: p.write_text(json.dumps(
-            {"n_rows": 0, "parts": []})))
-        return cls(path, mode="a")
+            replace = True
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_abandoned_builds(path)
+        # locked before it gets the name that _remove_abandoned_builds looks for
+        token = uuid.uuid4().hex[:12]
+        tmp, new = (path.with_name(f".{path.name}.{kind}-{token}") for kind in ("creating", "new"))
+        new.mkdir()
+        fd = None
+        try:
+            fd = _acquire_lock(new)
+            os.rename(new, tmp)
+            _build_empty(tmp, chunk_rows)
+            if replace:
+                old_fd = _acquire_lock(path)
+                trash = path.with_name(f".{path.name}.replaced-{uuid.uuid4().hex[:12]}")
+                try:
+                    os.rename(path, trash)
+                    os.rename(tmp, path)
+                finally:
+                    _release_lock(old_fd)
+                shutil.rmtree(trash, ignore_errors=True)
+            else:
+                try:
+                    os.rename(tmp, path)  # atomic; replaces an empty folder, nothing else
+                except OSError as exc:
+                    raise FileExistsError(f"{path} was created by another process meanwhile "
+                                          f"({exc.strerror})") from None
+        except BaseException:
+            if fd is not None:
+                _release_lock(fd)
+            for folder in (new, tmp):
+                shutil.rmtree(folder, ignore_errors=True)
+            raise
+        return cls(path, mode="a", _lock_fd=fd)
 
     @classmethod
     def open(cls, path: str | PathLike, mode: str = "r", *, create: bool = False,
              chunk_rows: int = 256) -> "SpectraStore":
-        """Open ``path``; with ``create=True`` (mode ``"a"``) create it when it does not exist."""
+        """Open ``path``; with ``create=True`` (mode ``"a"``) create it when it does not exist.
+
+        Two processes that create one new store at once: one creates it, the other opens it
+        (and gets :class:`StoreBusy` while the first is writing).
+        """
         path = Path(path)
         if create and mode == "a" and not (path / _COMMIT).is_file():
-            return cls.create(path, chunk_rows=chunk_rows, overwrite=False)
-        return cls(path, mode=mode)
-
-    def _lock(self) -> None:
-        lock = self.path / _LOCK
-        for _ in range(2):
             try:
-                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                return cls.create(path, chunk_rows=chunk_rows, overwrite=False)
             except FileExistsError:
-                try:
-                    pid = int(lock.read_text().strip() or 0)
-                except (OSError, ValueError):
-                    pid = 0
-                if pid and pid != os.getpid() and _pid_alive(pid):
-                    raise RuntimeError(f"{self.path} is open for writing by process {pid}")
-                log.warning("%s: removing a stale write lock (process %s is gone)", self.path,
-                            pid)
-                lock.unlink(missing_ok=True)
-                continue
-            with os.fdopen(fd, "w") as fh:
-                fh.write(str(os.getpid()))
-            self._locked = True
-            return
-        raise RuntimeError(f"cannot take the write lock {lock}")
+                if not (path / _COMMIT).is_file():
+                    raise
+        return cls(path, mode=mode)
 
     def close(self) -> None:
         """Release the write lock (mode ``"a"``). The store stays readable."""
-        if getattr(self, "_locked", False):
-            (self.path / _LOCK).unlink(missing_ok=True)
-            self._locked = False
+        fd = getattr(self, "_lock_fd", None)
+        if fd is not None:
+            self._lock_fd = None
+            _release_lock(fd)
 
     def __enter__(self):
         return self
@@ -534,8 +681,9 @@ def ingest(files_or_folder: str | PathLike | Iterable[str | PathLike],
 
     Each file goes through :func:`~lamostcannon.spectra.read_lamost`,
     :func:`~lamostcannon.spectra.resample` and :func:`~lamostcannon.spectra.normalise` (the same
-    code as :func:`~lamostcannon.spectra.preprocess`, so the stored rows equal per-file
-    processing exactly). Worker processes handle chunks of ``chunk_size`` files; the parent
+    code as :func:`~lamostcannon.spectra.preprocess`; the continuum sums are exact integer
+    arithmetic, so a stored row equals per-file processing bit for bit whatever the batch, BLAS
+    or CPU: see :mod:`lamostcannon.spectra`, step 4). Worker processes handle chunks of ``chunk_size`` files; the parent
     appends their results in input order and commits every ``commit_rows`` observations. An
     interrupted run (Ctrl-C, ``kill -9``) loses at most the uncommitted rows, and the next run
     skips every file already stored.
@@ -675,8 +823,10 @@ def ingest(files_or_folder: str | PathLike | Iterable[str | PathLike],
 def _run_pool(tasks, sources, args, n_workers, take, bar) -> None:
     """Run the tasks on ``n_workers`` spawned processes; results are taken in task order.
 
-    A worker that dies (e.g. on a file that crashes a C library) fails its own files with the
-    reason and the ingest goes on.
+    A worker that dies (killed, or a file that crashes a C library) costs nothing but time: a
+    new worker runs its chunk again; a chunk whose worker dies twice fails its files with the
+    reason (:class:`~lamostcannon.parallel.WorkerDied`) and the ingest goes on. Workers die
+    with this process (:mod:`lamostcannon.parallel`).
     """
     payloads = [([sources[i] for i in task], *args) for task in tasks]
 

@@ -14,9 +14,10 @@ port) that speaks the protocols the fetchers use:
 * VizieR's ``/viz-bin/votable`` (the ``-source=`` script astroquery posts, answered with a VOTable
   whose TABLE is named after the catalogue).
 
-Fault injection: ``server.faults[path] = ["drop", "503", "corrupt", "stall", "404", ...]``; each
-request for that path consumes the first action; ``server.always[path]`` applies on every
-request. ``server.requests`` counts requests per path; ``server.ranges`` records Range headers.
+Fault injection: ``server.faults[path] = ["drop", "503", "corrupt", "stall", "404", "drip",
+...]``; each request for that path consumes the first action; ``server.always[path]`` applies on
+every request. ``"drip"`` promises the whole file (``Content-Length``) and then sends one byte
+every ``drip_seconds`` (default 0.3) until the client hangs up. ``server.requests`` counts requests per path; ``server.ranges`` records Range headers.
 """
 
 from __future__ import annotations
@@ -83,10 +84,43 @@ def xmatch_pairs(upload, cat2, ra1: str, dec1: str, radius_arcsec: float):
     return out
 
 
+def galah_camera(ccd: int, labels, rng, step_factor: float = 0.9) -> bytes:
+    """A GALAH DR2-style camera file: 5 image HDUs (0 flux, 1 relative error, 2-3 without sky
+    subtraction, 4 normalised flux), wavelengths from CRVAL1/CDELT1/CRPIX1; absorption lines in
+    every element window whose depth follows ``labels[f"{el}_fe"]`` and ``labels["teff"]``."""
+    from astropy.io import fits
+
+    from lamostcannon.archives.windows import CAMERA_RANGE, CAMERA_STEP, WINDOWS
+    from lamostcannon.labels import ELEMENTS
+
+    lo, hi = CAMERA_RANGE[ccd]
+    step = CAMERA_STEP[ccd] * step_factor
+    wave = lo + step * np.arange(int((hi - lo) / step))
+    flux = np.ones_like(wave)
+    for el in ELEMENTS:
+        value = float(labels[f"{el}_fe"])
+        depth = 0.3 + 0.2 * (value if np.isfinite(value) else 0.0) \
+            + 1e-4 * (float(labels["teff"]) - 5500)
+        for a, b in WINDOWS[el]:
+            if lo <= a <= hi:
+                flux -= depth * np.exp(-0.5 * ((wave - 0.5 * (a + b)) / 0.1) ** 2)
+    rel = np.full_like(wave, 0.01)
+    flux = flux + rng.normal(0, 0.01, wave.size)
+    hdr = fits.Header({"CRVAL1": lo, "CDELT1": step, "CRPIX1": 1.0})
+    hdus = [fits.PrimaryHDU(flux.astype(np.float32), header=hdr),
+            fits.ImageHDU(rel.astype(np.float32), header=hdr, name="input_sigma"),
+            fits.ImageHDU(flux.astype(np.float32), header=hdr, name="no_sky_spectrum"),
+            fits.ImageHDU(rel.astype(np.float32), header=hdr, name="no_sky_sigma"),
+            fits.ImageHDU(flux.astype(np.float32), header=hdr, name="normalised_spectrum")]
+    buf = io.BytesIO()
+    fits.HDUList(hdus).writeto(buf)
+    return buf.getvalue()
+
+
 class ArchiveServer:
     """Start with :meth:`start`, stop with :meth:`stop`; ``url`` is ``http://127.0.0.1:<port>``."""
 
-    def __init__(self, *, stall_seconds: float = 2.0):
+    def __init__(self, *, stall_seconds: float = 2.0, drip_seconds: float = 0.3):
         self.files: dict[str, bytes] = {}          # path -> bytes (exact paths)
         self.spectra: dict[int, bytes] = {}        # obsid -> LAMOST file bytes
         self.galah_spectra: dict[tuple[int, str], bytes] = {}  # (sobject_id, band) -> bytes
@@ -97,6 +131,8 @@ class ArchiveServer:
         self.requests: collections.Counter = collections.Counter()
         self.ranges: list[tuple[str, str]] = []
         self.stall_seconds = stall_seconds
+        self.drip_seconds = drip_seconds
+        self.dripped: list[int] = []  # bytes sent by each finished drip
         self.down = False  # every request answers 503
         self._lock = threading.Lock()
         self._httpd = None
@@ -175,6 +211,25 @@ class _Handler(BaseHTTPRequestHandler):
             mid = len(body) // 2
             body[mid:mid + 64] = bytes(64)  # zero 64 bytes in the middle
             body = bytes(body)
+        if fault == "drip":  # promise everything, then one byte at a time until hung up
+            self.send_response(status)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            for k, v in headers.items():
+                self.send_header(k, v)
+            self.end_headers()
+            sent = 0
+            try:
+                for k in range(len(body)):
+                    self.wfile.write(body[k:k + 1])
+                    self.wfile.flush()
+                    sent += 1
+                    time.sleep(self.archive.drip_seconds)
+            except OSError:
+                pass
+            self.archive.dripped.append(sent)
+            self.close_connection = True
+            return
         if fault == "drop":  # promise everything, send half, hang up
             self.send_response(status)
             self.send_header("Content-Type", ctype)

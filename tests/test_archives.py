@@ -22,11 +22,10 @@ from astropy.table import Table
 
 from lamostcannon import archives
 from lamostcannon.archives import (ArchiveUnavailable, Downloader, Endpoints, FileTask, Manifest)
-from lamostcannon.archives.windows import CAMERA_RANGE, CAMERA_STEP, WINDOWS
 from lamostcannon.labels import ELEMENTS
 
 from archive_server import (GALAH_CATALOG_ROUTE, SLINK_ROUTE, SPECTRUM_ROUTE, XMATCH_ROUTE,
-                            ArchiveServer, path_of)
+                            ArchiveServer, galah_camera, path_of)
 
 N_STARS = 64  # LAMOST stars with a GALAH partner (the refit model needs > 56 per pixel)
 
@@ -44,31 +43,6 @@ def _lamost_rows(real_lamost, n):
                 and (real_lamost / "dr10" / r["filename"]).is_file()]
     rows.sort(key=lambda r: int(r["obsid"]))
     return rows[:n]
-
-
-def _galah_camera(sid, ccd, labels, rng):
-    """A GALAH-style camera file: 5 HDUs, the normalised flux in HDU 4, relative error in HDU 1."""
-    lo, hi = CAMERA_RANGE[ccd]
-    step = CAMERA_STEP[ccd] * 0.9
-    wave = lo + step * np.arange(int((hi - lo) / step))
-    flux = np.ones_like(wave)
-    for el in ELEMENTS:
-        wins = WINDOWS[el]
-        depth = 0.3 + 0.2 * labels[f"{el}_fe"] + 1e-4 * (labels["teff"] - 5500)
-        for a, b in wins:
-            if lo <= a <= hi:
-                flux -= depth * np.exp(-0.5 * ((wave - 0.5 * (a + b)) / 0.1) ** 2)
-    rel = np.full_like(wave, 0.01)
-    flux = flux + rng.normal(0, 0.01, wave.size)
-    hdr = fits.Header({"CRVAL1": lo, "CDELT1": step, "CRPIX1": 1.0})
-    hdus = [fits.PrimaryHDU(flux.astype(np.float32), header=hdr),
-            fits.ImageHDU(rel.astype(np.float32), header=hdr, name="input_sigma"),
-            fits.ImageHDU(flux.astype(np.float32), header=hdr, name="no_sky_spectrum"),
-            fits.ImageHDU(rel.astype(np.float32), header=hdr, name="no_sky_sigma"),
-            fits.ImageHDU(flux.astype(np.float32), header=hdr, name="normalised_spectrum")]
-    buf = io.BytesIO()
-    fits.HDUList(hdus).writeto(buf)
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +99,7 @@ def world(real_lamost):
     srv.files[path_of(GALAH_CATALOG_ROUTE)] = buf.getvalue()
     for i in range(N_STARS):
         for band, ccd in (("B", 1), ("G", 2), ("R", 3), ("I", 4)):
-            srv.galah_spectra[(int(sid[i]), band)] = _galah_camera(sid[i], ccd, galah[i], rng)
+            srv.galah_spectra[(int(sid[i]), band)] = galah_camera(ccd, galah[i], rng)
     # Gaia DR2: a bright (0.2") and a faint (0.6") source near each star, one 3" away.
     n = N_STARS
     src = 4000000000000000000 + np.arange(3 * n)
@@ -341,3 +315,151 @@ def test_endpoints_from_environment(monkeypatch):
     assert Endpoints(lamost_release="dr10").lamost_xmatch is None
     with pytest.raises(ValueError, match="galah_release"):
         Endpoints(galah_release="dr9")
+
+
+# ------------------------------------------------------------------------------ hostile answers
+
+def _fits_catalogue(n_rows=4000) -> bytes:
+    """A multi-HDU FITS catalogue (primary image + two tables), as an archive would serve."""
+    rng = np.random.default_rng(2)
+    hdus = [fits.PrimaryHDU(np.zeros((10, 10), np.float32)),
+            fits.BinTableHDU(Table({"sobject_id": np.arange(n_rows), "teff": rng.normal(
+                5500, 300, n_rows)}), name="CATALOG"),
+            fits.BinTableHDU(Table({"x": rng.normal(size=n_rows // 2)}), name="EXTRA")]
+    buf = io.BytesIO()
+    fits.HDUList(hdus).writeto(buf)
+    return buf.getvalue()
+
+
+def test_a_catalogue_cut_short_with_a_consistent_length_is_refused_at_download(world, tmp_path):
+    srv = world
+    data = _fits_catalogue()
+    full, cut = "/files/whole.fits", "/files/cut.fits"
+    srv.files[full] = data
+    srv.files[cut] = data[:len(data) // 2]  # Content-Length says half: nothing to notice
+    try:
+        report = _fast().fetch_many(
+            [FileTask(srv.url + full, "cat/whole.fits", key="whole"),
+             FileTask(srv.url + cut, "cat/cut.fits", key="cut")],
+            tmp_path, Manifest(tmp_path), what="catalogue", validate=archives.validate_fits)
+    finally:
+        del srv.files[full], srv.files[cut]
+    assert report.fetched == ["whole"] and [f.key for f in report.failures] == ["cut"]
+    assert "truncated: HDU 1 declares" in report.failures[0].reason
+    assert not (tmp_path / "cat/cut.fits").exists()
+    # the walker itself, on every cut of the file and on the gzipped file
+    from lamostcannon.archives import fits_size_problem
+
+    assert fits_size_problem(io.BytesIO(data), len(data)) is None
+    assert fits_size_problem(io.BytesIO(gzip.decompress(gzip.compress(data)))) is None
+    for cut_at in (100, 2880, 2880 * 2 + 10, len(data) // 2, len(data) - 2880 - 1):
+        assert "truncated" in fits_size_problem(io.BytesIO(data[:cut_at]), cut_at), cut_at
+        assert "truncated" in fits_size_problem(io.BytesIO(data[:cut_at])), cut_at
+
+
+def test_a_gzip_bomb_served_as_a_spectrum_is_refused_at_download(world, tmp_path):
+    import reliability_harness as rh
+
+    srv = world
+    bomb = rh.write_gzip_bomb(tmp_path / "bomb.fits.gz", 256 * 2 ** 20).read_bytes()
+    srv.spectra[7] = bomb
+    try:
+        report = _fast().fetch_many(
+            [FileTask(f"{srv.url}{path_of(SPECTRUM_ROUTE, 7)}", "lamost/spectra/bomb.fits.gz",
+                      key="bomb")], tmp_path, Manifest(tmp_path), what="LAMOST spectra",
+            validate=archives.validate_lamost)
+    finally:
+        del srv.spectra[7]
+    assert [f.key for f in report.failures] == ["bomb"]
+    assert "exceeds the 67108864-byte limit" in report.failures[0].reason
+    assert not (tmp_path / "lamost/spectra/bomb.fits.gz").exists()
+
+
+def test_a_gzipped_truncated_fits_with_a_valid_crc_is_refused(world, tmp_path, real_lamost):
+    src = sorted((real_lamost / "dr10").glob("*.fits.gz"))[0]
+    part = tmp_path / "x.part"
+    part.write_bytes(gzip.compress(gzip.decompress(src.read_bytes())[:10000]))
+    with pytest.raises(ValueError, match="inside the gzip: truncated"):
+        archives.validate_lamost(part, FileTask("u", "x"))
+
+
+def test_a_dripping_server_is_abandoned_within_the_deadline(world, tmp_path):
+    import time
+
+    srv = world
+    r = srv.rows[30]
+    path = path_of(SPECTRUM_ROUTE, r["obsid"])
+    srv.always[path] = "drip"
+    deadline = 2.0
+    t0 = time.monotonic()
+    try:
+        report = _fast(deadline=deadline, timeout=(1.0, 1.0)).fetch_many(
+            [FileTask(srv.url + path, f"lamost/spectra/{r['filename']}", key="drip")],
+            tmp_path, Manifest(tmp_path), what="LAMOST spectra",
+            validate=archives.validate_lamost)
+    finally:
+        srv.always.clear()
+    elapsed = time.monotonic() - t0
+    assert [f.key for f in report.failures] == ["drip"]
+    reason = report.failures[0].reason
+    assert "deadline" in reason and "bytes received" in reason, reason
+    assert elapsed < deadline + 1.5, elapsed  # a byte every 0.3 s never trips the 1 s read timeout
+    assert not (tmp_path / "lamost/spectra" / r["filename"]).exists()
+    assert list((tmp_path / ".partial").rglob("*.part"))  # kept, to resume
+
+
+# ------------------------------------------------------------------------------ notebook 09's sample
+
+def test_real_sources_fetches_the_shipped_sample_when_the_folder_is_absent(world, tmp_path,
+                                                                          monkeypatch,
+                                                                          real_lamost):
+    """Without ../shared, ``real.real_sources()`` fetches notebook 09's spectra by obsid (here
+    from the local server, which holds 64 of the 1726 DR10 files and 5 DR8 repeat visits)."""
+    import pandas as pd
+
+    from lamostcannon import real
+
+    srv = world
+    groups = pd.read_csv(real_lamost / "dr8_repeats" / "groups.csv")
+    dr8 = [(int(o), f.rsplit("/", 1)[-1]) for o, f in
+           zip(groups["combined_obsid"], groups["combined_file"])
+           if (real_lamost / "dr8_repeats" / f.rsplit("/", 1)[-1]).is_file()][:5]
+    for obsid, name in dr8:
+        srv.spectra[obsid] = (real_lamost / "dr8_repeats" / name).read_bytes()
+    template = srv.url + path_of(SPECTRUM_ROUTE, "{obsid}")
+    monkeypatch.setenv("LAMOSTCANNON_LAMOST_DIR", str(tmp_path / "no_shared"))
+    monkeypatch.setenv("LAMOSTCANNON_DATA", str(tmp_path / "data"))
+    monkeypatch.setenv("LAMOSTCANNON_LAMOST_URL", template)
+    monkeypatch.setenv("LAMOSTCANNON_LAMOST_DR8_URL", template)
+    for var in (real.ENV_SPECTRA, real.ENV_LABELS, real.ENV_REPEATS, real.ENV_FETCH):
+        monkeypatch.delenv(var, raising=False)
+    try:
+        src = real.real_sources(require_repeats=True)
+    finally:
+        for obsid, _ in dr8:
+            del srv.spectra[obsid]
+    out = tmp_path / "data" / "raw" / "real_lamost"
+    assert src.spectra_dir == out / "dr10" and src.repeats_dir == out / "dr8_repeats"
+    assert real.run_name(src) == "real_dr10"  # the products keep their names
+    table = real.read_label_table(src.labels_path)
+    assert len(table) == 1726
+    for r in srv.rows:  # the served files arrived, byte for byte, under their names
+        assert (src.spectra_dir / r["filename"]).read_bytes() == \
+            (real_lamost / "dr10" / r["filename"]).read_bytes()
+    assert len(list(src.spectra_dir.glob("*.fits.gz"))) == len(srv.rows)
+    assert {p.name for p in src.repeats_dir.glob("*.fits.gz")} == {n for _, n in dr8}
+    rep = real.read_repeat_groups(src.groups_path, src.repeats_dir)
+    assert rep["exists"].sum() == 5
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert len(manifest["files"]) == len(srv.rows) + 5
+
+    # offline: the old one-line RealDataMissing, now saying the archive is not reachable
+    monkeypatch.setenv("LAMOSTCANNON_LAMOST_URL", f"http://127.0.0.1:{_closed_port()}/{{obsid}}")
+    monkeypatch.setenv("LAMOSTCANNON_DATA", str(tmp_path / "data2"))
+    with pytest.raises(real.RealDataMissing) as err:
+        real.real_sources()
+    text = str(err.value)
+    assert "\n" not in text and "not reachable" in text and real.ENV_SPECTRA in text
+    monkeypatch.setenv(real.ENV_FETCH, "0")
+    with pytest.raises(real.RealDataMissing, match="forbids fetching"):
+        real.real_sources()

@@ -113,6 +113,117 @@ def test_kde_peak_and_separation_growth(rng):
     assert (growth["peak_binary"] < growth["peak_field"]).all()
 
 
+def _population(rng, n=6000):
+    """Field dwarfs with S/N, distance and chemistry; noise grows as S/N falls."""
+    snr = 10 ** rng.uniform(1.3, 3.0, n)
+    df = pd.DataFrame({"source_id": np.arange(1, n + 1), "teff": rng.uniform(4300, 6500, n),
+                       "logg": rng.uniform(4.1, 4.7, n), "giantmodel": np.zeros(n, bool),
+                       "fe_h": rng.normal(-0.1, 0.25, n), "snr_z": snr,
+                       "r_est": rng.uniform(50, 2000, n)})
+    for e in ELEMENTS:
+        df[e] = rng.normal(0.0, 2 * SIGMA[e], n) + rng.normal(0.0, SIGMA[e] * 30 / snr)
+    return df
+
+
+def _with_binaries(rng, df, n_pairs=300):
+    """Add n_pairs binaries: nearby, bright pairs that share one chemistry."""
+    n0 = len(df)
+    rows = []
+    for k in range(n_pairs):
+        feh = rng.normal(-0.1, 0.25)
+        chem = {e: rng.normal(0.0, 2 * SIGMA[e]) for e in ELEMENTS}
+        d = rng.uniform(50, 300)
+        for j in range(2):
+            snr = 10 ** rng.uniform(2.0, 3.0)
+            row = {"source_id": n0 + 2 * k + j + 1, "teff": rng.uniform(4300, 6500),
+                   "logg": 4.5, "giantmodel": False, "fe_h": feh + rng.normal(0, 0.03),
+                   "snr_z": snr, "r_est": d}
+            row.update({e: chem[e] + rng.normal(0.0, SIGMA[e] * 30 / snr) for e in ELEMENTS})
+            rows.append(row)
+    full = pd.concat([df, pd.DataFrame(rows)], ignore_index=True)
+    ids = np.arange(n0 + 1, n0 + 2 * n_pairs + 1)
+    wide = pd.DataFrame({"source_id1": ids[0::2], "source_id2": ids[1::2]})
+    return full, wide
+
+
+def test_field_pairs_match_snr_distance_and_delta_teff(rng):
+    cat, wide = _with_binaries(rng, _population(rng))
+    pairs = binaries.binary_pairs(cat, wide, max_delta_teff=None)
+    field = cat[~cat["source_id"].isin(np.r_[wide["source_id1"], wide["source_id2"]])]
+    matched = binaries.field_pairs(field, pairs, 3000, seed=1, max_delta_teff=None,
+                                   match_star=("snr_z", "r_est"), match_delta_teff=True,
+                                   batch_size=50_000)
+    assert len(matched) == 3000
+    stars_b = np.r_[pairs["snr_z_1"], pairs["snr_z_2"]]
+    stars_f = np.r_[matched["snr_z_1"], matched["snr_z_2"]]
+    assert stats.ks_2samp(np.log10(stars_b), np.log10(stars_f)).statistic < 0.08
+    assert np.r_[matched["r_est_1"], matched["r_est_2"]].max() <= pairs["r_est_1"].max() + 1e-9
+    assert stats.ks_2samp(pairs["delta_teff"], matched["delta_teff"]).statistic < 0.1
+    assert stats.ks_2samp(pairs["delta_fe_h"], matched["delta_fe_h"]).pvalue > 0.01
+    # unmatched field pairs differ in S/N: the matching has power
+    plain = binaries.field_pairs(field, pairs["delta_fe_h"], 3000, seed=1, max_delta_teff=None,
+                                 batch_size=50_000)
+    assert stats.ks_2samp(np.log10(stars_b),
+                          np.log10(np.r_[plain["snr_z_1"], plain["snr_z_2"]])).statistic > 0.3
+    with pytest.raises(ValueError, match="pair table"):
+        binaries.field_pairs(field, pairs["delta_fe_h"], 10, match_star=("snr_z",))
+    with pytest.raises(KeyError, match="parallax"):
+        binaries.field_pairs(field, pairs, 10, match_star=("parallax",))
+
+
+def test_separation_known_answers(rng):
+    same = binaries.separation(rng.normal(1, 0.3, 400), rng.normal(1, 0.3, 4000))
+    assert abs(same.auc - 0.5) < 3 * same.auc_err and same.auc_err < 0.03
+    apart = binaries.separation(rng.normal(1, 0.1, 100), rng.normal(3, 0.1, 1000))
+    assert apart.auc > 0.999 and apart.ratio == pytest.approx(3.0, rel=0.05)
+    assert apart.mw_pvalue < 1e-10
+    # AUC = P(binary distance < field distance), checked by brute force
+    b, f = rng.gamma(2, 0.5, 50), rng.gamma(3, 0.5, 60)
+    brute = np.mean(b[:, None] < f[None, :])
+    assert binaries.separation(b, f).auc == pytest.approx(brute)
+    with pytest.raises(ValueError, match=">= 2"):
+        binaries.separation([1.0], [1.0, 2.0])
+
+
+def test_null_control_separates_nothing_and_the_real_test_does(rng):
+    cat, wide = _with_binaries(rng, _population(rng))
+    real = binaries.compare_with_field(cat, wide, ELEMENTS, SIGMA, max_delta_teff=None, seed=2)
+    assert real["separation"].auc > 0.8
+    shuffled = binaries.shuffle_within_bins(cat, ELEMENTS, seed=3)
+    null = binaries.compare_with_field(shuffled, wide, ELEMENTS, SIGMA, max_delta_teff=None, seed=2)
+    sep = null["separation"]
+    assert abs(sep.auc - 0.5) < 3 * sep.auc_err + 0.02, sep
+    assert real["separation"].auc - sep.auc > 5 * real["separation"].auc_err
+
+
+def test_shuffle_within_bins_keeps_bins_and_values(rng):
+    df = _population(rng, 3000)
+    out = binaries.shuffle_within_bins(df, ELEMENTS, seed=0)
+    for c in ("teff", "logg", "fe_h", "source_id"):
+        assert np.array_equal(out[c], df[c])
+    assert not np.array_equal(out["o_fe"], df["o_fe"])
+    def key(t):
+        return [np.floor(t[c] / w) for c, w in (("teff", 250), ("logg", 0.25), ("fe_h", 0.1))]
+
+    for (_, a), (_, b) in zip(df.groupby(key(df)), out.groupby(key(out))):
+        np.testing.assert_allclose(np.sort(a["o_fe"]), np.sort(b["o_fe"]))
+    # vectors move together: each shuffled row is some original star's abundances
+    orig = {tuple(r) for r in df[ELEMENTS].to_numpy().round(12)}
+    assert all(tuple(r) in orig for r in out[ELEMENTS].to_numpy().round(12))
+    again = binaries.shuffle_within_bins(df, ELEMENTS, seed=0)
+    pd.testing.assert_frame_equal(out, again)
+
+
+def test_add_astrometry_joins_gaia_and_distances():
+    cat = pd.DataFrame({"source_id": [1, 2, 3]})
+    gaia = pd.DataFrame({"source_id": [2, 1], "parallax": [5.0, 2.0], "parallax_error": [0.1, 0.5]})
+    dist = pd.DataFrame({"source_id": [1], "r_est": [480.0]})
+    out = binaries.add_astrometry(cat, gaia, dist)
+    np.testing.assert_allclose(out["parallax"], [2.0, 5.0, np.nan])
+    np.testing.assert_allclose(out["parallax_over_error"], [4.0, 50.0, np.nan])
+    np.testing.assert_allclose(out["r_est"], [480.0, np.nan, np.nan])
+
+
 # ----------------------------------------------------------------------------- clusters
 def test_teff_trend_known_answer(rng):
     teff = rng.uniform(4500, 6500, 200)
@@ -291,6 +402,31 @@ def test_science_figures_smoke(rng):
     teff = rng.uniform(5000, 6200, 40)
     figs.append(science.cluster_trend_figure(teff, 0.05 + 1e-4 * (teff - 5600)))
     assert all(isinstance(f, Figure) for f in figs)
+    for f in figs:
+        f.canvas.draw()
+        plt.close(f)
+
+
+def test_calibration_figures_smoke(rng):
+    import matplotlib.pyplot as plt
+
+    from lamostcannon import calibration
+    from lamostcannon.plotting import calibration as calplot
+
+    teff = rng.uniform(4200, 6500, 60)
+    raw = {"alpha_fe": 0.05 - 5e-5 * (teff - 5500) + rng.normal(0, 0.02, 60)}
+    cal = {"alpha_fe": 0.05 + rng.normal(0, 0.02, 60)}
+    figs = [calplot.cluster_before_after(teff, raw, cal, labels=["alpha_fe"], truth={"alpha_fe": 0.05})]
+    cat, wide = _with_binaries(rng, _population(rng, 2000), 60)
+    res = binaries.compare_with_field(cat, wide, ELEMENTS, SIGMA, max_delta_teff=None, seed=0)
+    res["null"] = res
+    figs.append(calplot.distance_before_after({"raw": res, "calibrated": res}))
+    df = pd.DataFrame({"group": np.repeat(np.arange(20), 3), "kind": "cluster",
+                       "teff": rng.uniform(4200, 6500, 60), "logg": 4.5,
+                       "snr_z": rng.uniform(50, 500, 60), "fe_h": 0.0,
+                       "alpha_fe": rng.normal(0, 0.02, 60)})
+    fit = calibration.fit(df, ["alpha_fe"], seed=0, n_boot=5)
+    figs.append(calplot.corrections(fit, df, injected=lambda t: {"alpha_fe": 0 * t}))
     for f in figs:
         f.canvas.draw()
         plt.close(f)

@@ -17,7 +17,7 @@ from matplotlib.colors import to_hex
 from matplotlib.contour import ContourSet
 from matplotlib.figure import Figure
 
-from lamostcannon import cleaning
+from lamostcannon import cleaning, plotting
 from lamostcannon.plotting import training, universe
 
 
@@ -68,7 +68,11 @@ def test_survey_density_contours(rng, in_lamost_column):
     fig = universe.survey_density_contours(truth)
     assert isinstance(fig, Figure)
     face, edge = fig.axes
-    assert face.get_ylabel() == "y [kpc]" and edge.get_ylabel() == "z [kpc]"
+    # the heliocentric convention is named on the axes (the Galactic centre at x = +8)
+    assert face.get_ylabel().startswith("y [kpc] (heliocentric")
+    assert edge.get_ylabel().startswith("z [kpc] (heliocentric")
+    assert edge.get_xlabel() == plotting.FRAME_AXIS_TEXT["helio_x"]
+    assert "Galactic centre at x = +8" in edge.get_xlabel()
     # the default extent holds the lowest contour and is a multiple of 2 kpc
     lo, hi = face.get_xlim()
     assert lo == -hi and hi % 2 == 0 and 4 <= hi <= 20
@@ -142,10 +146,12 @@ def test_read_window_spectrum(tmp_path, rng):
         cleaning.read_window_spectrum(path, 1)
 
 
-def test_galah_vs_lamost(rng):
+def _fig2_inputs(rng, with_sigma=False):
     w = np.exp(np.arange(np.log(3700.0), np.log(9100.0), 1e-4))  # ~ LAMOST's log grid
     lines = [cleaning.air_to_vacuum(c) for c in (5711.1, 6496.9, 7772.0, 7774.2, 7775.4)]
     flux = 1.0 - sum(0.1 * np.exp(-0.5 * ((w - c) / 1.5) ** 2) for c in lines)
+    hbeta = cleaning.air_to_vacuum(4861.3)
+    flux = flux - 0.6 * np.exp(-0.5 * ((w - hbeta) / 6.0) ** 2)  # a deep, broad H-beta
     flux = flux + rng.normal(0.0, 0.005, w.size)
     ivar = np.full(w.size, 1e4)
     ivar[(w > 7780.0) & (w < 7782.0)] = 0.0  # a masked stretch is left out
@@ -153,27 +159,45 @@ def test_galah_vs_lamost(rng):
     gv = cleaning.air_to_vacuum(gw)
     gmodel = 1.0 - sum(0.5 * np.exp(-0.5 * ((gv - c) / 0.1) ** 2) for c in lines)
     galah = {"wave": gw, "flux": gmodel + rng.normal(0.0, 0.01, gw.size), "model": gmodel}
+    if with_sigma:
+        galah["sigma"] = np.full(gw.size, 0.01)
+    return w, flux, ivar, galah
 
+
+def test_galah_vs_lamost(rng):
+    w, flux, ivar, galah = _fig2_inputs(rng)
     fig = training.galah_vs_lamost(w, flux, ivar, galah, title="a star")
     assert isinstance(fig, Figure)
     axes = [ax for ax in fig.axes if ax.get_visible()]
-    assert len(axes) == len(training.GALAH_PANELS) == 4
-    for ax, (name, centre) in zip(axes, training.GALAH_PANELS):
+    assert len(axes) == len(training.GALAH_PANELS) == 6
+    assert axes[0].get_title(loc="left") == "H-beta"
+    for ax, panel in zip(axes, training.GALAH_PANELS):
+        name, centre = panel[:2]
+        hw = panel[2] if len(panel) > 2 else 10.0
         c = cleaning.air_to_vacuum(centre)
-        assert ax.get_xlim() == pytest.approx((c - 10.0, c + 10.0))
+        assert ax.get_xlim() == pytest.approx((c - hw, c + hw))
         assert ax.get_title(loc="left") == name
         lamost_line, galah_line, model_line = ax.get_lines()[:3]
         assert lamost_line.get_marker() == "o"
         # GALAH pieces are not joined across the gaps between windows
         gx = np.asarray(galah_line.get_xdata(), float)
-        assert np.isnan(gx).any()
-        seg = np.split(gx, np.flatnonzero(np.isnan(gx)))
-        assert all(np.diff(s[np.isfinite(s)]).max(initial=0.0) <= 3 * 0.05 + 1e-6 for s in seg)
-    o_panel = axes[3]
+        if np.isfinite(gx).sum() > 1:
+            assert np.isnan(gx).any()
+            seg = np.split(gx, np.flatnonzero(np.isnan(gx)))
+            assert all(np.diff(s[np.isfinite(s)]).max(initial=0.0) <= 3 * 0.05 + 1e-6 for s in seg)
+    # y-range per panel: H-beta reaches down to ~0.4, the Eu panel stays near the continuum
+    hb_lo = axes[0].get_ylim()[0]
+    eu_lo = axes[4].get_ylim()[0]
+    assert hb_lo < 0.5 and eu_lo > 0.5
+    lx, ly = (np.asarray(a, float) for a in axes[0].get_lines()[0].get_data())
+    inside = (lx > axes[0].get_xlim()[0]) & (lx < axes[0].get_xlim()[1]) & np.isfinite(ly)
+    assert axes[0].get_ylim()[0] < ly[inside].min()  # nothing clipped
+    o_panel = axes[5]
     labels = [t.get_text() for t in o_panel.texts]
     assert labels.count("O") == 3
-    texts = [t.get_text() for t in axes[0].get_legend().get_texts()]
-    assert texts == ["LAMOST (R ~ 1800)", "GALAH (R ~ 28,000)", "GALAH best-fit model"]
+    texts = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert texts == [r"LAMOST (R ~ 1800) $\pm 1\sigma$", "GALAH (R ~ 28,000)",
+                     "GALAH best-fit model"]
     assert fig._suptitle.get_text() == "a star"
     # the masked LAMOST stretch is NaN in the drawn line
     lx, ly = (np.asarray(a, float) for a in o_panel.get_lines()[0].get_data())
@@ -183,6 +207,26 @@ def test_galah_vs_lamost(rng):
     one = training.galah_vs_lamost(w, flux, ivar, galah, panels=[("O", 7774.0)], halfwidth=5.0)
     assert len([ax for ax in one.axes if ax.get_visible()]) == 1
     plt.close(one)
+
+
+def test_galah_vs_lamost_with_the_cannon_model(rng):
+    w, flux, ivar, galah = _fig2_inputs(rng, with_sigma=True)
+    model = flux + 0.01
+    s2 = np.full(w.size, 0.02**2)
+    fig = training.galah_vs_lamost(w, flux, ivar, galah, model_flux=model, model_s2=s2,
+                                   model_label="Cannon model at the GALAH labels")
+    texts = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert r"Cannon model at the GALAH labels $\pm s_\lambda$" in texts
+    assert r"GALAH (R ~ 28,000) $\pm 1\sigma$" in texts
+    hbeta = fig.axes[0]
+    assert len(hbeta.get_lines()) >= 4  # LAMOST, GALAH (empty here), GALAH model, Cannon model
+    # the model band is drawn: a PolyCollection per band (LAMOST, GALAH, model) in a GALAH panel
+    assert len(fig.axes[2].collections) >= 3
+    plt.close(fig)
+    with pytest.raises(ValueError, match="model_flux"):
+        training.galah_vs_lamost(w, flux, ivar, galah, model_flux=model[:-1])
+    with pytest.raises(ValueError, match="model_s2"):
+        training.galah_vs_lamost(w, flux, ivar, galah, model_flux=model, model_s2=s2[:5])
 
 
 def test_galah_vs_lamost_checks_shapes():

@@ -21,7 +21,7 @@ import pandas as pd
 import pytest
 
 from lamostcannon import spectra as sp
-from lamostcannon.store import META_COLUMNS, SpectraStore, ingest
+from lamostcannon.store import META_COLUMNS, SpectraStore, StoreBusy, ingest
 
 P = sp.N_PIXELS
 
@@ -96,26 +96,46 @@ def test_an_interrupted_append_is_rolled_back_on_reopen(tmp_path):
     assert store.meta["obsid"].tolist() == list(range(15))
 
 
-def test_one_writer_at_a_time_and_stale_locks_are_taken_over(tmp_path):
+def test_one_writer_at_a_time_in_one_process_too(tmp_path):
     path = tmp_path / "s.zarr"
     writer = SpectraStore.create(path)
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
-    try:
-        writer.close()
-        (path / ".lock").write_text(str(proc.pid))  # a live foreign writer
-        with pytest.raises(RuntimeError, match="open for writing"):
-            SpectraStore(path, "a")
-        SpectraStore(path)  # readers are not blocked
-    finally:
-        proc.kill()
-        proc.wait()
-    with SpectraStore(path, "a"):  # the writer is gone: its lock is stale
+    with pytest.raises(StoreBusy, match="open for writing by another process"):
+        SpectraStore(path, "a")
+    SpectraStore(path)  # readers are not blocked
+    writer.close()
+    with SpectraStore(path, "a"):
         pass
-    assert not (path / ".lock").exists()
-    with pytest.raises(FileExistsError):
-        SpectraStore.create(path)
+    assert (path / ".lock").exists()  # the lock file stays; the OS lock is what counts
     with pytest.raises(FileNotFoundError):
         SpectraStore(tmp_path / "nothing.zarr")
+
+
+def test_create_refuses_what_it_should_and_replaces_only_an_idle_store(tmp_path):
+    path = tmp_path / "s.zarr"
+    SpectraStore.create(path).close()
+    with pytest.raises(FileExistsError, match="pass overwrite=True"):
+        SpectraStore.create(path)
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    for target in (other, other / "keep.txt"):
+        with pytest.raises(FileExistsError, match="is not a SpectraStore"):
+            SpectraStore.create(target, overwrite=True)
+        with pytest.raises(FileExistsError, match="is not a SpectraStore"):
+            ingest([], target, progress=False)
+    assert (other / "keep.txt").read_text() == "mine"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    SpectraStore.create(empty).close()  # an empty folder is fine
+    assert len(SpectraStore(empty)) == 0
+    with SpectraStore(path, "a") as busy:
+        busy.append(*rows(3)[:2], rows(3)[2])
+        with pytest.raises(StoreBusy):
+            SpectraStore.create(path, overwrite=True)
+    assert len(SpectraStore(path)) == 3
+    SpectraStore.create(path, overwrite=True).close()
+    assert len(SpectraStore(path)) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "notes", "s.zarr"]  # no litter
 
 
 # ------------------------------------------------------------------------------ ingest, real files
@@ -262,7 +282,7 @@ def test_resume_after_kill_9_loses_and_duplicates_nothing(real_lamost, tmp_path)
     before = SpectraStore(store_path)
     n_before = len(before)
     assert 96 <= n_before < 1726
-    assert (store_path / ".lock").exists()  # the killed writer left its lock behind
+    assert (store_path / ".lock").exists()  # the killed writer's lock file (the OS lock is gone)
 
     report = ingest(real_lamost / "dr10", store_path, n_workers=2, progress=False)
     assert (report["status"] == "already_stored").sum() == n_before

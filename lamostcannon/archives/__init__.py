@@ -14,13 +14,13 @@ Offline, or with an archive down, :class:`ArchiveUnavailable` says what failed a
 the mock universe instead. Nothing is fetched or imported at import time.
 """
 
-from .core import (Archives, DownloadReport, conform, download_all, lamost_filename,
-                   validate_fits, validate_lamost)
+from .core import (Archives, DownloadReport, conform, download_all, fits_size_problem,
+                   lamost_filename, validate_fits, validate_lamost)
 from .http import ArchiveUnavailable, Downloader, FetchReport, FileTask, Failure, Manifest
 from .sources import GALAH_RELEASES, LAMOST_RELEASES, Endpoints
 from .windows import WINDOWS, build_window_spectra
 
 __all__ = ["ArchiveUnavailable", "Archives", "DownloadReport", "Downloader", "Endpoints",
-           "Failure", "FetchReport", "FileTask", "GALAH_RELEASES", "LAMOST_RELEASES", "Manifest",
+           "Failure", "FetchReport", "FileTask", "GALAH_RELEASES", "fits_size_problem", "LAMOST_RELEASES", "Manifest",
            "WINDOWS", "build_window_spectra", "conform", "download_all", "lamost_filename",
            "validate_fits", "validate_lamost"]

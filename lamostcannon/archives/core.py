@@ -9,6 +9,7 @@ output is already in place and verified does nothing; a service that cannot be r
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -161,28 +162,145 @@ def lamost_filename(lmjd, planid, spid, fiberid) -> str:
     return f"spec-{int(lmjd)}-{str(planid).strip()}_sp{int(spid):02d}-{int(fiberid):03d}.fits.gz"
 
 
-def validate_lamost(part: Path, task: FileTask) -> None:
-    """A LAMOST spectrum must be a complete gzip (CRC checked) of a FITS file.
+_BLOCK = 2880
 
-    A plain FITS answer is gzipped in place so that the file matches its ``.fits.gz`` name.
+
+class _CappedReader:
+    """Reads a binary stream, raising ValueError once more than ``cap`` bytes came out."""
+
+    def __init__(self, fh, cap: int | None, what: str):
+        self.fh, self.cap, self.what, self.count = fh, cap, what, 0
+
+    def read(self, n: int) -> bytes:
+        data = self.fh.read(n)
+        self.count += len(data)
+        if self.cap is not None and self.count > self.cap:
+            raise ValueError(f"{self.what} exceeds the {self.cap}-byte limit (a gzip bomb?)")
+        return data
+
+
+def _card_int(header: dict, key: str, hdu: int, default=None) -> int:
+    text = header.get(key)
+    if text is None:
+        if default is not None:
+            return default
+        raise ValueError(f"HDU {hdu} header lacks {key}")
+    try:
+        return int(text.split("/", 1)[0].strip())
+    except ValueError:
+        raise ValueError(f"HDU {hdu} header card {key} = {text.strip()!r} is not an "
+                         "integer") from None
+
+
+def fits_size_problem(stream, size: int | None = None) -> str | None:
+    """Walk the HDUs of a FITS stream; say why it is incomplete, or None when it is whole.
+
+    Every header is read and each HDU's data size is computed from its cards
+    (``|BITPIX|/8 * GCOUNT * (PCOUNT + NAXIS1 * ... * NAXISn)``, FITS standard 4.0, eq. 1-2;
+    random groups without ``NAXIS1``), and the bytes must hold all of it (the padding to 2880
+    bytes after the last HDU may be missing). ``stream`` needs ``read(n)``; with ``size``
+    (a plain file's length) and ``seek``, data are skipped without reading them.
+
+    Returns
+    -------
+    str or None
+        e.g. ``"truncated: HDU 1 declares 182400 data bytes from byte 5760, the file has
+        91200"``.
+    """
+    pos, hdu = 0, 0
+    while True:
+        header, end = {}, False
+        first = True
+        while not end:
+            block = stream.read(_BLOCK)
+            if not block and first and hdu > 0:
+                return None  # the file ends where an HDU ends
+            if len(block) < _BLOCK:
+                if first and hdu > 0 and not block.strip(b"\x00 "):
+                    return None  # short zero padding after the last HDU
+                return (f"truncated: the header of HDU {hdu} starting at byte {pos} is cut "
+                        f"after {len(block)} bytes" if block or not first else
+                        f"truncated: no header at byte {pos}")
+            if first and hdu > 0 and not block.startswith(b"XTENSION"):
+                if not block.strip(b"\x00 "):
+                    return None  # padding after the last HDU
+                return f"bytes at {pos} after HDU {hdu - 1} are not a FITS extension header"
+            if first and hdu == 0 and not block.startswith(b"SIMPLE"):
+                return "not a FITS file (no SIMPLE card)"
+            for k in range(0, _BLOCK, 80):
+                card = block[k:k + 80].decode("ascii", "replace")
+                key = card[:8].strip()
+                if key == "END":
+                    end = True
+                    break
+                if card[8:10] == "= " and key not in header:
+                    header[key] = card[10:]
+            pos += _BLOCK
+            first = False
+        naxis = _card_int(header, "NAXIS", hdu)
+        dims = [_card_int(header, f"NAXIS{i}", hdu) for i in range(1, naxis + 1)]
+        if hdu == 0 and dims and dims[0] == 0 and "GROUPS" in header:
+            dims = dims[1:]  # random groups
+        n = math.prod(dims) if dims else 0
+        bitpix = abs(_card_int(header, "BITPIX", hdu))
+        nbytes = bitpix // 8 * _card_int(header, "GCOUNT", hdu, 1) * (
+            _card_int(header, "PCOUNT", hdu, 0) + n)
+        padded = -(-nbytes // _BLOCK) * _BLOCK
+        if size is not None and hasattr(stream, "seek"):
+            if pos + nbytes > size:
+                return (f"truncated: HDU {hdu} declares {nbytes} data bytes from byte {pos}, "
+                        f"the file has {size - pos}")
+            stream.seek(min(pos + padded, size))
+        else:
+            left = padded
+            while left > 0:
+                got = len(stream.read(min(left, 1 << 20)))
+                if got == 0:
+                    break
+                left -= got
+            if padded - left < nbytes:
+                return (f"truncated: HDU {hdu} declares {nbytes} data bytes from byte {pos}, "
+                        f"the stream has {padded - left}")
+        pos += padded
+        hdu += 1
+
+
+def validate_lamost(part: Path, task: FileTask) -> None:
+    """A LAMOST spectrum must be a complete gzip (CRC checked) of a complete FITS file, no
+    bigger than :data:`lamostcannon.spectra.MAX_SPECTRUM_BYTES` decompressed.
+
+    The gzip stream is read in 1 MiB steps, so a gzip bomb costs no memory and is refused as
+    soon as it passes the cap. A plain FITS answer is gzipped in place so that the file matches
+    its ``.fits.gz`` name.
     """
     import gzip
     import shutil
     import zlib
 
+    from ..spectra import MAX_SPECTRUM_BYTES
+
+    cap = MAX_SPECTRUM_BYTES
     with open(part, "rb") as fh:
         head = fh.read(6)
     if head[:2] == b"\x1f\x8b":
         try:
             with gzip.open(part, "rb") as fh:
-                first = fh.read(6)
-                while fh.read(1 << 20):
+                reader = _CappedReader(fh, cap, "decompressed spectrum")
+                problem = fits_size_problem(reader)
+                while reader.read(1 << 20):  # the rest, up to the cap, for the CRC check
                     pass
         except (OSError, EOFError, zlib.error) as exc:
             raise ValueError(f"corrupt gzip ({exc})") from None
-        if first != b"SIMPLE":
-            raise ValueError("not a FITS file inside the gzip")
+        if problem:
+            raise ValueError(f"inside the gzip: {problem}")
     elif head == b"SIMPLE":
+        size = part.stat().st_size
+        if size > cap:
+            raise ValueError(f"a {size}-byte spectrum exceeds the {cap}-byte limit")
+        with open(part, "rb") as fh:
+            problem = fits_size_problem(fh, size)
+        if problem:
+            raise ValueError(problem)
         tmp = part.with_name(part.name + ".gz")
         with open(part, "rb") as src, gzip.GzipFile(tmp, "wb", mtime=0) as dst:
             shutil.copyfileobj(src, dst)
@@ -192,12 +310,32 @@ def validate_lamost(part: Path, task: FileTask) -> None:
 
 
 def validate_fits(part: Path, task: FileTask) -> None:
-    """A FITS file opens and its primary header parses."""
+    """A FITS file (plain or gzipped) is whole and its headers parse.
+
+    Every HDU's declared size is checked against the bytes (:func:`fits_size_problem`), so a
+    catalogue cut short with a consistent ``Content-Length`` and no digest is refused here, not
+    when it is read; then :mod:`astropy.io.fits` verifies the headers.
+    """
+    import gzip
+    import zlib
+
     from astropy.io import fits
 
     with open(part, "rb") as fh:
-        if fh.read(6) != b"SIMPLE":
+        head = fh.read(6)
+    try:
+        if head[:2] == b"\x1f\x8b":
+            with gzip.open(part, "rb") as fh:
+                problem = fits_size_problem(fh)
+        elif head == b"SIMPLE":
+            with open(part, "rb") as fh:
+                problem = fits_size_problem(fh, part.stat().st_size)
+        else:
             raise ValueError("not a FITS file")
+    except (OSError, EOFError, zlib.error) as exc:
+        raise ValueError(f"corrupt gzip ({exc})") from None
+    if problem:
+        raise ValueError(problem)
     try:
         with fits.open(part, memmap=False) as hdul:
             hdul.verify("exception")
@@ -401,8 +539,10 @@ class Archives:
     def lamost_spectra(self) -> FetchReport:
         """Every spectrum of ``lamost/catalog.fits``, by obsid -> ``lamost/spectra/<filename>``."""
         cat = self._read("lamost/catalog.fits")
+        from ..spectra import MAX_SPECTRUM_BYTES
+
         tasks = [FileTask(self.ep.lamost_spectra.format(obsid=int(o)),
-                          f"lamost/spectra/{fn}", key=str(int(o)))
+                          f"lamost/spectra/{fn}", key=str(int(o)), max_bytes=MAX_SPECTRUM_BYTES)
                  for o, fn in zip(cat["obsid"], cat["filename"])]
         return self.dl.fetch_many(tasks, self.out, self.manifest,
                                   what=f"LAMOST {self.ep.lamost_release} spectra",

@@ -19,6 +19,11 @@ a small engine on top of :mod:`requests` (the HTTP library both of them use), ab
   ``.fits.gz``);
 * retries with exponential backoff on timeouts, dropped connections, 429 and 5xx answers; a
   resumed attempt asks only for the missing bytes;
+* bounds: each file has an overall deadline (``deadline`` seconds, all attempts together,
+  extended for big files at ``min_rate`` bytes/s), so a server that drips a byte at a time is
+  abandoned and the file reported as failed (its ``.part`` is kept for the next run); a task may
+  cap its size (``FileTask.max_bytes``; LAMOST spectra: 64 MiB), so an endless or inflating
+  answer cannot fill the disk;
 * a thread pool of a few workers (default 6) for politeness;
 * :class:`Manifest` records each file's path, source URL, size, sha256 and date; a file that is in
   place and matches its record is never fetched again.
@@ -74,7 +79,11 @@ class _Transient(Exception):
 
 
 class _Permanent(Exception):
-    """A failure a retry cannot fix (404 and friends)."""
+    """A failure a retry cannot fix (404 and friends), or no time left to retry."""
+
+
+class _Deadline(Exception):
+    """The file's overall deadline passed during a transfer: ``(bytes so far, total)``."""
 
 
 @dataclass(frozen=True)
@@ -93,6 +102,9 @@ class FileTask:
         Expected checksum, when the archive publishes one.
     size : int, optional
         Expected size in bytes, when the archive publishes it.
+    max_bytes : int, optional
+        Refuse the file when it grows beyond this (bytes as written, after any HTTP
+        ``Content-Encoding`` is undone).
     """
 
     url: str
@@ -100,6 +112,7 @@ class FileTask:
     key: str = ""
     sha256: str | None = None
     size: int | None = None
+    max_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -231,13 +244,24 @@ class Downloader:
         rewrite it (e.g. gzip a plain FITS file); runs before the rename into place.
     breaker : int
         Abort with :class:`ArchiveUnavailable` after this many files in a row failed to connect.
+    deadline : float
+        Seconds one file may take, all attempts and pauses together, before it is abandoned
+        and reported as failed (default 600). A server that sends a byte now and then never
+        trips the read timeout; this bounds it.
+    min_rate : float
+        Bytes per second a big file is allowed: its deadline is at least its size (from the
+        answer's headers) divided by this (default 20 kB/s).
     """
 
     def __init__(self, *, timeout=(10.0, 60.0), retries: int = 4, backoff: float = 1.0,
                  workers: int = 6, progress: bool = True, user_agent: str | None = None,
-                 breaker: int = 25):
+                 breaker: int = 25, deadline: float = 600.0, min_rate: float = 20_000.0):
         from .. import __version__
 
+        if deadline <= 0 or min_rate <= 0:
+            raise ValueError(f"deadline and min_rate must be > 0, got {deadline}, {min_rate}")
+        self.deadline = float(deadline)
+        self.min_rate = float(min_rate)
         self.timeout = timeout
         self.retries = retries
         self.backoff = backoff
@@ -283,16 +307,25 @@ class Downloader:
                 time.sleep(min(self.backoff, 5.0))
         raise ArchiveUnavailable(what, root, reason) from None
 
-    def _pause(self, attempt: int, retry_after: str | None = None) -> None:
+    def _delay(self, attempt: int, retry_after: str | None = None) -> float:
         delay = min(self.backoff * 2 ** attempt, 60.0)
         if retry_after and retry_after.strip().isdigit():
             delay = max(delay, min(float(retry_after), 60.0))
-        time.sleep(delay)
+        return delay
+
+    def _pause(self, attempt: int, retry_after: str | None = None) -> None:
+        time.sleep(self._delay(attempt, retry_after))
 
     # -- one file ---------------------------------------------------------------------------
-    def _attempt(self, task: FileTask, part: Path, on_bytes: Callable[[int], None]) -> None:
-        """One GET (resuming ``part``); returns when ``part`` holds the whole file."""
+    def _attempt(self, task: FileTask, part: Path, on_bytes: Callable[[int], None],
+                 clock: dict) -> None:
+        """One GET (resuming ``part``); returns when ``part`` holds the whole file.
+
+        ``clock["end"]`` is the file's deadline (``time.monotonic()``); it is pushed back for a
+        big file (size / ``min_rate``) once the answer says how big.
+        """
         import requests
+        import urllib3
 
         offset = part.stat().st_size if part.exists() else 0
         headers = {"Range": f"bytes={offset}-"} if offset else {}
@@ -311,14 +344,29 @@ class Downloader:
                 if r.status_code == 200 and offset:  # server ignored the Range: start over
                     offset = 0
                 total = _expected_total(r, offset)
+                if total is not None:
+                    clock["end"] = max(clock["end"], clock["start"] + total / self.min_rate)
+                    if task.max_bytes is not None and total > task.max_bytes:
+                        raise _Permanent(f"the server announces {total} bytes, more than the "
+                                         f"{task.max_bytes}-byte limit for this file")
                 digest = _digest_from_headers(r.headers)
                 part.parent.mkdir(parents=True, exist_ok=True)
+                size = offset
                 with open(part, "ab" if offset else "wb") as fh:
-                    for chunk in r.iter_content(chunk_size=1 << 13):
+                    for chunk in _chunks(r):
                         fh.write(chunk)
+                        size += len(chunk)
                         on_bytes(len(chunk))
+                        if task.max_bytes is not None and size > task.max_bytes:
+                            fh.close()
+                            part.unlink(missing_ok=True)
+                            raise _Permanent(f"more than the {task.max_bytes}-byte limit for "
+                                             "this file")
+                        if time.monotonic() > clock["end"]:
+                            raise _Deadline(size, total)
         except (requests.exceptions.ConnectionError, requests.exceptions.Timeout,
-                requests.exceptions.ChunkedEncodingError) as exc:
+                requests.exceptions.ChunkedEncodingError, urllib3.exceptions.HTTPError,
+                ConnectionError, TimeoutError) as exc:
             raise _Transient(_short(exc)) from None
         size = part.stat().st_size
         if total is not None and size < total:
@@ -344,14 +392,19 @@ class Downloader:
     def fetch(self, task: FileTask, root: Path, manifest: Manifest,
               validate: Callable | None = None,
               on_bytes: Callable[[int], None] = lambda n: None) -> dict:
-        """Fetch one file into ``root / task.path``; returns its manifest record."""
+        """Fetch one file into ``root / task.path``; returns its manifest record.
+
+        Gives up (``_Permanent``) when the file's deadline passes, whatever the attempt.
+        """
         dest = root / task.path
         part = root / ".partial" / (task.path + ".part")
         last = "no attempt"
+        start = time.monotonic()
+        clock = {"start": start, "end": start + self.deadline}
         for attempt in range(self.retries + 1):
             retry_after = None
             try:
-                self._attempt(task, part, on_bytes)
+                self._attempt(task, part, on_bytes, clock)
                 if validate is not None:
                     try:
                         validate(part, task)
@@ -361,11 +414,21 @@ class Downloader:
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(part, dest)
                 return manifest.record(task.path, task.url)
+            except _Deadline as exc:
+                raise _Permanent(
+                    f"abandoned: the {clock['end'] - start:.1f} s deadline for one file passed "
+                    f"after {time.monotonic() - start:.1f} s with {exc.args[0]}"
+                    f"{'' if exc.args[1] is None else f' of {exc.args[1]}'} bytes received "
+                    "(the partial file is kept; a later run resumes it)") from None
             except _Transient as exc:
                 last = str(exc.args[0])
                 retry_after = exc.args[1] if len(exc.args) > 1 else None
                 log.debug("%s: attempt %d failed: %s", task.key or task.url, attempt + 1, last)
             if attempt < self.retries:
+                if time.monotonic() + self._delay(attempt, retry_after) > clock["end"]:
+                    raise _Permanent(f"{last}; abandoned: no time left before the "
+                                     f"{clock['end'] - start:.1f} s deadline for one file "
+                                     f"(after {attempt + 1} attempts)")
                 self._pause(attempt, retry_after)
         raise _Transient(f"{last} (after {self.retries + 1} attempts)")
 
@@ -451,6 +514,21 @@ class Downloader:
                                      f"{last.reason}") from None
         report.failures.sort(key=lambda f: f.key)
         return report
+
+
+def _chunks(r, size: int = 1 << 16):
+    """The body of a streamed answer, each piece as soon as the socket has it.
+
+    ``requests``' ``iter_content`` waits for a full chunk, so a server dripping a byte at a
+    time would keep it for hours between two deadline checks; urllib3's ``read1`` returns after
+    one read of the socket.
+    """
+    raw = r.raw
+    if not hasattr(raw, "read1"):  # pragma: no cover - urllib3 < 2.1
+        yield from r.iter_content(chunk_size=1 << 13)
+        return
+    while chunk := raw.read1(size, decode_content=True):  # b"" only at the end
+        yield chunk
 
 
 def _expected_total(r, offset: int) -> int | None:

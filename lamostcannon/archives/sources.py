@@ -13,6 +13,8 @@ variable                         default
 ``LAMOSTCANNON_GALAH_CATALOG``   per release, see :data:`GALAH_RELEASES`
 ``LAMOSTCANNON_GALAH_SPECTRA``   per release (``{sobject_id}`` and ``{band}`` template)
 ``LAMOSTCANNON_BINARIES_URL``    unset: VizieR ``J/MNRAS/480/4884``; else a FITS/CSV file URL
+``LAMOSTCANNON_LAMOST_DR8_URL``  :data:`LAMOST_DR8_SPECTRA` (``{obsid}`` template; the DR8
+                                 repeat visits of notebook 09, :mod:`lamostcannon.real`)
 ===============================  ===========================================================
 
 ``docs/data_sources.md`` lists every identifier with the documentation that confirms it (or says
@@ -63,6 +65,16 @@ LAMOST_RELEASES = {
         "catalog": "https://www.lamost.org/dr10/v2.0/catdl?name=dr10_v2.0_LRS_stellar.fits.gz",
     },
 }
+
+#: LAMOST DR8 v2.0 low-resolution spectra by obsid (the repeat visits of notebook 09). The same
+#: scheme as the DR10 v2.0 address above; not confirmed for DR8 (see docs/data_sources.md).
+LAMOST_DR8_SPECTRA = "https://www.lamost.org/dr8/v2.0/spectrum/fits/{obsid}"
+
+
+def lamost_dr8_spectra() -> str:
+    """The DR8 spectrum URL template: ``LAMOSTCANNON_LAMOST_DR8_URL`` or the default."""
+    return _env("LAMOSTCANNON_LAMOST_DR8_URL", LAMOST_DR8_SPECTRA)
+
 
 #: VizieR / XMatch identifiers.
 GAIA_DR2 = "vizier:I/345/gaia2"

@@ -394,6 +394,12 @@ def generate(out_dir=None, size: str | None = None, seed: int | None = None, pro
     ov = ov.sort_values("sobject_id").reset_index(drop=True)
     truth_ov = stars.loc[ov["star"].to_numpy()].reset_index(drop=True)
     lab = ["teff", "logg", "vmic", "fe_h", *[f"{x}_fe" for x in ELEMENTS]]
+    # GALAH's best-fit model spectra follow the reported labels without the dwarf systematics
+    # (surveys.galah_dwarf_systematics): the model fits the spectrum, its physics carries the bias
+    model_labels = ov[lab].copy()
+    for x in ELEMENTS:
+        if f"model_{x}_fe" in ov:
+            model_labels[f"{x}_fe"] = ov[f"model_{x}_fe"].to_numpy()
     gs = seeds["galah_spectra"]
     gtasks, gres = [], {}
     for i, a in enumerate(range(0, len(ov), _GALAH_CHUNK)):
@@ -404,7 +410,7 @@ def generate(out_dir=None, size: str | None = None, seed: int | None = None, pro
             continue
         sl = slice(a, a + _GALAH_CHUNK)
         gtasks.append((i, truth_ov.loc[truth_ov.index[sl], lab].reset_index(drop=True),
-                       ov.loc[ov.index[sl], lab].reset_index(drop=True),
+                       model_labels.loc[model_labels.index[sl]].reset_index(drop=True),
                        ov["snr_c2"].to_numpy()[sl].astype(float), gs.entropy, gs.spawn_key + (i,)))
 
     def _keep_galah(res):
@@ -483,7 +489,9 @@ def generate(out_dir=None, size: str | None = None, seed: int | None = None, pro
         "wide_binaries_both_lamost": int((
             stars.set_index("source_id").loc[uni.binaries["source_id2"], "n_obs"].to_numpy() > 0).sum()),
         "cluster_members": int(len(uni.members)),
-        "cluster_members_lamost": int(((stars["cluster"] == "NGC_2632") & (stars["n_obs"] > 0)).sum()),
+        "cluster_members_lamost": int(((stars["cluster"] != "") & (stars["n_obs"] > 0)).sum()),
+        "clusters_lamost": {name: int(n) for name, n in stars.loc[
+            (stars["cluster"] != "") & (stars["n_obs"] > 0), "cluster"].value_counts().sort_index().items()},
         "gaia_sources": int(len(uni.gaia)),
     }
     manifest = {"source": "mock", "size": size, "seed": seed, "params": params,

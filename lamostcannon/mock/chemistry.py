@@ -79,7 +79,7 @@ def s_process(population, age, feh):
                      np.full_like(feh, 0.05))
 
 
-def abundances(population, age, R, z, rng) -> dict[str, np.ndarray]:
+def abundances(population, age, R, z, rng, feh=None) -> dict[str, np.ndarray]:
     """Draw ``fe_h`` and ``<x>_fe`` (x in :data:`lamostcannon.labels.ELEMENTS`) for each star.
 
     Parameters
@@ -89,11 +89,15 @@ def abundances(population, age, R, z, rng) -> dict[str, np.ndarray]:
     age : (S,) Gyr
     R, z : (S,) current Galactocentric cylindrical radius and height (kpc)
     rng : numpy.random.Generator
+    feh : (S,) dex, optional
+        A given [Fe/H] (an open cluster's); the [X/Fe] then follow the recipe at that [Fe/H]
+        (the [Fe/H] draws are made all the same, so the random stream does not depend on it).
 
     Returns
     -------
     dict with ``fe_h``, ``<x>_fe`` (dex) and ``R_birth`` (kpc, thin disk; R otherwise).
     """
+    given = feh
     population = np.asarray(population).astype(str)
     population = np.where(population == "cluster", "thin", population)
     age = np.asarray(age, float)
@@ -114,6 +118,8 @@ def abundances(population, age, R, z, rng) -> dict[str, np.ndarray]:
     m = population == "halo_accreted"
     feh[m] = rng.normal(-1.3, 0.35, int(m.sum()))
     feh = np.clip(feh, *FEH_RANGE)
+    if given is not None:
+        feh = np.broadcast_to(np.asarray(given, float), feh.shape).copy()
 
     A = alpha_enhancement(population, feh) + rng.normal(0.0, 0.025, n)
     acc = population == "halo_accreted"

@@ -39,15 +39,15 @@ class SizeSpec:
 
     n_lamost_obs: int     # LAMOST observations (target; field stars + binaries + cluster)
     n_binaries: int       # wide-binary pairs in the catalogue
-    n_cluster: int        # Praesepe members in the membership table
+    cluster_scale: float  # membership-table rows of each cluster, relative to ClusterSpec.n_table
     pool_chunk: int       # intrinsic stars per Galaxy-sampling chunk
     spectra_chunk: int    # LAMOST observations per spectra task
 
 
 SIZES = {
-    "tiny": SizeSpec(300, 10, 60, 40_000, 100),
-    "small": SizeSpec(50_000, 420, 400, 500_000, 1000),
-    "large": SizeSpec(500_000, 3000, 600, 1_000_000, 2000),
+    "tiny": SizeSpec(300, 10, 0.05, 40_000, 100),
+    "small": SizeSpec(50_000, 1200, 1.0, 500_000, 1000),
+    "large": SizeSpec(500_000, 3000, 1.5, 1_000_000, 2000),
 }
 
 #: Fraction of LAMOST stars observed 2+ and 3+ times.
@@ -56,9 +56,55 @@ REPEAT_FRACTIONS = (0.10, 0.025)
 LMJD_RANGE = (55859, 57570)
 GALAH_MJD_RANGE = (56600, 58100)
 
-#: Praesepe (NGC 2632) parameters: centre, distance, age, [Fe/H], proper motion, RV.
-PRAESEPE = dict(ra=130.10, dec=19.67, distance_pc=186.0, age=0.7, fe_h=0.16, pmra=-36.05,
-                pmdec=-12.92, rv=34.7, ebv=0.027, core_pc=3.5)
+@dataclass(frozen=True)
+class ClusterSpec:
+    """An open cluster of the mock (Cantat-Gaudin et al. 2018 name and parameters).
+
+    Centre ``ra``, ``dec`` [deg], ``distance_pc``, ``age`` [Gyr], ``fe_h`` [dex], mean proper
+    motion ``pmra``, ``pmdec`` [mas/yr], radial velocity ``rv`` [km/s], ``ebv`` [mag], Plummer
+    scale radius ``core_pc`` and ``n_table``, the rows of its membership table in the ``small``
+    mock (true members plus 8% field interlopers; other sizes scale it).
+    """
+
+    name: str
+    common_name: str
+    ra: float
+    dec: float
+    distance_pc: float
+    age: float
+    fe_h: float
+    pmra: float
+    pmdec: float
+    rv: float
+    ebv: float
+    core_pc: float
+    n_table: int
+
+
+#: The mock's open clusters. Positions, distances, proper motions and radial velocities are
+#: rounded Gaia DR2 values (Cantat-Gaudin et al. 2018; Gaia Collaboration 2018 for the Hyades,
+#: which Cantat-Gaudin et al. leave out because they cover tens of degrees); ages and [Fe/H] are
+#: literature values (Netopil et al. 2016, Heiter et al. 2014); core radii are of the right
+#: order. NGC 2632 (Praesepe) is the held-out test of the temperature calibration (paper Fig 17);
+#: NGC 2548 lies in the equatorial stripe, so GALAH observes its brighter members too.
+CLUSTERS = (
+    ClusterSpec("NGC_2632", "Praesepe", 130.10, 19.67, 186.0, 0.70, 0.16, -36.05, -12.92, 34.7,
+                0.027, 3.5, 400),
+    ClusterSpec("Melotte_25", "Hyades", 66.75, 15.87, 47.5, 0.65, 0.13, 101.0, -28.0, 39.1,
+                0.003, 3.0, 200),
+    ClusterSpec("Melotte_22", "Pleiades", 56.75, 24.12, 135.8, 0.125, 0.00, 20.0, -45.5, 5.7,
+                0.045, 2.0, 260),
+    ClusterSpec("NGC_2682", "M67", 132.85, 11.81, 860.0, 4.0, 0.00, -10.97, -2.94, 33.6, 0.041,
+                2.5, 380),
+    ClusterSpec("NGC_752", "NGC 752", 29.22, 37.79, 440.0, 1.5, -0.03, 9.81, -11.71, 5.0, 0.035,
+                3.0, 160),
+    ClusterSpec("NGC_2548", "M48", 123.41, -5.73, 770.0, 0.45, -0.06, -1.32, 1.02, 8.6, 0.03,
+                3.0, 200),
+)
+#: Cantat-Gaudin name of Praesepe.
+PRAESEPE_NAME = "NGC_2632"
+#: Fraction of a cluster's LAMOST-observable members (9 < G < 17, FGK) that LAMOST observes.
+CLUSTER_LAMOST_FRACTION = 0.75
 
 #: GALAH per-element reported uncertainty at high S/N (dex).
 GALAH_ERRORS = {"o": 0.08, "mg": 0.06, "al": 0.06, "si": 0.05, "ca": 0.06, "sc": 0.06,
@@ -189,16 +235,23 @@ def _offset_positions(ra, dec, sep_arcsec, pa_rad):
     return (ra + dra) % 360.0, dec + ddec
 
 
+#: Largest distance of a wide-binary primary (kpc).
+BINARY_MAX_DISTANCE_KPC = 0.8
+
+
 def make_binaries(field: pd.DataFrame, n_pairs: int, rng) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Secondaries for ``n_pairs`` LAMOST dwarf primaries: same age and chemistry, their own mass.
 
-    Separations are log-uniform in 50-50,000 AU (projected separations at least 3 arcsec so that
+    Primaries are LAMOST dwarfs (logg > 3.9, teff < 6500 K, not GALAH targets) within
+    :data:`BINARY_MAX_DISTANCE_KPC` (El-Badry et al. 2019 searched within 200 pc; the mock goes
+    further to have a thousand pairs at its survey size, over the S/N range of the catalogue's
+    dwarfs). Separations are log-uniform in 50-50,000 AU (projected separations at least 3 arcsec so that
     Gaia resolves both); the secondary's velocity differs by the orbital speed. About 85% of the
     secondaries are LAMOST targets too. Returns ``(secondaries, pairs)``: new star rows and a
     table of (primary index in ``field``, secondary index in ``secondaries``).
     """
     cand = field.index[field["in_lamost"] & ~field["in_galah"] & (field["logg"] > 3.9)
-                       & (field["distance"] < 0.8) & (field["teff"] < 6500)]
+                       & (field["distance"] < BINARY_MAX_DISTANCE_KPC) & (field["teff"] < 6500)]
     cand = rng.permutation(np.asarray(cand))
     rows, pairs = [], []
     for idx in cand:
@@ -248,17 +301,31 @@ def make_binaries(field: pd.DataFrame, n_pairs: int, rng) -> tuple[pd.DataFrame,
     return sec, pairs
 
 
-def make_cluster(n_members: int, rng) -> pd.DataFrame:
-    """Praesepe-like cluster: one age, one chemistry, a Plummer sphere, members on the sequence.
+def make_cluster(spec: "ClusterSpec", n_members: int, rng) -> pd.DataFrame:
+    """One open cluster: one age, one chemistry, a Plummer sphere, members on the sequence.
 
-    About 8% of the membership table are field interlopers with low membership probability.
+    Parameters
+    ----------
+    spec : ClusterSpec
+        Centre, distance, age, [Fe/H], motion, reddening and core radius.
+    n_members : int
+        Rows of the membership table: 92% true members (``proba`` 0.7-1.0), 8% field interlopers
+        (``proba`` 0.1-0.5, their own chemistry).
+    rng : numpy.random.Generator
+
+    Returns
+    -------
+    DataFrame of star rows (``kind`` ``cluster`` or ``cluster_interloper``, ``cluster`` =
+    ``spec.name``) with ``in_lamost`` (75% of the members with 9 < G < 17 in the kept teff range)
+    and ``in_galah`` (the GALAH selection, :func:`galah_probability`).
     """
-    P = PRAESEPE
+    P = spec
     n_true = int(round(n_members * 0.92))
     n_int = n_members - n_true
-    # one chemistry, drawn like a young thin-disk star then set to the cluster's [Fe/H]
-    chem = chemistry.abundances(np.array(["thin"]), np.array([P["age"]]), np.array([8.15]),
-                                np.array([0.07]), rng)
+    # one chemistry: that of a thin-disk star of the cluster's age and [Fe/H] near the Sun, with
+    # its own [X/Fe] scatter (clusters differ in chemistry, as they should)
+    chem = chemistry.abundances(np.array(["thin"]), np.array([min(P.age, 10.0)]), np.array([8.15]),
+                                np.array([0.07]), rng, feh=np.array([P.fe_h]))
     # IMF (slope 2.3) between 0.6 and 3.0 Msun; keep the stars alive at the cluster age
     life = 1.0 + galaxy._T_SGB + galaxy._T_RGB + galaxy._T_RC
     a_imf = -1.3
@@ -266,48 +333,48 @@ def make_cluster(n_members: int, rng) -> pd.DataFrame:
     while mass.size < n_true:
         x = rng.random(4 * n_true)
         m = (0.6**a_imf + x * (3.0**a_imf - 0.6**a_imf)) ** (1.0 / a_imf)
-        mass = np.concatenate([mass, m[P["age"] / galaxy.ms_lifetime(m, P["fe_h"]) < life]])
+        mass = np.concatenate([mass, m[P.age / galaxy.ms_lifetime(m, P.fe_h) < life]])
     mass = mass[:n_true]
-    tau = P["age"] / galaxy.ms_lifetime(mass, P["fe_h"])
+    tau = P.age / galaxy.ms_lifetime(mass, P.fe_h)
     edges = np.cumsum([1.0, galaxy._T_SGB, galaxy._T_RGB])
     phase = np.searchsorted(edges, tau, side="right")
     starts = np.concatenate([[0.0], edges])
     widths = np.array([1.0, galaxy._T_SGB, galaxy._T_RGB, galaxy._T_RC])
     u = np.clip((tau - starts[phase]) / widths[phase], 0.0, 1.0)
-    teff, logg, mg = galaxy.track(mass, phase, u, P["age"], np.full(n_true, P["fe_h"]))
-    # Plummer sphere (3D), scale radius core_pc
-    r = P["core_pc"] / np.sqrt(rng.random(n_true) ** (-2.0 / 3.0) - 1.0)
+    teff, logg, mg = galaxy.track(mass, phase, u, P.age, np.full(n_true, P.fe_h))
+    # Plummer sphere (3D), scale radius core_pc, truncated at 15 pc
+    r = P.core_pc / np.sqrt(rng.random(n_true) ** (-2.0 / 3.0) - 1.0)
     r = np.minimum(r, 15.0)
     vec = rng.normal(size=(n_true, 3))
     vec *= (r / np.linalg.norm(vec, axis=1))[:, None]
-    d_pc = P["distance_pc"] + vec[:, 2]
-    dec = P["dec"] + np.degrees(vec[:, 1] / P["distance_pc"])
-    ra = P["ra"] + np.degrees(vec[:, 0] / P["distance_pc"]) / np.cos(np.radians(P["dec"]))
+    d_pc = P.distance_pc + vec[:, 2]
+    dec = P.dec + np.degrees(vec[:, 1] / P.distance_pc)
+    ra = (P.ra + np.degrees(vec[:, 0] / P.distance_pc) / np.cos(np.radians(P.dec))) % 360.0
     sig = 0.5  # km/s internal dispersion
     k = 4.74047 * d_pc / 1000.0
     df = pd.DataFrame({
-        "population": "cluster", "kind": "cluster", "component": "NGC_2632",
-        "age": P["age"], "mass": mass, "phase_index": phase, "phase_u": u,
+        "population": "cluster", "kind": "cluster", "component": P.name,
+        "age": P.age, "mass": mass, "phase_index": phase, "phase_u": u,
         "phase": np.array(galaxy.PHASES)[phase],
         "ra": ra, "dec": dec, "distance": d_pc / 1000.0,
-        "pmra": P["pmra"] + rng.normal(0, sig, n_true) / k,
-        "pmdec": P["pmdec"] + rng.normal(0, sig, n_true) / k,
-        "rv": P["rv"] + rng.normal(0, sig, n_true),
-        "teff": teff, "logg": logg, "abs_g": mg, "ebv": P["ebv"],
+        "pmra": P.pmra + rng.normal(0, sig, n_true) / k,
+        "pmdec": P.pmdec + rng.normal(0, sig, n_true) / k,
+        "rv": P.rv + rng.normal(0, sig, n_true),
+        "teff": teff, "logg": logg, "abs_g": mg, "ebv": P.ebv,
         "proba": rng.choice([0.7, 0.8, 0.9, 1.0], n_true, p=[0.1, 0.15, 0.25, 0.5]),
     })
     for key, val in chem.items():
         df[key] = float(val[0])
-    df["fe_h"] = P["fe_h"]
+    df["fe_h"] = P.fe_h
     df["vmic"] = galaxy.vmic_relation(teff, logg) + rng.normal(0.0, 0.05, n_true)
-    # interlopers: thin-disk field dwarfs behind or in front of the cluster
+    # interlopers: thin-disk field dwarfs in front of or behind the cluster
     if n_int:
         m = rng.uniform(0.7, 1.2, n_int)
         age = rng.uniform(1.0, 9.0, n_int)
         ph = np.zeros(n_int, int)
-        dist = rng.uniform(0.1, 0.9, n_int)
-        ra_i = P["ra"] + rng.normal(0, 1.2, n_int) / np.cos(np.radians(P["dec"]))
-        dec_i = P["dec"] + rng.normal(0, 1.2, n_int)
+        dist = np.clip(P.distance_pc / 1000.0 * rng.uniform(0.5, 2.0, n_int), 0.03, None)
+        ra_i = (P.ra + rng.normal(0, 1.2, n_int) / np.cos(np.radians(P.dec))) % 360.0
+        dec_i = P.dec + rng.normal(0, 1.2, n_int)
         x, y, z = galaxy.icrs_to_galactocentric_xyz(ra_i, dec_i, dist)
         ch = chemistry.abundances(np.array(["thin"] * n_int), age, np.hypot(x, y), z, rng)
         t_ms = galaxy.ms_lifetime(m, ch["fe_h"])
@@ -317,7 +384,7 @@ def make_cluster(n_members: int, rng) -> pd.DataFrame:
             "population": "thin", "kind": "cluster_interloper", "component": "thin",
             "age": age, "mass": m, "phase_index": ph, "phase_u": u_i, "phase": "ms",
             "ra": ra_i, "dec": dec_i, "distance": dist,
-            "pmra": P["pmra"] + rng.normal(0, 8, n_int), "pmdec": P["pmdec"] + rng.normal(0, 8, n_int),
+            "pmra": P.pmra + rng.normal(0, 8, n_int), "pmdec": P.pmdec + rng.normal(0, 8, n_int),
             "rv": rng.normal(20, 30, n_int), "teff": t_i, "logg": g_i, "abs_g": mg_i,
             "ebv": galaxy.extinction_ebv(x, y, z),
             "proba": rng.choice([0.1, 0.2, 0.3, 0.4, 0.5], n_int),
@@ -332,15 +399,29 @@ def make_cluster(n_members: int, rng) -> pd.DataFrame:
     df["bp_rp"] = galaxy.bp_rp0(df["teff"].to_numpy()) + 1.34 * df["ebv"].to_numpy()
     ok_t = (df["teff"] >= galaxy.TEFF_RANGE[0]) & (df["teff"] <= galaxy.TEFF_RANGE[1])
     df["in_lamost"] = ok_t & (df["phot_g_mean_mag"] > 9.0) & (df["phot_g_mean_mag"] < 17.0) & (
-        rng.random(len(df)) < 0.75)
-    df["in_galah"] = False
-    df["cluster"] = "NGC_2632"
+        rng.random(len(df)) < CLUSTER_LAMOST_FRACTION)
+    l, b = galactic_lb(df["ra"].to_numpy(), df["dec"].to_numpy())
+    df["in_galah"] = ok_t & (rng.random(len(df)) < galah_probability(
+        df["dec"].to_numpy(), df["vmag"].to_numpy(), b))
+    df["cluster"] = P.name
     # Galactocentric positions and velocities for the truth table
     x, y, z = galaxy.icrs_to_galactocentric_xyz(df["ra"].to_numpy(), df["dec"].to_numpy(),
                                                 df["distance"].to_numpy())
     df["x"], df["y"], df["z"], df["R"] = x, y, z, np.hypot(x, y)
     df["phi"] = np.degrees(np.arctan2(y, -x))
     return df
+
+
+def make_clusters(scale: float, seed_seq, clusters=None) -> pd.DataFrame:
+    """Every cluster of :data:`CLUSTERS` with ``max(8, round(scale * n_table))`` table rows.
+
+    Cluster ``i`` draws from chunk ``i`` of the ``cluster`` stream (:func:`chunk_rng`), so adding
+    a cluster at the end of the list does not change the others.
+    """
+    clusters = CLUSTERS if clusters is None else clusters
+    parts = [make_cluster(c, max(8, int(round(scale * c.n_table))), chunk_rng(seed_seq, i))
+             for i, c in enumerate(clusters)]
+    return pd.concat(parts, ignore_index=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -489,13 +570,95 @@ def make_lamost_observations(stars: pd.DataFrame, rng) -> pd.DataFrame:
 # GALAH
 # --------------------------------------------------------------------------------------------
 
+#: Temperature systematics of the GALAH-like dwarf abundances (dex): ``[X/Fe]_reported =
+#: [X/Fe]_true + w(logg) (a1 x + a2 x**2 + a3 x**3) + noise`` with ``x = (teff - 5750 K) / 1000 K``
+#: (clipped to [-2, 1.25]) and ``w`` a smooth step from 0 at logg 3.5 to 1 at logg 4.1, so
+#: giants are untouched. The paper traces the teff trends of its dwarf abundances to the training
+#: labels (section 5.2 and appendix B): cool dwarfs' [alpha/Fe], [Sc/Fe] and [Eu/Fe] too high,
+#: their s-process too low, [O/Fe] rising with teff. The shapes are chosen to vanish near the solar
+#: temperature (where GALAH's scale is anchored) and the amplitudes so that the mock reproduces the
+#: paper's two diagnostics: Praesepe's [alpha/Fe] dispersion of ~0.07 dex with a visible trend
+#: (Fig 17), and wide binaries that look like field pairs without the Delta teff < 250 K cut
+#: (section 5.2). They are not measured GALAH DR2 biases. See ``docs/mock_universe.md``.
+GALAH_DWARF_SYSTEMATICS = {
+    "o": (+0.10, +0.04, 0.0),
+    "mg": (-0.03, +0.03, 0.0),
+    "al": (-0.03, +0.02, 0.0),
+    "si": (-0.02, +0.02, 0.0),
+    "ca": (-0.04, +0.03, 0.0),
+    "sc": (-0.06, +0.05, 0.0),
+    "ti": (-0.08, +0.05, 0.0),
+    "mn": (+0.03, 0.00, 0.0),
+    "y": (+0.06, -0.03, 0.0),
+    "ba": (+0.08, -0.04, 0.0),
+    "eu": (-0.10, +0.06, +0.02),
+}
+#: Pivot temperature (K) and logg range of the taper of :data:`GALAH_DWARF_SYSTEMATICS`.
+SYSTEMATICS_TEFF0 = 5750.0
+SYSTEMATICS_LOGG = (3.5, 4.1)
+
+
+def galah_dwarf_systematics(teff, logg) -> dict[str, np.ndarray]:
+    """The teff-dependent bias of each GALAH-like dwarf abundance (dex), from the true labels.
+
+    Parameters
+    ----------
+    teff : array (S,), K
+    logg : array (S,), dex
+
+    Returns
+    -------
+    dict ``{x: (S,) array}`` for x in :data:`GALAH_DWARF_SYSTEMATICS`; zero for giants
+    (logg < 3.5), rising smoothly to the full value at logg 4.1.
+    """
+    teff = np.asarray(teff, float)
+    logg = np.asarray(logg, float)
+    x = np.clip((teff - SYSTEMATICS_TEFF0) / 1000.0, -2.0, 1.25)
+    lo, hi = SYSTEMATICS_LOGG
+    u = np.clip((logg - lo) / (hi - lo), 0.0, 1.0)
+    w = u * u * (3.0 - 2.0 * u)
+    return {el: w * (a1 * x + a2 * x**2 + a3 * x**3)
+            for el, (a1, a2, a3) in GALAH_DWARF_SYSTEMATICS.items()}
+
+
+def training_label_bias(teff, logg, labels, *, anchor=None) -> dict[str, np.ndarray]:
+    """The bias of the training labels (dex) that :func:`galah_dwarf_systematics` puts in.
+
+    ``alpha_fe`` and ``s_fe`` are error-weighted means of Mg, Si, Ca, Ti and of Ba, Y, as the
+    pipeline forms them (the GALAH errors of one star scale together, so the weights are those
+    of :data:`GALAH_ERRORS`). With ``anchor`` (a table of ``teff``, ``logg``: the reference set)
+    the bias's mean over those stars is subtracted, as the calibration's anchor does. For
+    figures and checks of the mock only.
+    """
+    from ..cleaning import DERIVED_LABELS
+
+    def bias(t, g):
+        b = galah_dwarf_systematics(t, g)
+        out = {}
+        for name in labels:
+            if name in DERIVED_LABELS:
+                w = np.array([1.0 / GALAH_ERRORS[x] ** 2 for x in DERIVED_LABELS[name]])
+                out[name] = sum(wi * b[x] for wi, x in zip(w / w.sum(), DERIVED_LABELS[name]))
+            else:
+                out[name] = b[name[:-3]]
+        return out
+
+    out = bias(np.asarray(teff, float), np.asarray(logg, float))
+    if anchor is not None:
+        ref = bias(np.asarray(anchor["teff"], float), np.asarray(anchor["logg"], float))
+        out = {k: v - np.nanmean(ref[k]) for k, v in out.items()}
+    return out
+
+
 def make_galah(stars: pd.DataFrame, rng, wrong_fraction=0.12) -> pd.DataFrame:
     """GALAH DR2.1-schema catalogue of the stars with ``in_galah``.
 
     Reported labels are truth + N(0, e) with S/N-dependent ``e``; a fraction ``wrong_fraction`` of
     stars has 1-3 abundances (and for a fifth of them teff or logg) off by 0.25-0.6 dex (300 K,
-    0.4 dex) without being flagged; their ``chi2_cannon`` is typically larger. The ``truth_*``
-    columns (dropped before writing) keep what is needed for the window spectra.
+    0.4 dex) without being flagged; their ``chi2_cannon`` is typically larger. Dwarf abundances
+    carry the teff-dependent systematics of :func:`galah_dwarf_systematics`; the columns
+    ``model_<x>_fe`` (not written to the catalogue) hold the labels without them, from which the
+    window spectra's best-fit model is made.
     """
     s = stars[stars["in_galah"]]
     n = len(s)
@@ -542,6 +705,13 @@ def make_galah(stars: pd.DataFrame, rng, wrong_fraction=0.12) -> pd.DataFrame:
                 g.iloc[i, g.columns.get_loc("logg")] += rng.choice([-1, 1]) * 0.4
                 names.append("logg")
         wrong_list[i] = ",".join(names)
+    # teff-dependent systematics of the dwarf abundances: in the reported labels only. The
+    # window-spectra model keeps the labels without them (GALAH's model fits its spectrum; the
+    # bias is in the physics behind the model), see ``model_<x>_fe``.
+    bias = galah_dwarf_systematics(s["teff"].to_numpy(), s["logg"].to_numpy())
+    for x in ELEMENTS:
+        g[f"model_{x}_fe"] = g[f"{x}_fe"].to_numpy()
+        g[f"{x}_fe"] = g[f"{x}_fe"].to_numpy() + bias[x]
     # alpha_fe: error-weighted mean of Mg, Si, Ca, Ti
     w = np.array([1.0 / GALAH_ERRORS[x] ** 2 for x in ("mg", "si", "ca", "ti")])
     g["alpha_fe"] = sum(w[i] * g[f"{x}_fe"] for i, x in enumerate(("mg", "si", "ca", "ti"))) / w.sum()
@@ -697,15 +867,15 @@ def build_universe(size: str = "small", seed: int = 2020, n_lamost: int | None =
         raise ValueError(f"n_lamost must be >= 50, got {n_obs_target}")
     scale = n_obs_target / spec.n_lamost_obs
     n_bin = max(3, int(round(spec.n_binaries * min(scale, 3.0))))
-    n_cl = spec.n_cluster
     seeds = seed_sequences(seed)
+    cl = make_clusters(spec.cluster_scale, seeds["cluster"])
     mean_visits = 1.0 + sum(REPEAT_FRACTIONS)
-    n_extra_obs = (1.85 * n_bin + 0.55 * n_cl) * mean_visits
+    # the LAMOST quota is shared: secondaries (85% observed) and cluster members take their part
+    n_extra_obs = (0.85 * n_bin + int(cl["in_lamost"].sum())) * mean_visits
     target_field = max(20, int(round((n_obs_target - n_extra_obs) / mean_visits)))
 
     field = draw_field(target_field, spec, seeds)
     sec, pairs = make_binaries(field, n_bin, np.random.default_rng(seeds["binaries"]))
-    cl = make_cluster(n_cl, np.random.default_rng(seeds["cluster"]))
     stars = pd.concat([field, sec, cl], ignore_index=True)
     pairs["secondary"] += len(field)
     stars["binary_id"] = -1
@@ -777,9 +947,9 @@ def build_universe(size: str = "small", seed: int = 2020, n_lamost: int | None =
         "phot_g_mean_mag1": gi.loc[p["source_id"].to_numpy(), "phot_g_mean_mag"].to_numpy(),
         "phot_g_mean_mag2": gi.loc[q["source_id"].to_numpy(), "phot_g_mean_mag"].to_numpy(),
     })
-    cm = stars[stars["cluster"] == "NGC_2632"]
+    cm = stars[stars["cluster"] != ""]
     members = pd.DataFrame({"source_id": cm["source_id"].to_numpy(), "ra": cm["ra"].to_numpy(),
-                            "dec": cm["dec"].to_numpy(), "cluster": "NGC_2632",
+                            "dec": cm["dec"].to_numpy(), "cluster": cm["cluster"].to_numpy(),
                             "proba": cm["proba"].to_numpy().astype(np.float32)})
     members = members.sort_values("source_id", kind="stable").reset_index(drop=True)
     meta = {"size": size, "seed": int(seed), "n_lamost_target": n_obs_target}

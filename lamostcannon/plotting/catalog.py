@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import catalog, labels as labelsets
-from . import label_text
+from . import label_text, use_style
 
 
 
@@ -29,6 +29,7 @@ def kiel_diagram(stars, color: str = "fe_h", gridsize: int = 80, vmin=-1.0, vmax
     """
     import matplotlib.pyplot as plt
 
+    use_style()
     df = _frame(stars)
     ok = np.isfinite(df["teff"]) & np.isfinite(df["logg"])
     df = df[ok]
@@ -63,6 +64,7 @@ def label_distributions(stars, label_names=catalog.ALL_LABELS, bins: int = 60):
     """Histograms of every label of the catalogue, dwarf-model and giant-model stars separately."""
     import matplotlib.pyplot as plt
 
+    use_style()
     df = _frame(stars)
     names = [n for n in label_names if n in df]
     ncol = 5
@@ -96,6 +98,7 @@ def flag_fractions(stars):
     """
     import matplotlib.pyplot as plt
 
+    use_style()
     df = _frame(stars)
     giant = df["giantmodel"].to_numpy(bool)
     names, fractions = [], []
@@ -134,6 +137,7 @@ def truth_comparison(stars, truth, label_names=("teff", "logg", "fe_h", "o_fe", 
     """
     import matplotlib.pyplot as plt
 
+    use_style()
     df = _frame(stars).merge(_frame(truth), on=key, suffixes=("", "_true"))
     names = [n for n in label_names if n in df and f"{n}_true" in df]
     ncol = min(3, len(names))
@@ -160,8 +164,14 @@ def truth_comparison(stars, truth, label_names=("teff", "logg", "fe_h", "o_fe", 
     return fig
 
 
-def fit_examples(wavelength, flux, ivar, model_flux, titles, window=(4000.0, 5500.0)):
-    """Data and best-fit model spectra of a few observations, with 1-sigma bands (paper Fig 8).
+def fit_examples(wavelength, flux, ivar, model_flux, titles, window=(4000.0, 5500.0), *,
+                 model_s2=None, ylim=None):
+    """Data and best-fit model spectra of a few observations, both with 1-sigma bands (paper Fig 8).
+
+    Each panel has its own y-range, wide enough for every finite data and model value in the
+    window (a cool giant's molecular bands are not clipped); a legend names the data band
+    (1-sigma from the inverse variance) and the model band (the model's intrinsic scatter
+    ``s_lambda``).
 
     Parameters
     ----------
@@ -169,25 +179,67 @@ def fit_examples(wavelength, flux, ivar, model_flux, titles, window=(4000.0, 550
     flux, ivar, model_flux : arrays (n, P)
     titles : list of n strings (e.g. teff, logg, [Fe/H] of each star)
     window : wavelength range shown
+    model_s2 : array (P,) or (n, P), optional
+        Intrinsic variance ``s^2`` of the model of each star (the dwarf and giant models differ).
+    ylim : (low, high), optional
+        A fixed y-range for every panel instead of the automatic one.
     """
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
 
+    use_style()
+    wavelength = np.asarray(wavelength, float)
+    flux = np.atleast_2d(np.asarray(flux, float))
+    ivar = np.atleast_2d(np.asarray(ivar, float))
+    model_flux = np.atleast_2d(np.asarray(model_flux, float))
     n = len(flux)
+    if not (flux.shape == ivar.shape == model_flux.shape) or flux.shape[1] != wavelength.size:
+        raise ValueError(f"flux {flux.shape}, ivar {ivar.shape} and model_flux {model_flux.shape} "
+                         f"must all be (n, P) with P = {wavelength.size} like wavelength")
+    if len(titles) != n:
+        raise ValueError(f"{len(titles)} titles for {n} spectra")
+    if model_s2 is None:
+        s = np.zeros_like(model_flux)
+    else:
+        s2 = np.asarray(model_s2, float)
+        s2 = np.broadcast_to(s2, model_flux.shape) if s2.ndim == 1 else s2
+        if s2.shape != model_flux.shape:
+            raise ValueError(f"model_s2 {np.shape(model_s2)} must be (P,) or (n, P)")
+        s = np.sqrt(np.where(np.isfinite(s2) & (s2 > 0), s2, 0.0))
     sel = (wavelength >= window[0]) & (wavelength <= window[1])
-    fig, axes = plt.subplots(n, 1, figsize=(9, 1.4 * n + 0.6), sharex=True)
+    fig, axes = plt.subplots(n, 1, figsize=(9, 1.45 * n + 0.9), sharex=True)
     axes = np.atleast_1d(axes)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, ax in enumerate(axes):
         w = wavelength[sel]
-        f, iv, m = flux[i][sel], ivar[i][sel], model_flux[i][sel]
+        f, iv, m, si = flux[i][sel], ivar[i][sel], model_flux[i][sel], s[i][sel]
         with np.errstate(divide="ignore"):
-            sig = np.where(iv > 0, 1 / np.sqrt(iv), np.nan)
-        ax.fill_between(w, f - sig, f + sig, color=colors[i % len(colors)], alpha=0.3, lw=0)
-        ax.plot(w, np.where(iv > 0, f, np.nan), color=colors[i % len(colors)], lw=0.6)
+            sig = np.where(iv > 0, 1 / np.sqrt(np.where(iv > 0, iv, 1.0)), np.nan)
+        fd = np.where(iv > 0, f, np.nan)
+        ax.fill_between(w, fd - sig, fd + sig, color=colors[i % len(colors)], alpha=0.3, lw=0)
+        ax.plot(w, fd, color=colors[i % len(colors)], lw=0.6)
+        if model_s2 is not None:
+            ax.fill_between(w, m - si, m + si, color="k", alpha=0.2, lw=0)
         ax.plot(w, m, color="k", lw=0.6)
-        ax.set_ylim(0.2, 1.3)
-        ax.text(0.01, 0.08, titles[i], transform=ax.transAxes, fontsize="x-small")
+        if ylim is not None:
+            ax.set_ylim(*ylim)
+        else:
+            vals = np.concatenate([fd - sig, fd + sig, m - si, m + si])
+            vals = vals[np.isfinite(vals)]
+            if vals.size:
+                lo, hi = vals.min(), vals.max()
+                pad = 0.05 * (hi - lo or 0.1)
+                ax.set_ylim(lo - pad, hi + pad)
+        ax.text(0.01, 0.06, titles[i], transform=ax.transAxes, fontsize="x-small",
+                bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.7, "pad": 1.0})
     axes[-1].set_xlabel(r"rest-frame vacuum wavelength [$\AA$]")
     fig.supylabel("normalised flux")
-    fig.tight_layout()
+    handles = [Patch(facecolor="0.5", alpha=0.5, label=r"LAMOST data $\pm 1\sigma$ (colour per star)"),
+               Line2D([], [], color="k", lw=0.8,
+                      label="best-fit Cannon model" + (r" $\pm s_\lambda$" if model_s2 is not None
+                                                       else ""))]
+    fig.legend(handles=handles, loc="upper center", ncol=2, fontsize="small",
+               bbox_to_anchor=(0.5, 1.0))
+    fig.tight_layout(rect=(0, 0, 1, 1.0 - 0.35 / fig.get_figheight()))
     return fig

@@ -72,8 +72,10 @@ def hot_star_flags(hot_teff, inferred_teff, flags, teff_boundary, teff_train_max
     fig, ax = plt.subplots(figsize=(5.2, 4.0))
     for sel, (label, color) in zip(selections, FLAG_GROUPS):
         ax.scatter(hot_teff[sel], inferred_teff[sel], s=10, c=color, label=f"{label} ({sel.sum()})")
-    ax.axhline(teff_boundary, color="C3", ls="--", lw=0.8)
-    ax.axhline(teff_train_max, color="C1", ls=":", lw=0.8)
+    ax.axhline(teff_boundary, color="C3", ls="--", lw=0.8,
+               label=f"upper KDE boundary ({teff_boundary:.0f} K)")
+    ax.axhline(teff_train_max, color="C1", ls=":", lw=0.8,
+               label=f"hottest training star ({teff_train_max:.0f} K)")
     ax.set_xscale("log")
     ax.set_xlabel(r"LASP $T_{\rm eff}$ [K]")
     ax.set_ylabel(r"Cannon $T_{\rm eff}$ [K]")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import use_style
+from . import FRAME_AXIS_TEXT, axis_text, colorbar_text, use_style
 
 POPULATION_STYLE = {
     "thin": ("thin disk", "#1f77b4"),
@@ -107,7 +107,7 @@ def kiel_truth(truth, *, observed=None):
     fig, ax = plt.subplots(figsize=(4.6, 4.0))
     sc = ax.scatter(_col(t, "teff")[m], _col(t, "logg")[m], c=_col(t, "fe_h")[m], s=0.5,
                     vmin=-1.5, vmax=0.4, lw=0, rasterized=True)
-    fig.colorbar(sc, ax=ax, label="[Fe/H]")
+    fig.colorbar(sc, ax=ax, label="true [Fe/H] [dex]")
     ax.set_xlim(7100, 3700)
     ax.set_ylim(5.0, 0.7)
     ax.set_xlabel(r"$T_{\rm eff}$ [K]")
@@ -116,7 +116,8 @@ def kiel_truth(truth, *, observed=None):
 
 
 def galactic_rz(truth, *, observed=None, color="fe_h", vmin=-1.2, vmax=0.3):
-    """Positions in Galactocentric (R, z) of the observed stars coloured by a truth column."""
+    """Positions in Galactocentric (R, z) of the observed stars coloured by a truth column
+    (the axes name the frame: :data:`lamostcannon.plotting.FRAME_AXIS_TEXT`)."""
     import matplotlib.pyplot as plt
 
     use_style()
@@ -124,11 +125,11 @@ def galactic_rz(truth, *, observed=None, color="fe_h", vmin=-1.2, vmax=0.3):
     fig, ax = plt.subplots(figsize=(5.4, 3.6))
     sc = ax.scatter(_col(truth, "R")[m], _col(truth, "z")[m], c=_col(truth, color)[m], s=0.5,
                     vmin=vmin, vmax=vmax, lw=0, rasterized=True)
-    fig.colorbar(sc, ax=ax, label=color)
+    fig.colorbar(sc, ax=ax, label=colorbar_text(color, "true"))
     ax.set_xlim(0, 20)
     ax.set_ylim(-6, 6)
-    ax.set_xlabel("R [kpc]")
-    ax.set_ylabel("z [kpc]")
+    ax.set_xlabel(axis_text("R"))
+    ax.set_ylabel(axis_text("z"))
     return fig
 
 
@@ -201,7 +202,10 @@ def survey_density_contours(truth, *, levels=SURVEY_DENSITY_LEVELS, extent_kpc=N
     density of the GALAH and the LAMOST stars in heliocentric Galactic coordinates
     (:func:`heliocentric_xyz`).
 
-    The Sun is at the origin and the Galactic centre at x = 8 kpc, y = 0 (marked). The contour
+    The Sun is at the origin and the Galactic centre at x = +8 kpc, y = 0 (marked), the
+    heliocentric convention of the paper's figure, named on the axes
+    (:data:`lamostcannon.plotting.FRAME_AXIS_TEXT`; the Galactocentric maps of Figs 10-12 put the
+    centre at the origin and the Sun at X = +8). The contour
     levels are those of the paper, 5 x 10^{1,2,3,4} stars per kpc^2, drawn thicker with
     increasing density; a level a survey does not reach is simply absent (a mock smaller than
     the survey reaches fewer levels, and less far).
@@ -274,9 +278,9 @@ def survey_density_contours(truth, *, levels=SURVEY_DENSITY_LEVELS, extent_kpc=N
                      va="top")
     axes[0].set_ylim(-ext, ext)
     axes[1].set_ylim(-zext, zext)
-    axes[0].set_ylabel("y [kpc]")
-    axes[1].set_ylabel("z [kpc]")
-    axes[1].set_xlabel("x [kpc] (heliocentric; Galactic centre at x = 8)")
+    axes[0].set_ylabel(FRAME_AXIS_TEXT["helio_y"], fontsize=8)
+    axes[1].set_ylabel(FRAME_AXIS_TEXT["helio_z"], fontsize=8)
+    axes[1].set_xlabel(FRAME_AXIS_TEXT["helio_x"])
     for lv, lw in zip(levels, widths):
         exp = int(np.floor(np.log10(lv)))
         handles.append(Line2D([], [], color="0.35", lw=lw,

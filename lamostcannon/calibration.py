@@ -1,0 +1,916 @@
+"""Temperature calibration of the dwarf abundances with stars born together (beyond the paper).
+
+The paper's dwarf abundances carry spurious trends with effective temperature (section 5.2,
+appendix B, Fig 17): the members of Praesepe, which share one chemistry, show a trend of
+[alpha/Fe] with teff and a dispersion (0.07 dex) larger than the CV precision (0.06 dex), and wide
+binaries look like random field pairs unless both stars have nearly the same teff. The authors
+trace the trends to the training labels and propose to calibrate them out with open clusters and
+wide binaries. This module does that.
+
+Model
+-----
+For calibrator star *i* of group *g* (the high-probability members of one open cluster, or the
+two stars of one wide binary), each dwarf abundance label *y* (``alpha_fe``, ``sc_fe``, ...) is
+
+.. math:: y_i = \\mu_g + f(T_i, g_i, S_i, F_i) + \\epsilon_i, \\qquad
+          f = \\sum_k c_k \\phi_k,
+
+where :math:`\\mu_g` is the group's birth composition (a nuisance parameter, one per group) and
+:math:`f` a smooth correction (terms :math:`\\phi_k` without a constant, :func:`design`): a cubic
+in ``u = (teff - 5500 K) / 1000 K`` with ``v = logg - 4.4`` and ``u v`` (the correction in teff
+and logg); ``l, l u, l u^2`` with ``l = log10(S/N_z / 100)``, because the model's own trends
+change with S/N (on the mock, cool dwarfs' [O/Fe] is biased by -0.2 dex at S/N 30 and by +0.05
+at S/N 500); and ``F u, F u^2`` with ``F`` the star's [Fe/H], because the trends change with
+metallicity. A term that is constant within a group (a pure [Fe/H] term) cannot enter: the group
+means would absorb it. Inputs are clipped to the calibrators' ranges, so the correction never
+extrapolates a polynomial. :math:`\\epsilon_i \\sim N(0, e_i^2 + s^2)` with :math:`e_i` the
+catalogue's uncertainty and :math:`s` an extra scatter estimated from the residuals. Profiling
+out the :math:`\\mu_g` turns the fit into weighted least squares on *within-group* deviations, so
+
+* a group-level shift (a cluster richer in alpha than another, a binary richer than the field)
+  never enters the fit and can never be fitted away: the correction only sees how abundances
+  change with teff and logg *among stars of one composition*;
+* the coefficients carry a ridge penalty :math:`\\lambda \\sum_k (s_k c_k)^2` (``s_k`` the
+  within-group spread of term *k*), with :math:`\\lambda` chosen by leave-groups-out
+  cross-validation (groups, never single stars, are held out); large :math:`\\lambda` means
+  "no correction", so a calibration set without trends leaves the abundances alone;
+* one round of sigma clipping (default 4 sigma) removes non-members and unresolved companions.
+
+The abundance scale stays GALAH's: the applied correction is :math:`f - \\langle f \\rangle_{\\rm ref}`,
+whose mean over the reference set (the training stars, on the scale of the GALAH labels) is zero.
+Its uncertainty comes from a bootstrap over groups (groups resampled with replacement, the fit
+repeated with the chosen :math:`\\lambda`): the covariance :math:`\\Sigma_c` of the coefficients
+gives :math:`\\sigma_f^2 = (\\phi - \\bar\\phi_{\\rm ref})^T \\Sigma_c (\\phi - \\bar\\phi_{\\rm ref})`, and
+the catalogue's calibrated uncertainty is :math:`e_{\\rm cal} = \\sqrt{e^2 + \\sigma_f^2}`.
+
+Held out by design: the clusters in ``test_clusters`` (Praesepe, ``NGC_2632``, by default) are
+never used for fitting, and the wide binaries are split deterministically
+(:func:`lamostcannon.binaries.binary_split`) into a half that calibrates and a half that judges.
+
+Products: ``processed/calibration_dwarf.json`` beside the models (coefficients, covariance,
+anchor, chosen ridge, CV curve, provenance: package version, date, the dwarf model's training
+hash, the groups used and those held out); the catalogue's ``<x>_cal`` and ``e_<x>_cal`` columns
+for the dwarfs (:func:`apply`, called by :func:`lamostcannon.catalog.build_catalog`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from . import paths
+from .labels import DWARF_LABELS
+
+log = logging.getLogger(__name__)
+
+#: The dwarf model's abundance labels: the labels the calibration corrects by default.
+DWARF_ABUNDANCES = tuple(name for name in DWARF_LABELS if name.endswith("_fe"))
+#: File name of the calibration beside the models.
+FILE_NAME = "calibration_dwarf.json"
+#: Clusters held out of every fit (the test of paper Fig 17): Praesepe.
+TEST_CLUSTERS = ("NGC_2632",)
+#: Default membership-probability threshold of cluster calibrators (Cantat-Gaudin ``proba``).
+MIN_PROBA = 0.7
+#: Pivots of the basis: ``u = (teff - TEFF0) / TEFF_SCALE``, ``v = logg - LOGG0``,
+#: ``l = log10(snr_z / SNR0)``, ``f = [Fe/H]``.
+TEFF0, TEFF_SCALE, LOGG0, SNR0 = 5500.0, 1000.0, 4.4, 100.0
+#: Terms in teff and logg (no constant: that is each group's own mean).
+TERMS_TEFF_LOGG = ("u", "u2", "u3", "v", "uv")
+#: Terms in S/N: the model's own noise-driven trends change with S/N.
+TERMS_SNR = ("l", "lu", "lu2")
+#: Terms in [Fe/H]: how the teff trends change with metallicity.
+TERMS_FEH = ("fu", "fu2")
+#: Default terms of the correction.
+TERMS = TERMS_TEFF_LOGG + TERMS_SNR + TERMS_FEH
+#: Further terms :func:`design` knows (not in the default basis).
+TERMS_EXTRA = ("u4", "lu3", "l2", "l2u")
+#: Catalogue column each kind of term needs.
+_INPUT_OF = {**{k: ("teff", "logg") for k in TERMS_TEFF_LOGG + ("u4",)},
+             **{k: ("teff", "snr_z") for k in TERMS_SNR + ("lu3", "l2", "l2u")},
+             **{k: ("teff", "fe_h") for k in TERMS_FEH}}
+#: Ridge strengths tried by the leave-groups-out cross-validation (dimensionless).
+LAMBDAS = tuple(np.r_[0.0, np.logspace(-4, 2, 25)])
+FORMAT_VERSION = 1
+
+
+# ----------------------------------------------------------------------------- basis
+def inputs(terms) -> tuple[str, ...]:
+    """Catalogue columns the ``terms`` need (``teff``, ``logg``, ``snr_z``, ``fe_h``)."""
+    unknown = [k for k in terms if k not in _INPUT_OF]
+    if unknown:
+        raise ValueError(f"unknown terms {unknown}; known: {TERMS + TERMS_EXTRA}")
+    need = {"teff", "logg"} | {c for k in terms for c in _INPUT_OF[k]}
+    return tuple(c for c in ("teff", "logg", "snr_z", "fe_h") if c in need)
+
+
+def design(table, terms=TERMS, ranges=None) -> np.ndarray:
+    """Terms of the correction for the rows of ``table``, inputs clipped to ``ranges``.
+
+    Parameters
+    ----------
+    table : DataFrame, Table or dict of arrays (S,)
+        ``teff`` (K), ``logg`` (dex) and, for the S/N and [Fe/H] terms, ``snr_z`` (LAMOST z-band
+        S/N) and ``fe_h`` (dex).
+    terms : sequence of str
+        Any of ``u, u2, u3, v, uv`` (``u = (teff - 5500 K) / 1000 K``, ``v = logg - 4.4``),
+        ``l, lu, lu2`` (``l = log10(snr_z / 100)``), ``fu, fu2`` (``f = [Fe/H]``) and the
+        further ``u4, lu3, l2, l2u`` (:data:`TERMS_EXTRA`, for experiments: on the mock they
+        change the held-out clusters' residual trends by less than their cluster-to-cluster
+        scatter).
+    ranges : dict ``{column: (lo, hi)}``, optional
+        The calibrators' ranges; inputs outside are clipped to them (the correction is constant
+        beyond the calibrated range rather than an extrapolated polynomial).
+
+    Returns
+    -------
+    array (S, len(terms)); NaN where an input is missing or not finite (S/N <= 0 included).
+    """
+    need = inputs(terms)
+    cols = {}
+    for c in need:
+        try:
+            v = np.asarray(table[c], float)
+        except (KeyError, ValueError):
+            raise KeyError(f"the correction's terms {tuple(terms)} need column {c!r}") from None
+        if c == "snr_z":
+            with np.errstate(invalid="ignore", divide="ignore"):
+                v = np.log10(np.where(v > 0, v, np.nan) / SNR0)
+        if ranges is not None and c in ranges:
+            lo, hi = ranges[c]
+            if c == "snr_z":
+                lo, hi = np.log10(lo / SNR0), np.log10(hi / SNR0)
+            v = np.clip(v, lo, hi)
+        cols[c] = v
+    shapes = {v.shape for v in cols.values()}
+    if len(shapes) != 1:
+        raise ValueError(f"inputs {need} differ in shape: {shapes}")
+    u = (cols["teff"] - TEFF0) / TEFF_SCALE
+    v = cols["logg"] - LOGG0
+    ll = cols.get("snr_z")
+    f = cols.get("fe_h")
+    make = {"u": lambda: u, "u2": lambda: u**2, "u3": lambda: u**3, "u4": lambda: u**4,
+            "v": lambda: v, "uv": lambda: u * v, "l": lambda: ll, "lu": lambda: ll * u,
+            "lu2": lambda: ll * u**2, "lu3": lambda: ll * u**3, "l2": lambda: ll**2,
+            "l2u": lambda: ll**2 * u, "fu": lambda: f * u, "fu2": lambda: f * u**2}
+    if not terms:
+        return np.zeros((u.size, 0))
+    return np.column_stack([make[k]() for k in terms])
+
+
+def _group_center(values, codes, weights, n_groups):
+    """Weighted within-group deviations of ``values`` (S,) or (S, K)."""
+    v = np.asarray(values, float)
+    two_d = v.ndim == 2
+    vv = v if two_d else v[:, None]
+    wsum = np.bincount(codes, weights=weights, minlength=n_groups)
+    means = np.column_stack([np.bincount(codes, weights=weights * vv[:, k], minlength=n_groups)
+                             for k in range(vv.shape[1])])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        means = means / wsum[:, None]
+    out = vv - np.nan_to_num(means)[codes]
+    return out if two_d else out[:, 0]
+
+
+def _solve(Xc, yc, w, lam):
+    """Ridge solution of ``yc ~ Xc c`` with weights ``w`` and penalty ``lam sum(w) sum (s_k c_k)^2``."""
+    sw = w.sum()
+    s2 = (w[:, None] * Xc**2).sum(axis=0) / max(sw, 1e-300)
+    A = (Xc * w[:, None]).T @ Xc + lam * sw * np.diag(s2)
+    b = (Xc * w[:, None]).T @ yc
+    # tiny jitter keeps degenerate designs (e.g. one isochrone only) solvable at lam = 0
+    A = A + 1e-10 * np.trace(A) / len(A) * np.eye(len(A))
+    return np.linalg.solve(A, b)
+
+
+def _wloss(r, w):
+    return float(np.sum(w * r**2) / np.sum(w)) if np.sum(w) > 0 else np.nan
+
+
+# ----------------------------------------------------------------------------- result
+@dataclass
+class LabelCalibration:
+    """The fitted correction of one label (see the module docstring).
+
+    ``coef`` (K,) and ``cov`` (K, K): coefficients of the terms and their bootstrap covariance;
+    ``anchor`` (K,): mean of the terms over the reference set; ``lam``: the chosen ridge;
+    ``cv_lambdas``, ``cv_loss``: the leave-groups-out CV curve (weighted within-group variance
+    of held-out groups, dex^2); ``loss_none``: the same without correction; ``extra_scatter``:
+    ``s`` (dex); ``n_stars``, ``n_groups``, ``n_clipped``; ``rms_before``, ``rms_after``: weighted
+    within-group rms of the calibrators before and after the correction (dex).
+    """
+
+    label: str
+    coef: np.ndarray
+    cov: np.ndarray
+    anchor: np.ndarray
+    lam: float
+    cv_lambdas: np.ndarray
+    cv_loss: np.ndarray
+    loss_none: float
+    extra_scatter: float
+    n_stars: int
+    n_groups: int
+    n_clipped: int
+    rms_before: float
+    rms_after: float
+
+    def to_dict(self) -> dict:
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        for k, v in d.items():
+            if isinstance(v, np.ndarray):
+                d[k] = v.tolist()
+            elif isinstance(v, (np.floating, np.integer)):
+                d[k] = v.item()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LabelCalibration":
+        d = dict(d)
+        for k in ("coef", "cov", "anchor", "cv_lambdas", "cv_loss"):
+            d[k] = np.asarray(d[k], float)
+        return cls(**d)
+
+
+@dataclass
+class Calibration:
+    """A temperature calibration of several dwarf abundance labels.
+
+    Attributes
+    ----------
+    labels : dict ``{label: LabelCalibration}``
+    ranges : dict ``{column: (lo, hi)}``: the calibrators' ranges of teff, logg (and snr_z,
+        fe_h); inputs are clipped to them.
+    terms : tuple of str, the basis (:func:`design`).
+    provenance : dict (package version, date, model training hash, groups used and held out, ...)
+    """
+
+    labels: dict
+    ranges: dict
+    terms: tuple = TERMS
+    provenance: dict = field(default_factory=dict)
+
+    @property
+    def label_names(self) -> tuple:
+        return tuple(self.labels)
+
+    @property
+    def inputs(self) -> tuple:
+        """Catalogue columns the correction reads (besides the label)."""
+        return inputs(self.terms)
+
+    def design(self, table) -> np.ndarray:
+        """:func:`design` with this calibration's terms and ranges."""
+        return design(table, self.terms, self.ranges)
+
+    def correction(self, label, table):
+        """Correction ``f - <f>_ref`` (dex, to be *subtracted*) and its uncertainty.
+
+        Parameters
+        ----------
+        label : str
+        table : DataFrame, Table or dict with the :attr:`inputs` columns, (S,) rows
+
+        Returns
+        -------
+        delta, sigma : arrays (S,), dex
+        """
+        if label not in self.labels:
+            raise KeyError(f"no calibration for {label!r}; calibrated labels: {self.label_names}")
+        lc = self.labels[label]
+        X = self.design(table) - lc.anchor
+        delta = X @ lc.coef
+        sigma = np.sqrt(np.maximum(np.einsum("ik,kl,il->i", X, lc.cov, X), 0.0))
+        return delta, sigma
+
+    def calibrate(self, table, labels=None) -> pd.DataFrame:
+        """``<x>_cal`` and ``e_<x>_cal`` for every row of ``table`` (DataFrame, (S,) rows).
+
+        Rows with ``giantmodel`` true, or with a missing input (teff, logg, snr_z, fe_h), get NaN:
+        the calibration is for dwarfs only. ``e_<x>_cal = sqrt(e_<x>^2 + sigma_f^2)``; without an
+        ``e_<x>`` column it is ``sigma_f``.
+        """
+        df = _frame(table)
+        labels = self.label_names if labels is None else tuple(labels)
+        dwarf = np.isfinite(self.design(df)).all(axis=1)
+        if "giantmodel" in df.columns:
+            dwarf &= ~df["giantmodel"].to_numpy(bool)
+        out = {}
+        for name in labels:
+            if name not in df.columns:
+                raise KeyError(f"table has no column {name!r} to calibrate")
+            delta, sigma = self.correction(name, df)
+            raw = df[name].to_numpy(float)
+            e = df[f"e_{name}"].to_numpy(float) if f"e_{name}" in df.columns else np.zeros(len(df))
+            ok = dwarf & np.isfinite(raw)
+            out[f"{name}_cal"] = np.where(ok, raw - delta, np.nan)
+            out[f"e_{name}_cal"] = np.where(ok, np.hypot(e, sigma), np.nan)
+        return pd.DataFrame(out, index=df.index)
+
+    # -- persistence --------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {"format": FORMAT_VERSION, "terms": list(self.terms),
+                "pivots": {"teff0": TEFF0, "teff_scale": TEFF_SCALE, "logg0": LOGG0,
+                           "snr0": SNR0},
+                "ranges": {k: [float(a), float(b)] for k, (a, b) in self.ranges.items()},
+                "provenance": self.provenance,
+                "labels": {k: v.to_dict() for k, v in self.labels.items()}}
+
+    def write(self, path=None) -> Path:
+        """Write the calibration as JSON (temporary name, then renamed into place)."""
+        path = Path(path) if path is not None else default_path()
+        paths.ensure(path.parent)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=1))
+        os.replace(tmp, path)
+        log.info("wrote the calibration of %s to %s", ", ".join(self.label_names), path)
+        return path
+
+    @classmethod
+    def read(cls, path=None) -> "Calibration":
+        """Read a calibration written by :meth:`write`; a clear error for anything else."""
+        path = Path(path) if path is not None else default_path()
+        try:
+            d = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no calibration at {path}; notebook 05 fits it") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{path} is not a calibration file (invalid JSON: {err})") from None
+        if not isinstance(d, dict) or d.get("format") != FORMAT_VERSION:
+            raise ValueError(f"{path} is not a version-{FORMAT_VERSION} calibration file "
+                             f"(format={d.get('format') if isinstance(d, dict) else None})")
+        terms = tuple(d.get("terms", ()))
+        if not terms or any(k not in _INPUT_OF for k in terms):
+            raise ValueError(f"{path} has unknown basis terms {terms}; known: {TERMS}")
+        want = {"teff0": TEFF0, "teff_scale": TEFF_SCALE, "logg0": LOGG0, "snr0": SNR0}
+        if d.get("pivots") != want:
+            raise ValueError(f"{path} uses basis pivots {d.get('pivots')}, this code {want}")
+        try:
+            labels = {k: LabelCalibration.from_dict(v) for k, v in d["labels"].items()}
+            ranges = {k: tuple(v) for k, v in d["ranges"].items()}
+        except (KeyError, TypeError) as err:
+            raise ValueError(f"{path} lacks a field of a calibration: {err}") from None
+        for k, lc in labels.items():
+            if lc.coef.shape != (len(terms),) or lc.cov.shape != (len(terms), len(terms)):
+                raise ValueError(f"{path}: {k} has {lc.coef.shape} coefficients for {len(terms)} terms")
+        return cls(labels, ranges, terms, d.get("provenance", {}))
+
+
+def default_path(directory=None) -> Path:
+    """``processed/calibration_dwarf.json`` (beside ``model_dwarf.fits``)."""
+    return (Path(directory) if directory is not None else paths.processed_dir()) / FILE_NAME
+
+
+def _frame(table) -> pd.DataFrame:
+    if isinstance(table, pd.DataFrame):
+        return table
+    if hasattr(table, "to_pandas"):
+        names = [n for n in table.colnames if len(table[n].shape) <= 1]
+        return table[names].to_pandas()
+    return pd.DataFrame(table)
+
+
+def _columns(table):
+    return list(getattr(table, "colnames", None) or getattr(table, "columns", []))
+
+
+# ----------------------------------------------------------------------------- calibrators
+def calibrators(catalog, members=None, binaries=None, *, labels=DWARF_ABUNDANCES,
+                min_proba=MIN_PROBA, test_clusters=TEST_CLUSTERS, binary_half="fit",
+                good=None) -> pd.DataFrame:
+    """Calibrator stars: dwarfs of the catalogue that share a birth composition with others.
+
+    Parameters
+    ----------
+    catalog : Table or DataFrame
+        The catalogue (``source_id``, ``teff``, ``logg``, ``snr_z``, ``fe_h``, ``giantmodel``,
+        the labels and their ``e_<label>``).
+    members : Cantat-Gaudin-like table (``source_id``, ``cluster``, ``proba``), optional
+        Members with ``proba >= min_proba`` of every cluster not in ``test_clusters`` become one
+        group per cluster.
+    binaries : El-Badry-like table (``source_id1``, ``source_id2``), optional
+        Each pair whose two stars are catalogue dwarfs and whose half
+        (:func:`lamostcannon.binaries.binary_split`) is ``binary_half`` becomes one group
+        (``binary_half=None`` takes every pair).
+    good : boolean array (S,), optional
+        Rows of ``catalog`` usable for science (e.g. :func:`lamostcannon.maps.quality_mask`);
+        default all.
+
+    Returns
+    -------
+    DataFrame: ``group`` (cluster name or ``binary:<id1>-<id2>``), ``kind`` (cluster|binary),
+    ``source_id``, the inputs (``teff``, ``logg``, ``snr_z``, ``fe_h`` where present), the labels
+    and their errors. A star in two groups is kept once, in the first (clusters first); groups
+    left with fewer than two stars are dropped.
+    """
+    from . import binaries as bin_mod
+
+    cat = _frame(catalog)
+    for col in ("source_id", "teff", "logg"):
+        if col not in cat.columns:
+            raise KeyError(f"catalogue needs {col!r}; it has {list(cat.columns)[:12]}...")
+    missing = [n for n in labels if n not in cat.columns]
+    if missing:
+        raise KeyError(f"catalogue has no columns {missing} to calibrate")
+    keep = np.ones(len(cat), bool) if good is None else np.asarray(good, bool)
+    if keep.shape != (len(cat),):
+        raise ValueError(f"good has shape {keep.shape}, expected ({len(cat)},)")
+    dwarf = bin_mod.is_dwarf(cat) & keep
+    cat = cat.loc[dwarf & (cat["source_id"].to_numpy() >= 0)]
+    cols = ["source_id", *[c for c in ("teff", "logg", "snr_z", "fe_h") if c in cat.columns],
+            *labels, *[f"e_{n}" for n in labels if f"e_{n}" in cat.columns]]
+    cat = cat[cols].drop_duplicates("source_id")
+    parts = []
+    if members is not None:
+        mem = _frame(members)
+        names = mem["cluster"].astype(str).str.strip()
+        sel = (mem["proba"].to_numpy(float) >= min_proba) & ~names.isin(list(test_clusters)).to_numpy()
+        m = pd.DataFrame({"source_id": mem["source_id"].to_numpy(np.int64)[sel],
+                          "group": names.to_numpy()[sel]}).drop_duplicates("source_id")
+        parts.append(m.merge(cat, on="source_id").assign(kind="cluster"))
+    if binaries is not None:
+        b = _frame(binaries)
+        if binary_half is not None:
+            b = b.loc[bin_mod.binary_split(b) == binary_half]
+        id1 = b["source_id1"].to_numpy(np.int64)
+        id2 = b["source_id2"].to_numpy(np.int64)
+        ok = np.isin(id1, cat["source_id"]) & np.isin(id2, cat["source_id"])
+        gname = np.array([f"binary:{a}-{c}" for a, c in zip(id1[ok], id2[ok])], dtype=object)
+        pairs = pd.DataFrame({"source_id": np.r_[id1[ok], id2[ok]], "group": np.r_[gname, gname]})
+        parts.append(pairs.merge(cat, on="source_id").assign(kind="binary"))
+    if not parts:
+        raise ValueError("give members and/or binaries: there are no calibrators without groups")
+    out = pd.concat(parts, ignore_index=True).drop_duplicates("source_id", keep="first")
+    sizes = out["group"].map(out["group"].value_counts())
+    out = out.loc[sizes >= 2].reset_index(drop=True)
+    if np.isin(out["group"], list(test_clusters)).any():  # pragma: no cover - by construction
+        raise AssertionError("a test cluster entered the calibrators")
+    log.info("calibrators: %d stars in %d groups (%d clusters, %d binaries)", len(out),
+             out["group"].nunique(), out.loc[out["kind"] == "cluster", "group"].nunique(),
+             out.loc[out["kind"] == "binary", "group"].nunique())
+    return out
+
+
+# ----------------------------------------------------------------------------- fitting
+def _folds(n_groups, k, rng):
+    order = rng.permutation(n_groups)
+    fold = np.empty(n_groups, int)
+    fold[order] = np.arange(n_groups) % k
+    return fold
+
+
+def _fit_label(X, y, e, codes, n_groups, lambdas, n_folds, n_boot, clip, rng):
+    """Fit one label: weights, CV over lambda, clipping, refit, bootstrap. See :func:`fit`."""
+    ok = np.isfinite(y) & np.isfinite(X).all(axis=1)
+    X, y, codes = X[ok], y[ok], codes[ok]
+    e = np.where(np.isfinite(e[ok]), e[ok], np.nan)
+    # keep groups with at least two stars
+    cnt = np.bincount(codes, minlength=n_groups)
+    ok2 = cnt[codes] >= 2
+    X, y, e, codes = X[ok2], y[ok2], e[ok2], codes[ok2]
+    uniq, codes = np.unique(codes, return_inverse=True)
+    G = len(uniq)
+    if G < 3 or len(y) < 3 * X.shape[1]:
+        raise ValueError(f"too few calibrators: {len(y)} stars in {G} groups (need >= 3 groups "
+                         f"and >= {3 * X.shape[1]} stars)")
+    e_med = np.nanmedian(e) if np.isfinite(e).any() else 0.0
+    e = np.where(np.isfinite(e), e, e_med)
+    fold = _folds(G, min(n_folds, G), rng)
+
+    def cv_curve(w):
+        losses = np.zeros(len(lambdas))
+        for f in range(fold.max() + 1):
+            test = fold[codes] == f
+            train = ~test
+            Xc = _group_center(X[train], codes[train], w[train], G)
+            yc = _group_center(y[train], codes[train], w[train], G)
+            Xt = _group_center(X[test], codes[test], w[test], G)
+            yt = _group_center(y[test], codes[test], w[test], G)
+            for j, lam in enumerate(lambdas):
+                c = _solve(Xc, yc, w[train], lam)
+                losses[j] += np.sum(w[test] * (yt - Xt @ c) ** 2)
+        return losses / np.sum(w)
+
+    # two passes: unit weights, then 1/(e^2 + s^2); each estimates s and clips the outliers
+    w = np.ones(len(y))
+    keep = np.ones(len(y), bool)
+    for _ in range(2):
+        losses = cv_curve(w)
+        lam = float(lambdas[int(np.argmin(losses))])
+        Xc = _group_center(X, codes, w, G)
+        yc = _group_center(y, codes, w, G)
+        c = _solve(Xc, yc, w, lam)
+        r = yc - Xc @ c
+        n_g = np.bincount(codes, weights=keep.astype(float), minlength=G)
+        infl = np.sqrt(n_g[codes] / np.maximum(n_g[codes] - 1, 1))  # dof of the group means
+        r_corr = r * infl
+        s2 = max(np.average((r_corr**2)[keep]) - np.mean(e[keep] ** 2), (0.25 * e_med) ** 2)
+        sig = np.sqrt(e**2 + s2)
+        if clip:
+            mad = 1.4826 * np.median(np.abs(r_corr[keep] / sig[keep]))
+            keep = np.abs(r_corr / sig) <= clip * max(mad, 1.0)
+        w = np.where(keep, 1.0 / sig**2, 0.0)
+    n_clipped = int((~keep).sum())
+    losses = cv_curve(w)
+    j = int(np.argmin(losses))
+    lam = float(lambdas[j])
+    Xc = _group_center(X, codes, w, G)
+    yc = _group_center(y, codes, w, G)
+    coef = _solve(Xc, yc, w, lam)
+    # bootstrap over groups: resampled groups enter with their multiplicity as weight
+    boots = np.empty((n_boot, X.shape[1]))
+    for b in range(n_boot):
+        mult = np.bincount(rng.integers(G, size=G), minlength=G).astype(float)
+        wb = w * mult[codes]
+        sel = wb > 0
+        cb = codes[sel]
+        boots[b] = _solve(_group_center(X[sel], cb, wb[sel], G), _group_center(y[sel], cb, wb[sel], G),
+                          wb[sel], lam)
+    cov = np.cov(boots, rowvar=False) if n_boot > 1 else np.zeros((X.shape[1],) * 2)
+    # in-sample rms before and after (weighted, within groups, kept stars)
+    before = np.sqrt(_wloss(yc, w))
+    after = np.sqrt(_wloss(yc - Xc @ coef, w))
+    loss_none = float(np.sum(w * yc**2) / np.sum(w))
+    return dict(coef=coef, cov=cov, lam=lam, cv_lambdas=np.asarray(lambdas, float),
+                cv_loss=losses, loss_none=loss_none, extra_scatter=float(np.sqrt(s2)),
+                n_stars=int(keep.sum()), n_groups=int(G), n_clipped=n_clipped,
+                rms_before=float(before), rms_after=float(after))
+
+
+def fit(calib: pd.DataFrame, labels=DWARF_ABUNDANCES, *, reference=None, terms=TERMS,
+        lambdas=LAMBDAS, n_folds=5, n_boot=200, clip=4.0, seed=0, provenance=None) -> Calibration:
+    """Fit the temperature calibration of each label from calibrator groups.
+
+    Parameters
+    ----------
+    calib : DataFrame
+        :func:`calibrators` output: ``group``, the inputs of ``terms`` (``teff`` [K], ``logg``,
+        ``snr_z``, ``fe_h``), the labels and (optional) their ``e_<label>`` (dex).
+    labels : sequence of str
+        Labels to calibrate (the dwarf model's abundances by default; pass the list of labels
+        with CV skill).
+    reference : Table or DataFrame with the same inputs, optional
+        The reference set (training stars), over which the correction has zero mean: the
+        abundance scale stays that of the training labels (GALAH). Default: the calibrators.
+    terms : sequence of str
+        Basis terms (:func:`design`); :data:`TERMS_TEFF_LOGG` for a correction in teff and logg
+        only.
+    lambdas : sequence of float
+        Ridge strengths tried by leave-groups-out CV (``n_folds`` folds of groups).
+    n_boot : int
+        Bootstrap resamplings of the groups for the coefficients' covariance.
+    clip : float or None
+        Sigma-clipping threshold (None: no clipping).
+    seed : int
+        Seeds the CV folds and the bootstrap.
+    provenance : dict, optional
+        Extra provenance (e.g. ``model_training_hash``) stored with the fit.
+
+    Returns
+    -------
+    Calibration
+    """
+    df = _frame(calib)
+    labels = tuple(labels)
+    terms = tuple(terms)
+    need = inputs(terms)
+    for col in ("group", *need, *labels):
+        if col not in df.columns:
+            raise KeyError(f"calibrator table needs {col!r}; it has {list(df.columns)}")
+    X0 = design(df, terms)
+    fin = np.isfinite(X0).all(axis=1)
+    if fin.sum() < 6:
+        raise ValueError(f"need calibrators with finite {need}, got {int(fin.sum())}")
+    ranges = {c: (float(np.nanmin(df[c].to_numpy(float)[fin])),
+                  float(np.nanmax(df[c].to_numpy(float)[fin]))) for c in need}
+    cal = Calibration({}, ranges, terms)
+    X = cal.design(df)
+    X[~fin] = np.nan
+    codes, group_names = pd.factorize(df["group"].astype(str))
+    if reference is not None:
+        ref = _frame(reference)
+        missing = [c for c in need if c not in ref.columns]
+        if missing:
+            raise KeyError(f"the reference set needs {missing} for the terms {terms}")
+        R = cal.design(ref)
+        rok = np.isfinite(R).all(axis=1)
+        if not rok.any():
+            raise ValueError(f"the reference set has no star with finite {need}")
+        anchor = R[rok].mean(axis=0)
+        n_ref = int(rok.sum())
+    else:
+        anchor = X[fin].mean(axis=0)
+        n_ref = 0
+    rng = np.random.default_rng(seed)
+    for name in labels:
+        y = df[name].to_numpy(float)
+        e = df[f"e_{name}"].to_numpy(float) if f"e_{name}" in df.columns else np.full(len(df), np.nan)
+        out = _fit_label(X, y, e, codes, len(group_names), np.asarray(lambdas, float), n_folds,
+                         n_boot, clip, rng)
+        cal.labels[name] = LabelCalibration(label=name, anchor=anchor.copy(), **out)
+        log.info("%s: lambda %.3g, within-group rms %.4f -> %.4f dex (%d stars, %d groups, "
+                 "%d clipped)", name, out["lam"], out["rms_before"], out["rms_after"],
+                 out["n_stars"], out["n_groups"], out["n_clipped"])
+    from . import __version__
+
+    kind = df["kind"].to_numpy() if "kind" in df.columns else np.full(len(df), "")
+    cl = kind == "cluster"
+    cal.provenance = {
+        "lamostcannon_version": __version__,
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "seed": int(seed), "n_folds": int(n_folds), "n_boot": int(n_boot), "clip": clip,
+        "n_reference": n_ref,
+        "clusters_used": {str(k): int(v) for k, v in
+                          df.loc[cl, "group"].value_counts().sort_index().items()},
+        "n_binaries_used": int(df.loc[kind == "binary", "group"].nunique()),
+        "groups_used": sorted(map(str, group_names)),
+        **(provenance or {})}
+    return cal
+
+
+# ----------------------------------------------------------------------------- the pipeline step
+def model_training_hash(directory=None) -> str | None:
+    """``TRNHASH`` of ``model_dwarf.fits`` in ``directory`` (None when there is no model)."""
+    from astropy.io import fits
+
+    path = (Path(directory) if directory is not None else paths.processed_dir()) / "model_dwarf.fits"
+    if not path.is_file():
+        return None
+    return str(fits.getheader(path, 0).get("TRNHASH", "")) or None
+
+
+def reference_dwarfs(reference=None) -> pd.DataFrame:
+    """The dwarfs of the reference set with the inputs of the correction (their own labels).
+
+    ``teff``, ``logg``, ``fe_h`` are the training (GALAH) labels, ``snr_z`` the LAMOST
+    ``lamost_snrz``: the stars over which the correction has zero mean.
+    """
+    if reference is None:
+        from .cleaning import read_reference_set
+
+        reference = read_reference_set()
+    ref = _frame(reference)
+    if "giant" in ref.columns:
+        ref = ref.loc[~ref["giant"].to_numpy(bool)]
+    out = ref[[c for c in ("teff", "logg", "fe_h") if c in ref.columns]].copy()
+    if "snr_z" in ref.columns:
+        out["snr_z"] = ref["snr_z"].to_numpy(float)
+    elif "lamost_snrz" in ref.columns:
+        out["snr_z"] = ref["lamost_snrz"].to_numpy(float)
+    return out.reset_index(drop=True)
+
+
+def calibrate(catalog, *, raw_dir=None, directory=None, reference=None, labels=DWARF_ABUNDANCES,
+              terms=TERMS, test_clusters=TEST_CLUSTERS, min_proba=MIN_PROBA, good=None, seed=0,
+              n_boot=200, write=True) -> Calibration:
+    """The whole fitting step of notebook 05: calibrators from the raw tables, fit, write.
+
+    Parameters
+    ----------
+    catalog : Table or DataFrame
+        The raw catalogue (:func:`lamostcannon.catalog.build_catalog` with ``calibration=False``).
+    raw_dir : path, optional
+        Folder with ``clusters/members.fits`` (Cantat-Gaudin 2018 layout) and
+        ``binaries/wide_binaries.fits`` (El-Badry et al. layout); default ``paths.raw_dir()``.
+    directory : path, optional
+        Where the models are and the calibration is written (default ``paths.processed_dir()``).
+    reference : Table, optional
+        Reference set of the anchor (:func:`reference_dwarfs`); default
+        ``interim/reference_set.fits``.
+    good : boolean array, optional
+        Catalogue rows usable for science (default :func:`lamostcannon.maps.quality_mask`).
+    labels, terms, test_clusters, min_proba, seed, n_boot : see :func:`calibrators`, :func:`fit`.
+
+    Returns
+    -------
+    Calibration (also written to ``directory/calibration_dwarf.json`` when ``write``).
+    """
+    from astropy.table import Table
+
+    from . import maps
+
+    raw = Path(raw_dir) if raw_dir is not None else paths.raw_dir()
+    members = Table.read(raw / "clusters" / "members.fits")
+    wide = Table.read(raw / "binaries" / "wide_binaries.fits")
+    if good is None:
+        good = maps.quality_mask(catalog)
+    calib = calibrators(catalog, members, wide, labels=labels, min_proba=min_proba,
+                        test_clusters=test_clusters, good=good)
+    cal = fit(calib, labels, reference=reference_dwarfs(reference), terms=terms, seed=seed,
+              n_boot=n_boot,
+              provenance={"model_training_hash": model_training_hash(directory),
+                          "test_clusters": list(test_clusters), "min_proba": min_proba,
+                          "binary_split": "lamostcannon.binaries.binary_split == 'fit'",
+                          "members_file": "clusters/members.fits",
+                          "binaries_file": "binaries/wide_binaries.fits"})
+    if write:
+        cal.write(default_path(directory))
+    return cal
+
+
+# ----------------------------------------------------------------------------- catalogue columns
+def describe_column(name: str) -> tuple[str, str]:
+    """(unit, description) of a ``<x>_cal`` or ``e_<x>_cal`` catalogue column (<= 68 characters,
+    the FITS comment's room)."""
+    if name.startswith("e_") and name.endswith("_cal"):
+        return "dex", f"error of {name[2:]}: catalogue and calibration errors combined"
+    if name.endswith("_cal"):
+        return "dex", f"{name[:-4]} calibrated with clusters+binaries (dwarfs; NaN giants)"
+    raise ValueError(f"{name!r} is not a calibration column")
+
+
+def apply(table, calibration=True, *, directory=None):
+    """Add ``<x>_cal`` and ``e_<x>_cal`` beside each calibrated raw label of a catalogue.
+
+    Parameters
+    ----------
+    table : astropy Table or DataFrame
+        The catalogue (dwarf rows: ``giantmodel`` false) with the correction's inputs.
+    calibration : True, Calibration, path or False
+        ``True`` (or ``None``): the file ``calibration_dwarf.json`` in ``directory`` (default
+        ``paths.processed_dir()``) when it exists *and* was fitted on the current dwarf model
+        (its training hash matches ``model_dwarf.fits`` there); otherwise the table is returned
+        unchanged (a stale calibration is never applied). A path or a Calibration: that one.
+        ``False``: unchanged.
+
+    Returns
+    -------
+    The same kind of table with the new columns (units and descriptions set for a Table) placed
+    after the raw ones; ``table.meta['calibration']`` records the file and its provenance.
+    """
+    if calibration is False:
+        return table
+    auto = calibration is True or calibration is None
+    source = None
+    if auto or isinstance(calibration, (str, Path)):
+        path = default_path(directory) if auto else Path(calibration)
+        if not path.is_file():
+            if not auto:
+                raise FileNotFoundError(f"no calibration at {path}")
+            log.info("no calibration at %s: the catalogue keeps the raw abundances only", path)
+            return table
+        cal = Calibration.read(path)
+        if auto:
+            current = model_training_hash(path.parent)
+            stored = cal.provenance.get("model_training_hash")
+            if current is None or stored != current:
+                log.warning("calibration %s was fitted on dwarf model %s, the current one is %s:"
+                            " not applied", path, stored, current)
+                return table
+        source = str(path)
+    elif isinstance(calibration, Calibration):
+        cal = calibration
+    else:
+        raise TypeError(f"calibration must be True, False, a Calibration or a path, not "
+                        f"{type(calibration).__name__}")
+    labels = [n for n in cal.label_names if n in _columns(table)]
+    new = cal.calibrate(table, labels)
+    if isinstance(table, pd.DataFrame):
+        out = table.copy()
+        for c in new.columns:
+            out[c] = new[c].to_numpy()
+        return out
+    out = table.copy(copy_data=False)
+    for name in labels:
+        for col in (f"{name}_cal", f"e_{name}_cal"):
+            if col in out.colnames:
+                out.remove_column(col)
+        at = out.colnames.index(name) + 1
+        out.add_column(new[f"{name}_cal"].to_numpy(), name=f"{name}_cal", index=at)
+        out.add_column(new[f"e_{name}_cal"].to_numpy(), name=f"e_{name}_cal", index=at + 1)
+        for col in (f"{name}_cal", f"e_{name}_cal"):
+            out[col].unit, out[col].description = describe_column(col)
+    out.meta["calibration"] = {"file": source or "in memory", "labels": labels,
+                               **{k: cal.provenance.get(k) for k in
+                                  ("lamostcannon_version", "date", "model_training_hash")}}
+    return out
+
+
+# ----------------------------------------------------------------------------- judging (notebook 06)
+def cluster_trends(stars, labels=DWARF_ABUNDANCES, *, suffix="_cal") -> pd.DataFrame:
+    """Trends with teff of the raw and calibrated labels of one cluster's members (paper Fig 17).
+
+    Parameters
+    ----------
+    stars : DataFrame of one cluster's dwarfs (``teff``, ``logg``, ``<label>``, ``<label><suffix>``)
+    labels : sequence of str
+
+    Returns
+    -------
+    DataFrame indexed by label: ``n``; ``slope_raw``, ``slope_err_raw``, ``slope_cal``,
+    ``slope_err_cal`` (dex per 1000 K, :func:`lamostcannon.binaries.teff_trend`);
+    ``disp_raw``, ``disp_cal`` (standard deviations, dex); ``floor``: the scatter about the
+    best smooth function of teff and logg fitted to these very stars (a constant plus the terms
+    :data:`TERMS_TEFF_LOGG`, ddof-corrected): what the stars' noise alone leaves, the limit no
+    correction in teff and logg can beat.
+    """
+    from .binaries import teff_trend
+
+    df = _frame(stars)
+    rows = {}
+    for name in labels:
+        y = df[name].to_numpy(float)
+        yc = df[f"{name}{suffix}"].to_numpy(float)
+        t = df["teff"].to_numpy(float)
+        ok = np.isfinite(y) & np.isfinite(yc) & np.isfinite(t) & np.isfinite(df["logg"].to_numpy(float))
+        if ok.sum() < len(TERMS_TEFF_LOGG) + 3:
+            raise ValueError(f"{name}: only {int(ok.sum())} stars with raw and calibrated values")
+        tr, tc = teff_trend(t[ok], y[ok]), teff_trend(t[ok], yc[ok])
+        X = np.column_stack([np.ones(ok.sum()), design(df.loc[ok], TERMS_TEFF_LOGG)])
+        coef, *_ = np.linalg.lstsq(X, y[ok], rcond=None)
+        r = y[ok] - X @ coef
+        floor = float(np.sqrt(r @ r / (ok.sum() - X.shape[1])))
+        rows[name] = dict(n=int(ok.sum()), slope_raw=tr.slope_per_1000K,
+                          slope_err_raw=1000 * tr.slope_err, slope_cal=tc.slope_per_1000K,
+                          slope_err_cal=1000 * tc.slope_err, disp_raw=tr.dispersion,
+                          disp_cal=tc.dispersion, floor=floor)
+    return pd.DataFrame.from_dict(rows, orient="index")
+
+
+def reference_change(catalog, reference=None, labels=DWARF_ABUNDANCES, *, key="designation",
+                     suffix="_cal") -> pd.Series:
+    """Mean change ``<x>_cal - <x>`` (dex) over the catalogue rows of the reference set's dwarfs.
+
+    The abundance scale is tied to the training labels (GALAH) by this being zero; it is not zero
+    by construction here, because the anchor uses the reference set's own labels and this uses
+    the catalogue's (inferred) teff, logg, [Fe/H] and S/N of the same stars.
+    """
+    if reference is None:
+        from .cleaning import read_reference_set
+
+        reference = read_reference_set()
+    ref = _frame(reference)
+    if "giant" in ref.columns:
+        ref = ref.loc[~ref["giant"].to_numpy(bool)]
+    cat = _frame(catalog)
+    rows = cat.loc[cat[key].isin(ref[key])]
+    out = {}
+    for name in labels:
+        d = rows[f"{name}{suffix}"].to_numpy(float) - rows[name].to_numpy(float)
+        out[name] = float(np.nanmean(d)) if np.isfinite(d).any() else np.nan
+    return pd.Series(out, name="mean change over the reference set (dex)")
+
+
+def true_labels(truth, labels=DWARF_ABUNDANCES, *, reference=None) -> pd.DataFrame:
+    """The mock's true values of ``labels``, with ``alpha_fe`` and ``s_fe`` formed as in training.
+
+    The derived labels are error-weighted means (:func:`lamostcannon.cleaning.add_derived_labels`)
+    with the reference set's median GALAH error of each element as weights, so that they mean
+    what the training labels mean. Returns ``designation`` and the labels. Mock only.
+    """
+    from astropy.table import Table
+
+    from .cleaning import add_derived_labels, read_reference_set
+    from .labels import ELEMENTS
+
+    t = _frame(truth)
+    ref = _frame(reference if reference is not None else read_reference_set())
+    tab = Table()
+    tab["designation"] = t["designation"].astype(str).to_numpy()
+    for x in ELEMENTS:
+        tab[f"{x}_fe"] = t[f"{x}_fe"].to_numpy(float)
+        tab[f"e_{x}_fe"] = np.full(len(t), float(np.nanmedian(ref[f"e_{x}_fe"].to_numpy(float))))
+    add_derived_labels(tab)
+    keep = ["designation", *[n for n in labels if n in tab.colnames]]
+    return tab[keep].to_pandas()
+
+
+def compare_with_truth(catalog, truth, labels=DWARF_ABUNDANCES, *, reference=None,
+                       exclude_ids=None, key="designation", suffix="_cal") -> pd.DataFrame:
+    """Raw and calibrated dwarf abundances against the mock's truth (mock only).
+
+    Parameters
+    ----------
+    catalog : DataFrame (the usable catalogue rows; dwarfs are taken)
+    truth : the mock's ``truth/truth.fits``
+    exclude_ids : ``source_id`` of stars to leave out (the calibrators)
+
+    Returns
+    -------
+    DataFrame indexed by label: ``n``, ``rms_raw``, ``rms_cal`` (root mean square of inferred
+    minus true, dex), ``bias_raw``, ``bias_cal`` (means), ``sd_raw``, ``sd_cal`` (scatter).
+    """
+    from .binaries import is_dwarf
+
+    cat = _frame(catalog)
+    cat = cat.loc[is_dwarf(cat)]
+    if exclude_ids is not None:
+        cat = cat.loc[~cat["source_id"].isin(np.asarray(exclude_ids))]
+    tl = true_labels(truth, labels, reference=reference)
+    j = cat.merge(tl, on=key, how="inner", suffixes=("", "_true"))
+    rows = {}
+    for name in labels:
+        d_raw = j[name].to_numpy(float) - j[f"{name}_true"].to_numpy(float)
+        d_cal = j[f"{name}{suffix}"].to_numpy(float) - j[f"{name}_true"].to_numpy(float)
+        ok = np.isfinite(d_raw) & np.isfinite(d_cal)
+        rows[name] = dict(n=int(ok.sum()), rms_raw=float(np.sqrt(np.mean(d_raw[ok] ** 2))),
+                          rms_cal=float(np.sqrt(np.mean(d_cal[ok] ** 2))),
+                          bias_raw=float(np.mean(d_raw[ok])), bias_cal=float(np.mean(d_cal[ok])),
+                          sd_raw=float(np.std(d_raw[ok])), sd_cal=float(np.std(d_cal[ok])))
+    return pd.DataFrame.from_dict(rows, orient="index")
