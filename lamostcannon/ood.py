@@ -9,11 +9,12 @@ here uses what the model already knows, each part *calibrated on held-out traini
 Residual structure where the model has no support
     In each window of :data:`WINDOWS` (Balmer wings, cores and the Balmer jump, which grow far
     beyond the training range in A/B stars; the Paschen series; the TiO, CaH and MgH bands of
-    M dwarfs; the forbidden emission lines of galaxies and nebulae) the normalised residuals ``z_p = (f_p - m_p) / sqrt(sigma_p^2 + s_p^2)`` of the
-    best fit are summed in bins of :data:`BIN_PIXELS` neighbouring pixels, and the statistic is
-    the mean over bins of ``(sum z)^2 / n``. White noise gives 1; a coherent mismatch over a line
-    profile or a band adds ``n`` times its squared amplitude, so the statistic sees broad,
-    correlated residuals that a pixel-by-pixel chi2 dilutes.
+    M dwarfs; the forbidden emission lines of galaxies and nebulae) the normalised residuals
+    ``z_p = (f_p - m_p) / sqrt(sigma_p^2 + s_p^2)`` of the best fit are summed in bins of
+    :data:`BIN_PIXELS` neighbouring pixels, and the statistic is the mean over bins of
+    ``(sum z)^2 / n``. White noise gives 1; a coherent mismatch over a line profile or a band adds
+    ``n`` times its squared amplitude, so the statistic sees broad, correlated residuals that a
+    pixel-by-pixel chi2 dilutes.
 Label density
     The Gaussian KDE (Silverman bandwidth) of the training set's stellar parameters (teff, logg,
     [Fe/H], standardised) evaluated at the fitted labels: low where the fit lands in a corner the

@@ -125,8 +125,9 @@ def calibrate(model, cv, train_labels, *, fit_rows, model_path=None, ref_errors=
 def cv_pulls(cv, errors, label_names, *, ref_errors=None, rows=None, truth=None) -> pd.DataFrame:
     """Pulls of CV residuals, before (formal errors) and after calibration.
 
-    ``pull_formal_<l> = (l_CV - l_ref) / sqrt(e_formal^2 + e_ref^2)`` and
-    ``pull_<l> = (l_CV - l_ref) / sqrt(e_<l>^2 + e_ref^2)``; with ``truth`` (a DataFrame of true
+    ``pull_formal_<l> = (l_CV - l_ref) / sqrt(e_formal^2 + (k e_ref)^2)`` and
+    ``pull_<l> = (l_CV - l_ref) / sqrt(e_<l>^2 + (k e_ref)^2)`` with ``k`` the fitted
+    ``ref_factor`` of the reference errors ``e_ref``; with ``truth`` (a DataFrame of true
     labels row-aligned with ``cv``, the mock), also ``pull_truth_<l> = (l_CV - l_true) / e_<l>``.
     ``rows`` selects the held-out rows. Returns one row per selected star with ``snr``.
     """
@@ -138,10 +139,10 @@ def cv_pulls(cv, errors, label_names, *, ref_errors=None, rows=None, truth=None)
     for j, n in enumerate(label_names):
         d = t[f"inferred_{n}"].to_numpy(float) - t[f"true_{n}"].to_numpy(float)
         er = np.zeros_like(d)
-        if ref_errors is not None and n in ref_errors:
+        if ref_errors is not None and n in ref_errors and n in errors.labels:
             er = np.asarray(ref_errors[n], float)
             er = er if sel is None else er[sel]
-            er = np.where(np.isfinite(er), er, 0.0)
+            er = errors.labels[n].ref_factor * np.where(np.isfinite(er), er, 0.0)
         out[f"pull_formal_{n}"] = uncertainty.pulls(d, np.hypot(ef[:, j], er))
         out[f"pull_{n}"] = uncertainty.pulls(d, np.hypot(tot[:, j], er))
         if truth is not None and n in truth:

@@ -95,12 +95,12 @@ def test_error_model_file_round_trip_and_missing_label(tmp_path, rng):
 
 
 def test_assess_skill_rule():
-    metrics = pd.DataFrame({"correlation": [0.95, 0.3, 0.8]}, index=["teff", "ba_fe", "mg_fe"])
+    metrics = pd.DataFrame({"correlation": [0.95, 0.2, 0.8]}, index=["teff", "ba_fe", "mg_fe"])
     precision = pd.DataFrame({"relative_precision": [np.nan, 0.5, 1.4]}, index=["teff", "ba_fe",
                                                                                 "mg_fe"])
     skill = uncertainty.assess_skill(metrics, precision)
     assert [n for n, v in skill.items() if v["skill"]] == ["teff"]
-    assert "0.5" in skill["teff"]["rule"]
+    assert "0.3" in skill["teff"]["rule"]
 
 
 def test_pull_summary_bins_and_within_one(rng):
