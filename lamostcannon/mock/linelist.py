@@ -24,9 +24,12 @@ comes from:
     The weak-line forest between 3800 and 9000 A: absorption components found by a CLEAN
     decomposition of a composite of real LAMOST DR10 solar-type dwarfs (even obsids only; the odd
     ones are held out for the realism tests), divided by the mock of the known and window lines.
-    Each component (a blend at R ~ 1400) gets a species and ``chi`` drawn like the pseudo-random
-    forest and the ``loggf`` that reproduces its equivalent width in the composite star, so its
-    dependence on the labels is the generator's physics. Used at low resolution only.
+    Each component (a blend at R ~ 1400) gets the species and ``chi`` (from the pseudo-random
+    forest's species and ranges) whose temperature and gravity response, in the generator's
+    physics, best reproduces its strength in three more even-obsid composites (K dwarfs, K giants,
+    F dwarfs; :data:`RESPONSE_COMPOSITES`; drawn at random where it is too weak to measure), and
+    the ``loggf`` that reproduces its equivalent width in the G-dwarf composite. Used at low
+    resolution only.
 ``forest``
     A documented pseudo-random forest of weak iron-group and other metal lines (Fe I/II, Ti I/II,
     Cr I, Ni I, V I, Mn I, Co I, Ca I, Sc II, Si I, Mg I, Na I, Zr II, Ce II, Nd II, C I) where the
@@ -244,9 +247,13 @@ KNOWN_LINES = [
     ("Co I", 4121.31, 0.92, -0.32, None),
     # neutron-capture elements and others
     ("Sr II", 4077.71, 0.00, 0.15, 0.43), ("Sr II", 4215.52, 0.00, -0.17, 0.30),
-    ("Ba II", 4554.03, 0.00, 0.17, None), ("Ba II", 4934.08, 0.00, -0.15, None),
-    ("Ba II", 5853.67, 0.60, -1.00, None), ("Ba II", 6141.71, 0.70, -0.08, None),
-    ("Ba II", 6496.90, 0.60, -0.38, None),
+    # Ba II: log gf lowered by 0.6 dex from the laboratory values, an effective value that with the
+    # hyperfine/isotopic width of synth.HYPERFINE keeps the lines' strength and restores their
+    # sensitivity to [Ba/Fe] in giants (issue 13: real giants show ~3x the mock's star-to-star
+    # variation at Ba II 4554 at fixed teff, logg, [Fe/H]).
+    ("Ba II", 4554.03, 0.00, -0.43, None), ("Ba II", 4934.08, 0.00, -0.75, None),
+    ("Ba II", 5853.67, 0.60, -1.60, None), ("Ba II", 6141.71, 0.70, -0.68, None),
+    ("Ba II", 6496.90, 0.60, -0.98, None),
     ("Y II", 4883.68, 1.08, 0.07, None), ("Y II", 4854.86, 0.99, -0.38, None),
     ("Y II", 5662.93, 1.94, 0.16, None), ("Y II", 5728.89, 1.84, -1.12, None),
     ("Y II", 4900.12, 1.03, -0.09, None), ("Y II", 5087.42, 1.08, -0.17, None),
@@ -278,14 +285,21 @@ HYDROGEN_LINES = [
 # (absorption starts at the head and fades redward) / -1 = to the violet, e-folding length (A),
 # relative strength (log), effective dissociation + excitation energy D (eV) in the
 # Saha-Boltzmann-like temperature factor 10^(D (theta - theta_ref)), theta_ref, gravity slope).
+# The strengths and temperature factors of CN, CH and MgH are calibrated on the real DR10 stars
+# cooler than 5400 K with EVEN obsid (K dwarfs and giants; lamostcannon.realism.fit_band_strengths:
+# mock twins at their LASP labels, the same continuum normalisation, 8 damped iterations, with the
+# saturation of synth.BAND_SATURATION): CN is much less temperature-sensitive than first guessed
+# and MgH 4780 is not detected in the real K dwarfs (its strength runs away to zero; it keeps
+# MgH 5211's D, one molecule, so that it appears in M dwarfs). TiO and CaH (below ~4000 K, no
+# calibration stars) are unchanged.
 MOLECULAR_BANDS = [
-    ("CN 3883", "CN", ("C", "N"), 3883.0, -1, 35.0, -1.4, 5.0, 0.87, -0.25),
-    ("CN 4216", "CN", ("C", "N"), 4216.0, -1, 45.0, -2.3, 5.0, 0.87, -0.25),
-    ("CN 7874", "CN", ("C", "N"), 7874.0, +1, 120.0, -2.6, 5.0, 0.87, -0.25),
-    ("CN 8100", "CN", ("C", "N"), 8100.0, +1, 150.0, -2.7, 5.0, 0.87, -0.25),
-    ("CH G band", "CH", ("C",), 4314.0, -1, 28.0, -0.35, 1.5, 0.87, 0.15),
-    ("MgH 5211", "MgH", ("Mg",), 5211.0, -1, 90.0, 0.0, 5.0, 1.12, 0.6),
-    ("MgH 4780", "MgH", ("Mg",), 4780.0, -1, 60.0, -0.5, 5.0, 1.12, 0.6),
+    ("CN 3883", "CN", ("C", "N"), 3883.0, -1, 35.0, -0.34, 2.85, 0.87, -0.25),
+    ("CN 4216", "CN", ("C", "N"), 4216.0, -1, 45.0, -1.35, 1.44, 0.87, -0.25),
+    ("CN 7874", "CN", ("C", "N"), 7874.0, +1, 120.0, -2.33, 1.0, 0.87, -0.25),
+    ("CN 8100", "CN", ("C", "N"), 8100.0, +1, 150.0, -3.0, 1.0, 0.87, -0.25),
+    ("CH G band", "CH", ("C",), 4314.0, -1, 28.0, -0.39, 3.36, 0.87, 0.15),
+    ("MgH 5211", "MgH", ("Mg",), 5211.0, -1, 90.0, -0.17, 7.95, 1.12, 0.6),
+    ("MgH 4780", "MgH", ("Mg",), 4780.0, -1, 60.0, -2.8, 7.95, 1.12, 0.6),
     ("TiO 4761", "TiO", ("Ti", "O"), 4761.0, +1, 60.0, -0.4, 9.0, 1.40, 0.1),
     ("TiO 4954", "TiO", ("Ti", "O"), 4954.0, +1, 70.0, -0.2, 9.0, 1.40, 0.1),
     ("TiO 5167", "TiO", ("Ti", "O"), 5167.0, +1, 80.0, -0.1, 9.0, 1.40, 0.1),
@@ -375,22 +389,21 @@ EMPIRICAL_SELECTION = {"teff": (5500.0, 6100.0), "logg_min": 4.1, "feh": (-0.35,
                        "snrg_min": 50.0}
 
 
-def _empirical_components(known, lamost_dir):
-    """CLEAN decomposition of a real G-dwarf composite into LSF-shaped absorption components.
-
-    Returns (wave_air, ew (A), labels of the composite). See :func:`build_linelist`.
-    """
+def _composite(lamost_dir, sel):
+    """Median continuum-normalised spectrum (common grid) of the EVEN-obsid DR10 stars within
+    ``sel`` (``teff``, ``logg``, ``feh`` ranges, ``snrg_min``), and its median labels (with the
+    mock's vmic for them)."""
     import pandas as pd
 
     from .. import spectra
     from . import synth
 
     cat = pd.read_csv(lamost_dir / "dr10" / "catalog.csv")
-    sel = EMPIRICAL_SELECTION
-    use = (cat.teff.between(*sel["teff"]) & (cat.logg > sel["logg_min"])
+    use = (cat.teff.between(*sel["teff"]) & cat.logg.between(*sel["logg"])
            & cat.feh.between(*sel["feh"]) & (cat.snrg > sel["snrg_min"]) & (cat.obsid % 2 == 0))
     rows = cat[use]
-    wave = spectra.common_wavelength()
+    if len(rows) < 5:
+        raise ValueError(f"only {len(rows)} even-obsid DR10 stars in {sel}")
     flux = []
     for name in rows.filename:
         f, iv = spectra.resample(spectra.read_lamost(lamost_dir / "dr10" / name))
@@ -401,9 +414,136 @@ def _empirical_components(known, lamost_dir):
     composite = np.nanmedian(np.array(flux), axis=0)
     labels = {"teff": float(rows.teff.median()), "logg": float(rows.logg.median()),
               "fe_h": float(rows.feh.median())}
-    log.info("empirical forest: composite of %d DR10 spectra, median labels %s", len(rows), labels)
     stars = synth.solar_scaled_stars(labels["teff"], labels["logg"], labels["fe_h"])
     labels["vmic"] = float(stars.vmic.iloc[0])
+    log.info("composite of %d even-obsid DR10 spectra, median labels %s", len(rows), labels)
+    return composite, labels
+
+
+#: Composites of even-obsid DR10 stars of other types than the G dwarfs of the empirical forest;
+#: each empirical line's species and excitation potential are chosen so that its strength follows
+#: them (:func:`_choose_responses`).
+RESPONSE_COMPOSITES = {
+    "K dwarf": {"teff": (4800.0, 5300.0), "logg": (4.2, 9.0), "feh": (-0.6, 0.3), "snrg_min": 40.0},
+    "K giant": {"teff": (4450.0, 5000.0), "logg": (-9.0, 3.0), "feh": (-0.6, 0.3),
+                "snrg_min": 40.0},
+    "F dwarf": {"teff": (6300.0, 6800.0), "logg": (3.9, 9.0), "feh": (-0.5, 0.3), "snrg_min": 50.0},
+}
+
+#: Excitation potentials tried per forest species (eV): this many values across its range.
+RESPONSE_CHI_STEPS = 5
+
+
+def _component_ews(composite, labels, known, wave_air, n_iter=3):
+    """Equivalent widths (A, >= 0) of empirical components at fixed positions in a composite:
+    bounded linear least squares of the composite's residual optical depth (after the mock of the
+    known lines, renormalised with the components) on LSF profiles, iterated for the continuum."""
+    from scipy import sparse
+    from scipy.optimize import lsq_linear
+
+    from .. import spectra
+    from . import synth
+
+    wave = spectra.common_wavelength()
+    stars = synth.solar_scaled_stars(labels["teff"], labels["logg"], labels["fe_h"],
+                                     vmic=labels.get("vmic"))
+    lab = synth._label_columns(stars)
+    tau_known = synth._rest_tau(lab, synth._prepare_model(known))[
+        0, synth._PAD:synth._PAD + synth.LAMOST_NPIX].astype(float)
+    planck = synth.planck(wave, lab["teff"])[0]
+    ok = np.isfinite(composite)
+    air = vacuum_to_air(wave)
+    allowed = ok.copy()
+    for lo, hi in EMPIRICAL_MASK:
+        allowed &= ~((air >= lo) & (air <= hi))
+    for w in [h[1] for h in HYDROGEN_LINES]:
+        allowed &= np.abs(air - w) > (12.0 if w > 6000 else 8.0)
+    for w in known.wave_air[known.wide]:
+        allowed &= np.abs(air - w) > 3.0
+    pos = (np.log10(air_to_vacuum(wave_air)) - synth.LAMOST_LOG10_START) / synth.LAMOST_LOG10_STEP
+    sig = synth._SIGMA_LSF_PIX
+    rows, cols, vals = [], [], []
+    for j, c in enumerate(pos):
+        pix = np.arange(int(np.floor(c)) - 6, int(np.floor(c)) + 8)
+        pix = pix[(pix >= 0) & (pix < wave.size)]
+        rows.append(pix)
+        cols.append(np.full(pix.size, j))
+        vals.append(np.exp(-0.5 * ((pix - c) / sig) ** 2) / (np.sqrt(2 * np.pi) * sig))
+    a_full = sparse.csr_matrix((np.concatenate(vals), (np.concatenate(rows),
+                                                       np.concatenate(cols))),
+                               shape=(wave.size, pos.size))
+    a_fit = a_full[np.flatnonzero(allowed)]
+    ew_pix = np.zeros(pos.size)
+    for _ in range(n_iter):
+        tau_emp = a_full @ ew_pix
+        mock = planck * np.exp(-(tau_known + tau_emp))
+        cont = spectra.continuum(mock, ok.astype(float))
+        y = -np.log(np.clip(np.where(ok, composite / (mock / cont), 1.0), 0.02, 2.0)) + tau_emp
+        ew_pix = lsq_linear(a_fit, y[allowed], bounds=(0.0, np.inf), lsmr_tol="auto",
+                            max_iter=200).x
+    return ew_pix * synth._pixel_width(air_to_vacuum(wave_air))
+
+
+def _choose_responses(emp_air, ews, labels):
+    """Species and excitation potential of each empirical line from its strengths in several
+    composites.
+
+    ``ews``: dict composite name -> EW (A) per line, ``"G dwarf"`` the reference composite whose
+    EW fixes log gf; ``labels``: dict name -> composite labels. For every line and every candidate
+    (species of the pseudo-random forest x :data:`RESPONSE_CHI_STEPS` excitation potentials) the
+    mock's physics predicts the other composites' EWs; the candidate with the smallest
+    ``sum ((EW_model - EW_obs) / (3 mA + 0.15 EW_obs))^2 - 2 ln(species weight)`` wins. Returns
+    species and chi arrays.
+    """
+    import pandas as pd
+
+    from . import synth
+
+    cands = []
+    for species, weight, (c0, c1) in _FOREST_SPECIES:
+        for chi in np.linspace(c0, c1, RESPONSE_CHI_STEPS):
+            cands.append((species, round(float(chi), 2), weight))
+    n, k = emp_air.size, len(cands)
+    table = pd.DataFrame({"species": np.tile([c[0] for c in cands], n),
+                          "wave_air": np.repeat(emp_air, k),
+                          "chi": np.tile([c[1] for c in cands], n),
+                          "target_ew": np.repeat(np.maximum(ews["G dwarf"], 1e-4), k)})
+    table["loggf"] = synth.solve_loggf_for_solar_ew(table, labels["G dwarf"])
+    species = [split_species(x) for x in table["species"]]
+    species_list = tuple(sorted(set(species)))
+    idx = np.array([species_list.index(x) for x in species])
+    wave = table["wave_air"].to_numpy()
+    base = table["loggf"].to_numpy() + np.log10(wave / 5000.0) + synth._k0()
+    score = -2.0 * np.log(np.tile([c[2] for c in cands], n))
+    for name, obs in ews.items():
+        if name == "G dwarf":
+            continue
+        lab = synth._sun_labels()
+        lab.update({key: np.full(1, float(v)) for key, v in labels[name].items()})
+        lt, la, dl = synth._line_quantities(wave, table["chi"].to_numpy(), base, np.ones(wave.size),
+                                            idx, species_list, lab)
+        model = (dl * synth.reduced_width(lt, la))[0].astype(float)
+        o = np.repeat(obs, k)
+        score += ((model - o) / (0.003 + 0.15 * o)) ** 2
+    best = np.argmin(score.reshape(n, k), axis=1)
+    return (np.array([cands[b][0] for b in best]), np.array([cands[b][1] for b in best]))
+
+
+def _empirical_components(known, lamost_dir):
+    """CLEAN decomposition of a real G-dwarf composite into LSF-shaped absorption components.
+
+    Returns (wave_air, ew (A), labels of the composite). See :func:`build_linelist`.
+    """
+    import pandas as pd
+
+    from .. import spectra
+    from . import synth
+
+    sel = EMPIRICAL_SELECTION
+    composite, labels = _composite(lamost_dir, {"teff": sel["teff"], "logg": (sel["logg_min"], 9.0),
+                                                "feh": sel["feh"], "snrg_min": sel["snrg_min"]})
+    wave = spectra.common_wavelength()
+    stars = synth.solar_scaled_stars(labels["teff"], labels["logg"], labels["fe_h"])
     model = synth._prepare_model(known)
     lab = synth._label_columns(stars)
     tau_known = synth._rest_tau(lab, model)[0, synth._PAD:synth._PAD + synth.LAMOST_NPIX]
@@ -462,6 +602,31 @@ def _empirical_components(known, lamost_dir):
     return vacuum_to_air(wave_vac[keep]), ew[keep], labels
 
 
+def _empirical_responses(known, lamost_dir, emp_air, emp_ew, labels, rng):
+    """Species and chi of the empirical lines: chosen from their strengths in the composites of
+    :data:`RESPONSE_COMPOSITES` (:func:`_choose_responses`) where the line is measurable, drawn at
+    random (as the pseudo-random forest) where it is not (EW < 5 mA in the G composite)."""
+    weights = np.array([w for _, w, _ in _FOREST_SPECIES])
+    pick = rng.choice(len(_FOREST_SPECIES), size=emp_air.size, p=weights / weights.sum())
+    species = np.array([_FOREST_SPECIES[p][0] for p in pick], dtype=object)
+    chi = np.array([round(rng.uniform(*_FOREST_SPECIES[p][2]), 2) for p in pick])
+    comp_labels = {"G dwarf": labels}
+    g_comp, _ = _composite(lamost_dir, {"teff": EMPIRICAL_SELECTION["teff"],
+                                        "logg": (EMPIRICAL_SELECTION["logg_min"], 9.0),
+                                        "feh": EMPIRICAL_SELECTION["feh"],
+                                        "snrg_min": EMPIRICAL_SELECTION["snrg_min"]})
+    ews = {"G dwarf": _component_ews(g_comp, labels, known, emp_air)}
+    for name, sel in RESPONSE_COMPOSITES.items():
+        comp, comp_labels[name] = _composite(lamost_dir, sel)
+        ews[name] = _component_ews(comp, comp_labels[name], known, emp_air)
+    fit = ews["G dwarf"] > 0.005
+    sp, ch = _choose_responses(emp_air[fit], {k: v[fit] for k, v in ews.items()}, comp_labels)
+    species[fit], chi[fit] = sp, ch
+    log.info("empirical forest: species and chi of %d of %d lines chosen from %d composites",
+             int(fit.sum()), emp_air.size, len(ews))
+    return species, chi
+
+
 def build_linelist(seed: int = FOREST_SEED, forest: str = "empirical", lamost_dir=None):
     """Assemble the line list (known + window + forest lines) as a pandas DataFrame.
 
@@ -481,8 +646,11 @@ def build_linelist(seed: int = FOREST_SEED, forest: str = "empirical", lamost_di
     depth) into LSF-shaped components outside :data:`EMPIRICAL_MASK`. Each component becomes a line
     ``source="empirical"`` of a species drawn like the pseudo-random forest, with its excitation
     potential drawn from the species' range and ``loggf`` solved so the mock composite star has the
-    component's equivalent width. Their temperature, gravity and abundance dependence is then
-    the generator's physics, not the data's. The decomposition is repeated four times, each time
+    component's equivalent width; species and ``chi`` are those that best reproduce the
+    component's strength in the composites of :data:`RESPONSE_COMPOSITES` (bounded least-squares
+    equivalent widths at the same positions, :func:`_choose_responses`). Their temperature,
+    gravity and abundance dependence is then the generator's physics, chosen among the candidates
+    by the data. The decomposition is repeated four times, each time
     against the mock re-normalised with the components found so far (the continuum normalisation
     depends on the absorption). At R = 1800 a component stands for a blend, so these
     lines are not used at R = 28,000 (GALAH windows). The pseudo-random forest fills the masked
@@ -558,13 +726,13 @@ def build_linelist(seed: int = FOREST_SEED, forest: str = "empirical", lamost_di
         folder = paths.real_lamost_dir() if lamost_dir is None else lamost_dir
         emp_air, emp_ew, labels = _empirical_components(base_table, folder)
         erng = np.random.default_rng(seed + 1)
-        pick = erng.choice(len(_FOREST_SPECIES), size=emp_air.size, p=weights / weights.sum())
+        emp_species, emp_chi = _empirical_responses(base_table, folder, emp_air, emp_ew, labels,
+                                                     erng)
         emp_rows = []
-        for w, p, ew in zip(emp_air, pick, emp_ew):
-            species, _, (c0, c1) = _FOREST_SPECIES[p]
-            element, ion = split_species(species)
-            emp_rows.append(dict(species=species, element=element, ion=ion, wave_air=round(w, 3),
-                                 chi=round(erng.uniform(c0, c1), 2), loggf=np.nan, ew_sun=np.nan,
+        for w, sp, chi, ew in zip(emp_air, emp_species, emp_chi, emp_ew):
+            element, ion = split_species(sp)
+            emp_rows.append(dict(species=sp, element=element, ion=ion, wave_air=round(w, 3),
+                                 chi=chi, loggf=np.nan, ew_sun=np.nan,
                                  wide=False, source="empirical",
                                  note="LAMOST composite blend", target_ew=ew))
         empirical = pd.DataFrame(emp_rows)
@@ -615,6 +783,112 @@ def write_linelist(path=None, seed: int = FOREST_SEED, forest: str = "empirical"
     return path
 
 
+# ------------------------------------------------------------------------------------------------
+# The night-sky emission lines as LAMOST records them
+# ------------------------------------------------------------------------------------------------
+
+#: Calibration set of the sky-line spectrum: real DR10 files with EVEN obsid and snrg above this
+#: (the odd ones are held out for the realism tests).
+SKY_SELECTION = {"snrg_min": 20.0, "good_fraction": 0.9}
+
+#: Sky lines are kept redward of this (A, vacuum) and where their median counts per pixel exceed
+#: ``SKY_MIN_COUNTS`` (below, the measurement is dominated by stellar absorption lines).
+SKY_MIN_WAVE = 5500.0
+SKY_MIN_COUNTS = 150.0
+
+#: Observed-frame (vacuum A) windows left out of the sky-line spectrum: the O2 B and A bands,
+#: where the stars' own flux is absorbed and the variance no longer measures the sky.
+SKY_EXCLUDE = [(6862.0, 6960.0), (7592.0, 7700.0)]
+
+
+def build_sky_lines(lamost_dir=None):
+    """The sky emission-line spectrum (counts per pixel on the LAMOST grid) from real LAMOST files.
+
+    A LAMOST spectrum's inverse variance contains the photon noise of the sky it was observed
+    through, so every real file is also a record of the night-sky lines (OH bands, [O I] 5577,
+    6300, 6364, Na D ...) at their true wavelengths and typical strengths. For each calibration file
+    (:data:`SKY_SELECTION`, even obsids) on the LAMOST observed-frame grid: the variance
+    ``1/ivar``, its local baseline (30th percentile over 61 pixels: star + sky continuum + read
+    noise), the local counts per flux unit ``g = flux / baseline`` (photon-limited pixels:
+    variance in counts equals counts), and the excess variance in counts
+    ``(var - baseline) g^2``, which is the sky-line counts of that exposure. The median over the
+    files, kept redward of :data:`SKY_MIN_WAVE` where it exceeds :data:`SKY_MIN_COUNTS` (and
+    outside the telluric bands of :data:`SKY_EXCLUDE`), is the
+    mock's sky-line spectrum (:func:`lamostcannon.mock.synth` adds it to a smooth sky continuum).
+
+    Returns
+    -------
+    pandas.DataFrame with ``pixel`` (index on the LAMOST grid), ``wave_vac`` (A) and ``counts``
+    (sky-line counts per pixel in a typical exposure), only for pixels with sky lines.
+    """
+    import pandas as pd
+    from scipy.ndimage import median_filter, percentile_filter
+
+    from .. import paths, spectra
+    from . import synth
+
+    folder = (paths.real_lamost_dir() if lamost_dir is None else lamost_dir) / "dr10"
+    cat = pd.read_csv(folder / "catalog.csv")
+    use = (cat.obsid % 2 == 0) & (cat.snrg > SKY_SELECTION["snrg_min"])
+    wave = synth.lamost_wavelength()
+    rows = []
+    for name in cat.filename[use]:
+        spec = spectra.read_lamost(folder / name)
+        if spec.flux.size != wave.size or not np.allclose(spec.wavelength, wave, rtol=1e-6):
+            continue
+        ok = (spec.ivar > 0) & (spec.andmask == 0) & (spec.flux > 0) & np.isfinite(spec.flux)
+        if ok.mean() < SKY_SELECTION["good_fraction"]:
+            continue
+        var = np.where(ok, 1.0 / np.where(ok, spec.ivar, 1.0), np.nan)
+        filled = np.where(ok, var, np.nanmedian(var))
+        base = percentile_filter(filled, 30, size=61)
+        gain = median_filter(np.where(ok, spec.flux, 0.0), 61) / np.maximum(base, 1e-30)
+        rows.append((var - base) * gain ** 2)
+    if not rows:
+        raise FileNotFoundError(f"no usable even-obsid DR10 spectra in {folder}")
+    counts = np.nanmedian(np.array(rows), axis=0)
+    keep = np.isfinite(counts) & (counts > SKY_MIN_COUNTS) & (wave > SKY_MIN_WAVE)
+    for lo, hi in SKY_EXCLUDE:
+        keep &= ~((wave >= lo) & (wave <= hi))
+    log.info("sky lines: median of %d DR10 spectra, %d pixels with sky lines", len(rows),
+             int(keep.sum()))
+    idx = np.flatnonzero(keep)
+    return pd.DataFrame({"pixel": idx, "wave_vac": wave[idx].round(3),
+                         "counts": counts[idx].round(1)})
+
+
+def sky_lines_path():
+    """The package file holding the sky-line spectrum."""
+    from .. import paths
+
+    return paths.PACKAGE_DATA / "sky_lines.csv"
+
+
+def write_sky_lines(path=None, lamost_dir=None):
+    """Measure the sky-line spectrum (:func:`build_sky_lines`) and write it as CSV."""
+    path = sky_lines_path() if path is None else path
+    table = build_sky_lines(lamost_dir)
+    header = ("# lamostcannon mock sky-line spectrum (lamostcannon.mock.linelist.build_sky_lines): "
+              "counts per pixel of the LAMOST grid in a typical exposure, measured from the "
+              "variance of public LAMOST DR10 spectra with even obsid (Guoshoujing Telescope; "
+              "https://www.lamost.org/policies/).\n")
+    tmp = path.with_name("." + path.name + ".tmp")
+    with open(tmp, "w") as fh:
+        fh.write(header)
+        table.to_csv(fh, index=False)
+    tmp.replace(path)
+    log.info("wrote %d sky-line pixels to %s", len(table), path)
+    return path
+
+
+@functools.lru_cache(maxsize=1)
+def load_sky_lines():
+    """The packaged sky-line spectrum (DataFrame: ``pixel``, ``wave_vac``, ``counts``)."""
+    import pandas as pd
+
+    return pd.read_csv(sky_lines_path(), comment="#")
+
+
 @functools.lru_cache(maxsize=1)
 def load_linelist():
     """The packaged line list (pandas DataFrame; see :func:`build_linelist` for the columns)."""
@@ -629,3 +903,4 @@ def load_linelist():
 if __name__ == "__main__":  # pragma: no cover
     logging.basicConfig(level=logging.INFO)
     write_linelist()
+    write_sky_lines()

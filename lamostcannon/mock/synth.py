@@ -54,10 +54,14 @@ Notation: :math:`\theta = 5040/T` (T the layer temperature of step 1); abundance
    near 10,000 K and wings are gravity-sensitive, as observed.
 8. **Molecular bands** (CN, CH G band, MgH, TiO, CaH) are band heads with an exponential
    fall-off (to the red or violet) and a fixed pseudo-random rotational texture, with pseudo optical
-   depth ``10^(c + [A/H] + [B/H] + D (theta_eff - theta_ref) + beta (logg - 4.44))`` (theta_eff =
-   5040/teff; a Saha-Boltzmann-like dissociation equilibrium; D ~ dissociation energy; MgH and CaH
-   stronger in dwarfs, CN in giants, CH weaker in giants as after the first dredge-up), capped at
-   tau ~ 3. TiO appears below ~4000 K.
+   depth ``x = 10^(c + [A/H] + [B/H] + D (theta_eff - theta_ref) + beta (logg - 4.44))``
+   (theta_eff = 5040/teff; a Saha-Boltzmann-like dissociation equilibrium; D ~ dissociation
+   energy; MgH and CaH stronger in dwarfs, CN in giants, CH weaker in giants as after the first
+   dredge-up) that saturates smoothly, ``cap (1 - exp(-x / cap))`` per molecule
+   (:data:`BAND_SATURATION`). TiO appears below ~4000 K. The CN, CH and MgH strengths and
+   temperature factors are calibrated on real DR10 K dwarfs and giants with even obsid
+   (:data:`linelist.MOLECULAR_BANDS`).
+   Ba II and Eu II lines carry an extra hyperfine/isotopic width (:data:`HYPERFINE`).
 9. **Low resolution.** The line profiles are convolved with a Gaussian line-spread function of
    constant effective R = 1400 (:data:`LAMOST_R`; FWHM 3.1 px of the 1e-4 dex grid, plus the
    pixel width). LAMOST's nominal R is 1800, but a composite of real DR10 G dwarfs prefers the
@@ -68,26 +72,38 @@ Notation: :math:`\theta = 5040/T` (T the layer temperature of step 1); abundance
    ``flux = exp(-sum tau)``, which keeps blends positive and saturating.
 10. **Observed frame.** The summed rest-frame optical depth is shifted by ``log10(1 + rv/c)`` (an
     exact translation on the log-lambda grid, done with an FFT phase shift after removing a linear
-    trend). Weak telluric O2 (B, A) and H2O bands (residuals after the pipeline's correction) are
-    added in the observed frame.
+    trend). Interstellar Na I D and diffuse bands scale with ``ebv`` (:data:`ISM_BANDS`) and, like
+    the residuals of the pipeline's telluric correction (O2 B and A, H2O; zero on average, DR10
+    spectra are corrected), are added in the observed frame.
 11. **Continuum.** A Planck function at teff, reddened with the Cardelli, Clayton & Mathis (1989)
-    law (R_V = 3.1) for ``ebv``, times a smooth flux-calibration residual with the LAMOST dichroic
-    bump near 5900 A and a random low-order tilt per spectrum.
-12. **Instrument and noise.** Counts = flux x throughput (blue arm peaking near 5000 A, red arm
-    near 7800 A, dichroic crossover at 5800-5950 A), plus sky (continuum, [O I] 5577/6300/6364,
-    Na D and Hg lines, a pseudo-random OH forest redward of 6800 A) and read noise. The exposure is
-    set so that the median g-band S/N equals ``snrg``; other bands follow from the SED, the
-    throughput and the sky. Gaussian noise with the variance of counts + sky + read noise (+ 2%
-    sky-subtraction residual); ``ivar`` is the model inverse variance in flux units.
-13. **Bad pixels.** Bad-column runs of 2-9 pixels and isolated dead pixels (``andmask`` bit 1,
+    law (R_V = 3.1) for ``ebv``, times a random low-order tilt per spectrum.
+12. **Instrument systematics** (:data:`SYSTEMATICS`, amplitudes measured on real even-obsid DR10
+    spectra through :mod:`lamostcannon.realism`): per-arm LSF width changes (fibre-to-fibre
+    resolution), multiplicative random ripples on ~2 and ~15 pixel scales (flat-field and
+    flux-calibration residuals) that grow towards both ends and at the dichroic junction
+    (5800-6200 A), unflagged detector defects at fixed columns, sky-subtraction residuals
+    (a fraction of the sky lines and a sub-pixel wavelength mismatch), telluric-correction
+    residuals, and a per-arm misestimate of the pipeline's variance. ``systematics=False``
+    switches all of them off (the idealised instrument).
+13. **Instrument and noise.** Counts = flux x throughput (blue arm peaking near 5000 A, red arm
+    near 7800 A, dichroic crossover at 5800-5950 A, times an empirical correction that gives the
+    S/N-per-pixel profile of real DR10 spectra, :data:`THROUGHPUT_CORRECTION`), plus sky (a
+    smooth continuum and the emission lines measured from the variance of real DR10 spectra,
+    :func:`lamostcannon.mock.linelist.build_sky_lines`) and read noise. The exposure is set so
+    that the median g-band S/N of the reported variance equals ``snrg``; other bands follow from
+    the SED, the throughput and the sky. Gaussian noise with the variance of counts + sky + read
+    noise; ``ivar`` is the pipeline's (misestimated) inverse variance in flux units.
+14. **Bad pixels.** Bad-column runs of 2-9 pixels and isolated dead pixels (``andmask`` bit 1,
     ``ivar = 0``, flux sometimes 0), occasional dead red ends (bit 8), cosmic-ray-like spikes
-    (``ormask`` bit 2 only; ivar kept), bright sky pixels (``ormask`` bit 4).
+    (``ormask`` bit 2 only; ivar kept), sky pixels 30 times brighter than the star (``ormask``
+    bit 4; real DR10 files flag almost none).
 
 The line list (:mod:`lamostcannon.mock.linelist`): real wavelengths and approximate atomic data
 for the strong and well-known lines, one line per GALAH Table 2 window, and a weak-line forest whose
 positions and solar-type strengths come from a CLEAN decomposition of a composite of real DR10
-G-dwarf spectra (held-out stars are used for the realism tests); everything else (how each line
-changes with teff, logg, vmic and abundances) is the physics above.
+G-dwarf spectra, with species and excitation potentials chosen to follow composites of K dwarfs,
+K giants and F dwarfs (even obsids only; the odd ones are held out for the realism tests);
+everything else (how each line changes with teff, logg, vmic and abundances) is the physics above.
 
 GALAH windows: the same line physics (steps 1-7, hydrogen wings included, molecules and the
 empirical low-resolution blends omitted) at R = 28,000, computed at high resolution
@@ -102,11 +118,15 @@ core-depth limits of damped lines at low resolution: other lines saturate to zer
 resolution); partition functions constant; LTE; continuous opacity without
 wavelength dependence and without metals or scattering; pure-wing hydrogen profiles (Lorentzian
 1/Delta lambda^2 rather than Holtsmark); no rotation or macroturbulence; the weak-line forest is
-made of low-resolution blends at empirical wavelengths with randomly assigned species and
-excitation potentials (pseudo-random outside 3800-9000 A and in masked regions, see
-:mod:`lamostcannon.mock.linelist`); constant resolving power; the LSF and the sky do not vary
-from fibre to fibre; relative flux calibration is good to a few per cent. The rv shift is
-non-relativistic (``z = rv/c``), as in the LAMOST pipeline.
+made of low-resolution blends at empirical wavelengths whose species and excitation potentials
+are chosen to follow four composites of real stars (G and K dwarfs, K giants, F dwarfs), one
+species per blend (pseudo-random outside 3800-9000 A and in masked regions, see
+:mod:`lamostcannon.mock.linelist`); the strong lines of K dwarfs come out too weak (a model
+trained on real spectra reads mock K dwarfs ~250 K hotter and 0.4 dex lower in logg, notebook 01);
+constant mean resolving power (per-fibre changes only as
+random systematics); the instrument systematics are random fields with measured amplitudes, not a
+model of the LAMOST pipeline. The rv shift is non-relativistic (``z = rv/c``), as in the LAMOST
+pipeline.
 
 Results depend on the chunking of the input (random draws happen chunk by chunk): the same
 stars, the same seed and the same ``chunk_size`` give identical arrays.
@@ -354,8 +374,19 @@ def _log_eps(element: str, lab: dict) -> np.ndarray:
     return val
 
 
-def _species_terms(species_list, lab: dict, atm: dict):
-    """Per star and species: log10(eps f_stage / kappa / (v_D/2)) - 12 and v_D (km/s)."""
+#: Hyperfine and isotopic splitting as an extra Gaussian velocity width (km/s) per species
+#: (element, stage): the split components of Ba II (odd isotopes 135, 137) and Eu II (151, 153)
+#: spread each line over ~0.05-0.1 A, so that their strong lines are less saturated than a single
+#: component of the same equivalent width would be, and keep their sensitivity to the abundance
+#: in giants (Ba II 4554, 4934, 5853, 6141, 6496 A; Eu II 4129, 4205, 6645 A).
+HYPERFINE = {("Ba", 2): 5.0, ("Eu", 2): 4.0}
+
+
+def _species_terms(species_list, lab: dict, atm: dict, hyperfine: bool = True):
+    """Per star and species: log10(eps f_stage / kappa / (v_D/2)) - 12 and v_D (km/s).
+
+    ``hyperfine`` adds the :data:`HYPERFINE` widths (the low-resolution curve of growth; the
+    R = 28,000 GALAH windows resolve the lines and leave them out)."""
     from .linelist import ATOMIC_MASS, IONISATION, PARTITION
 
     n = lab["teff"].shape[0]
@@ -367,7 +398,8 @@ def _species_terms(species_list, lab: dict, atm: dict):
             chi1, chi2 = IONISATION[element]
             cache[element] = stage_log_fractions(atm["t_layer"], atm["log_pe"], chi1, chi2,
                                                  PARTITION[element])
-        vd = np.sqrt(_AMU_KMS2 * lab["teff"] / ATOMIC_MASS[element] + lab["vmic"] ** 2)
+        vd = np.sqrt(_AMU_KMS2 * lab["teff"] / ATOMIC_MASS[element] + lab["vmic"] ** 2
+                     + (HYPERFINE.get((element, stage), 0.0) if hyperfine else 0.0) ** 2)
         vdop[:, k] = vd
         terms[:, k] = (_log_eps(element, lab) - 12.0 + cache[element][stage - 1]
                        - np.log10(PARTITION[element][stage - 1]) - atm["log_kappa"]
@@ -382,11 +414,12 @@ def _sun_labels(n: int = 1) -> dict:
     return lab
 
 
-def _line_quantities(lines_wave, chi, base, damp, species_idx, species_list, lab):
+def _line_quantities(lines_wave, chi, base, damp, species_idx, species_list, lab,
+                     hyperfine: bool = True):
     """log tau0, log a and Doppler width (A) for every star x line, float32 (S, N) each."""
     f32 = np.float32
     atm = atmosphere(lab["teff"], lab["logg"], lab["fe_h"])
-    terms, vdop = _species_terms(species_list, lab, atm)
+    terms, vdop = _species_terms(species_list, lab, atm, hyperfine)
     log_vd = np.log10(vdop / 2.0).astype(f32)
     log_tau0 = np.take(terms.astype(f32), species_idx, axis=1)
     log_tau0 += np.asarray(base, f32)[None, :]
@@ -731,10 +764,19 @@ def _band_tau(lab: dict) -> np.ndarray:
     for b, (name, mol, elems, head, direction, length, c, dis, th_ref, beta) in enumerate(
             MOLECULAR_BANDS):
         ab = sum(_log_eps(e, lab) - SOLAR_ABUNDANCE[e] for e in elems)
-        # capped at tau ~ 3 (saturated bands) and 1e-8 (avoids underflow)
         log_tau = c + ab + dis * (theta - th_ref) + beta * (lab["logg"] - 4.44)
-        out[:, b] = 10.0 ** np.clip(log_tau, -8.0, 0.5)
+        x = 10.0 ** np.clip(log_tau, -8.0, 3.0)
+        cap = BAND_SATURATION[mol]   # the band's many lines saturate: depth levels off smoothly
+        out[:, b] = cap * -np.expm1(-x / cap)
     return out
+
+
+#: Largest pseudo optical depth (before the rotational texture) of each molecule's bands at low
+#: resolution: ``tau = cap (1 - exp(-x / cap))`` for the Saha-Boltzmann-like strength ``x``. A
+#: band is a forest of lines that saturate one by one, so its mean depth levels off (MgH reaches
+#: ~30% in K7-M0 dwarfs at R ~ 1800, TiO much more in M dwarfs); without the cap the depth grows
+#: as a double exponential of 1/teff.
+BAND_SATURATION = {"MgH": 0.35, "CaH": 0.5, "CN": 0.6, "CH": 0.8, "TiO": 2.5}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -764,8 +806,21 @@ def ccm_extinction(wave, r_v: float = 3.1):
     return r_v * (a + b / r_v)
 
 
+#: Empirical correction of the throughput (knots every 100 A from 3750 A, linear interpolation):
+#: the squared ratio of the median S/N-per-pixel profiles (relative to the g band) of real
+#: even-obsid DR10 spectra and of their mock twins, so that the mock's S/N runs with wavelength
+#: as LAMOST's does (the blue end fainter, the red arm ~1.2 times richer in S/N than the
+#: analytic two-arm curve gives).
+THROUGHPUT_CORRECTION = np.array([
+    0.25, 0.45, 0.58, 0.83, 0.85, 0.85, 0.78, 0.79, 0.87, 0.97, 1.07, 1.09, 1.10, 1.10, 1.09,
+    1.08, 1.08, 1.08, 1.05, 0.99, 1.00, 1.60, 1.30, 1.28, 1.30, 1.27, 1.35, 1.42, 1.46, 1.50,
+    1.51, 1.48, 1.52, 1.52, 1.48, 1.46, 1.41, 1.46, 1.45, 1.32, 1.34, 1.23, 1.24, 1.26, 1.22,
+    1.16, 1.07, 1.02, 1.02, 1.00, 1.11, 1.10, 0.98, 0.90])
+
+
 def throughput(wave):
-    """Relative instrument throughput (counts per flux unit) of the two LAMOST arms."""
+    """Relative instrument throughput (counts per flux unit) of the two LAMOST arms: analytic
+    blue and red arms through the dichroic, times :data:`THROUGHPUT_CORRECTION`."""
     wave = np.asarray(wave, float)
     lb = np.log(wave / 5000.0)
     blue = np.exp(-0.5 * (lb / np.where(lb < 0, 0.16, 0.30)) ** 2)
@@ -773,30 +828,76 @@ def throughput(wave):
     red = 1.9 * np.exp(-0.5 * (lr / np.where(lr < 0, 0.22, 0.16)) ** 2)
     d_blue = 1.0 / (1.0 + np.exp((wave - 5830.0) / 28.0))
     d_red = 1.0 / (1.0 + np.exp(-(wave - 5920.0) / 28.0))
-    return blue * d_blue + red * d_red
+    knots = 3750.0 + 100.0 * np.arange(THROUGHPUT_CORRECTION.size)
+    return (blue * d_blue + red * d_red) * np.interp(wave, knots, THROUGHPUT_CORRECTION)
+
+
+#: Sky continuum counts per pixel at 5500 A (unit exposure, before the throughput).
+_SKY_CONTINUUM = 60.0
 
 
 @functools.lru_cache(maxsize=1)
+def _sky_line_counts() -> np.ndarray:
+    """Sky emission-line counts per pixel as detected (observed frame, after throughput): the
+    spectrum measured from the variance of real even-obsid DR10 files
+    (:func:`lamostcannon.mock.linelist.build_sky_lines`)."""
+    from .linelist import load_sky_lines
+
+    table = load_sky_lines()
+    lines = np.zeros(LAMOST_NPIX)
+    lines[table["pixel"].to_numpy(int)] = table["counts"].to_numpy(float)
+    return lines
+
+
 def _sky_counts() -> np.ndarray:
-    """Sky counts per pixel for a unit exposure (observed frame), before throughput."""
+    """Detected sky counts per pixel (observed frame): a smooth continuum through the instrument
+    throughput plus the measured emission lines."""
+    wave = lamost_wavelength()
+    return _SKY_CONTINUUM * (wave / 5500.0) * throughput(wave) + _sky_line_counts()
+
+
+#: Interstellar absorption (observed frame: the gas is near rest in the heliocentric frame):
+#: (name, air wavelength A, equivalent width per mag of E(B-V) in A, intrinsic FWHM A). The
+#: diffuse interstellar bands after Herbig (1995) and Friedman et al. (2011); the Na I D doublet
+#: separately (:func:`ism_na_d_ew`).
+ISM_BANDS = [("DIB 4428", 4428.2, 1.6, 20.0), ("DIB 5780", 5780.5, 0.46, 2.1),
+             ("DIB 5797", 5797.1, 0.17, 0.9), ("DIB 6196", 6196.0, 0.06, 0.5),
+             ("DIB 6284", 6283.8, 0.9, 3.8), ("DIB 6614", 6613.6, 0.23, 1.1)]
+ISM_NA_D = ((5889.95, 0.55), (5895.92, 0.45))   # air A, share of the doublet's EW
+
+
+def ism_na_d_ew(ebv):
+    """Equivalent width (A) of interstellar Na I D1 + D2 for E(B-V) (mag): ``1.05 (E/0.25)^0.6``,
+    close to Poznanski et al. (2012) above E(B-V) ~ 0.05 and going to zero with the reddening."""
+    return 1.05 * (np.maximum(np.asarray(ebv, float), 0.0) / 0.25) ** 0.6
+
+
+@functools.lru_cache(maxsize=1)
+def _ism_profiles() -> np.ndarray:
+    """Unit-EW interstellar profiles (pseudo optical depth per A of EW) on the observed grid,
+    rows: Na D2, Na D1, then :data:`ISM_BANDS`."""
     from .linelist import air_to_vacuum
 
     wave = lamost_wavelength()
-    sky = 60.0 * (wave / 5500.0) ** 1.0
-    lines = [(5577.34, 4000.0), (6300.30, 1500.0), (6363.78, 500.0), (5889.95, 900.0),
-             (5895.92, 700.0), (4358.34, 500.0), (5460.74, 500.0), (4046.56, 250.0),
-             (5769.60, 200.0), (5790.66, 200.0)]
-    rng = np.random.default_rng(7)
-    for lo, hi, n in ((6830, 7000, 14), (7240, 7450, 18), (7750, 8050, 26), (8280, 8550, 26),
-                      (8750, 9100, 30)):
-        for w, amp in zip(rng.uniform(lo, hi, n), 10 ** rng.uniform(2.3, 3.4, n)):
-            lines.append((w, amp))
+    sig_lsf = wave / (LAMOST_R * 2.3548)
     pix = _pixel_width(wave)
-    sig = wave / (LAMOST_R * 2.3548)
-    for w_air, amp in lines:
-        w = float(air_to_vacuum(w_air))
-        sky += amp * pix * np.exp(-0.5 * ((wave - w) / sig) ** 2) / (np.sqrt(2 * np.pi) * sig)
-    return sky
+    rows = []
+    for centre, fwhm in ([(w, 0.1) for w, _ in ISM_NA_D]
+                         + [(w, f) for _, w, _, f in ISM_BANDS]):
+        c = float(air_to_vacuum(centre))
+        sig = np.sqrt((fwhm / 2.3548) ** 2 + sig_lsf ** 2)
+        rows.append(pix * np.exp(-0.5 * ((wave - c) / sig) ** 2) / (np.sqrt(2 * np.pi) * sig)
+                    / pix)
+    return np.array(rows, dtype=np.float32)
+
+
+def _ism_tau(ebv) -> np.ndarray:
+    """Interstellar pseudo optical depth (S, P) for reddening ``ebv`` (S,) mag."""
+    ebv = np.maximum(np.asarray(ebv, float), 0.0)
+    na = ism_na_d_ew(ebv)
+    ew = np.column_stack([na * ISM_NA_D[0][1], na * ISM_NA_D[1][1]]
+                         + [ebv * e for _, _, e, _ in ISM_BANDS]).astype(np.float32)
+    return ew @ _ism_profiles()
 
 
 @functools.lru_cache(maxsize=1)
@@ -818,11 +919,172 @@ def _telluric_tau() -> np.ndarray:
 
 
 def _calibration_residual(wave, n, rng):
-    """Smooth flux-calibration residual: dichroic bump + random tilt/curvature, (n, P)."""
+    """Smooth flux-calibration residual: a random tilt and curvature per spectrum, (n, P)."""
     x = (wave - 6400.0) / 2700.0
     coef = rng.normal(0.0, [0.04, 0.03], size=(n, 2))
-    bump = rng.uniform(0.03, 0.10, size=(n, 1)) * np.exp(-0.5 * ((wave - 5905.0) / 35.0) ** 2)
-    return (1.0 + coef[:, :1] * x[None, :] + coef[:, 1:] * (x[None, :] ** 2 - 0.3)) * (1.0 + bump)
+    return 1.0 + coef[:, :1] * x[None, :] + coef[:, 1:] * (x[None, :] ** 2 - 0.3)
+
+
+#: Instrument systematics of real LAMOST spectra that the pipeline leaves in (per spectrum,
+#: observed frame), with amplitudes measured on the even-obsid real DR10 stars through the
+#: realism benchmark (:mod:`lamostcannon.realism`; the odd obsids test them):
+#:
+#: ``lsf_var``
+#:     rms change (pixel^2) of the LSF variance, drawn per arm: fibre-to-fibre and
+#:     camera-to-camera resolution differences.
+#: ``ripple_short``, ``ripple_long``
+#:     ((rms amplitude in the blue arm, in the red arm), Gaussian correlation length in pixels) of
+#:     multiplicative Gaussian random
+#:     fields: fixed-pattern (flat-field, fibre trace) residuals and flux-calibration ripples on
+#:     the scale of the calibration's spline knots.
+#: ``blue_end``, ``red_end``
+#:     (amplitude factor, e-folding length A) by which both ripples grow towards the ends of the
+#:     two arms (low throughput, scattered light, poor calibration).
+#: ``dichroic``
+#:     (rms amplitude, centre A, blue width A, red width A): the extra ripple where the blue and
+#:     red arms are spliced (the dichroic junction, ~5700-6200 A).
+#: ``defects``
+#:     (number of columns, probability that a spectrum is hit by each, rms relative amplitude):
+#:     unflagged detector defects (hot or weak columns, residual cosmic rays), at fixed
+#:     pseudo-random observed-frame pixels (1-2 pixels wide), each present in a few per cent of
+#:     the spectra.
+#: ``telluric_residual``
+#:     rms fraction (O2 bands, H2O bands) of the telluric absorption at airmass 1 left over or
+#:     overcorrected by the pipeline's telluric correction: DR10 spectra show no mean A or B band.
+#: ``sky_residual``
+#:     (rms fraction of the sky emission lines left or over-subtracted, rms wavelength mismatch
+#:     in pixels between the sky model and the fibre in the blue arm, in the red arm):
+#:     sky-subtraction residuals ``eps sky + delta d sky / d pixel``.
+#: ``ivar_scale``
+#:     per arm, (mean, rms) of log(reported variance / true variance): the pipeline's noise
+#:     estimate is conservative in the blue and scatters from fibre to fibre.
+SYSTEMATICS = {
+    "lsf_var": 0.30,
+    "ripple_short": ((0.0035, 0.0025), 1.5),
+    "ripple_long": ((0.006, 0.004), 10.0),
+    "blue_end": (7.0, 250.0),
+    "red_end": (10.0, 200.0),
+    "dichroic": (0.045, 5915.0, 45.0, 110.0),
+    "defects": (80, 0.04, 0.08),
+    "telluric_residual": (0.25, 0.25),
+    "sky_residual": (0.01, 0.15, 0.02),
+    "ivar_scale": {"blue": (0.35, 0.35), "red": (0.05, 0.35)},
+}
+
+
+def _arm_weight(wave):
+    """Weight of the red arm (0 in the blue arm, 1 in the red arm; the dichroic crossover)."""
+    return 1.0 / (1.0 + np.exp(-(np.asarray(wave, float) - 5875.0) / 28.0))
+
+
+@functools.lru_cache(maxsize=1)
+def _ripple_profiles():
+    """Amplitude profiles (P,) of the short and long ripples (see :data:`SYSTEMATICS`)."""
+    wave = lamost_wavelength()
+    sy = SYSTEMATICS
+    fb, lb = sy["blue_end"]
+    fr, lr = sy["red_end"]
+    ends = 1.0 + fb * np.exp(-(wave - wave[0]) / lb) + fr * np.exp((wave - wave[-1]) / lr)
+    amp, centre, wb, wr = sy["dichroic"]
+    width = np.where(wave < centre, wb, wr)
+    dich = amp * np.exp(-0.5 * ((wave - centre) / width) ** 2)
+    red = _arm_weight(wave)
+    (sb, sr), (lb_, lr_) = sy["ripple_short"][0], sy["ripple_long"][0]
+    short = (sb * (1 - red) + sr * red) * ends
+    long = np.sqrt(((lb_ * (1 - red) + lr_ * red) * ends) ** 2 + dich ** 2)
+    return short.astype(np.float32), long.astype(np.float32)
+
+
+@functools.lru_cache(maxsize=1)
+def _defect_columns():
+    """Observed-frame pixels (first pixel, width 1 or 2) of the unflagged detector defects; fixed
+    (seeded), like the columns of a real set of CCDs."""
+    rng = np.random.default_rng(DEFECT_SEED)
+    n = SYSTEMATICS["defects"][0]
+    return (np.sort(rng.integers(20, LAMOST_NPIX - 22, n)),
+            rng.integers(1, 3, n))
+
+
+#: Seed of the fixed defect-column positions.
+DEFECT_SEED = 5117
+
+
+def _gaussian_field(rng, n, length_pix):
+    """Unit-variance Gaussian random fields (n, P) with a Gaussian correlation of ``length_pix``
+    pixels: Gaussian Fourier coefficients times the Gaussian kernel's transfer function (drawn
+    only where it exceeds 1e-4), one inverse FFT."""
+    from scipy import fft
+
+    p = LAMOST_NPIX
+    n_fft = fft.next_fast_len(p + int(8 * length_pix) + 8, real=True)
+    freq = np.fft.rfftfreq(n_fft)
+    transfer = np.exp(-2.0 * (np.pi * freq * length_pix) ** 2)
+    k_max = int(np.searchsorted(-transfer, -1e-4))
+    t = transfer[1:k_max]
+    coef = np.zeros((n, freq.size), np.complex64)
+    draw = rng.standard_normal((n, 2, k_max - 1), dtype=np.float32)
+    scale = np.float32(0.5 * n_fft / np.sqrt(np.sum(t ** 2)))
+    coef.real[:, 1:k_max] = draw[:, 0] * (t * scale).astype(np.float32)
+    coef.imag[:, 1:k_max] = draw[:, 1] * (t * scale).astype(np.float32)
+    return fft.irfft(coef, n=n_fft, axis=1)[:, :p]
+
+
+@functools.lru_cache(maxsize=1)
+def _sky_residual_basis():
+    """Columns with sky lines, and the lines and their slope there (float32)."""
+    lines = _static_observed()["sky_lines"].astype(float)
+    slope = np.gradient(lines)
+    cols = np.flatnonzero((lines != 0) | (slope != 0))
+    return cols, lines[cols].astype(np.float32), slope[cols].astype(np.float32)
+
+
+def _instrument_systematics(n, rng):
+    """Per-spectrum multiplicative ripple (n, P), LSF variance change (n, P) pixel^2, variance
+    misestimate factor (n, P) and sky-subtraction residual counts (n, P); see
+    :data:`SYSTEMATICS`."""
+    f32 = np.float32
+    sy = SYSTEMATICS
+    red = _static_observed()["red"]
+    blue = f32(1.0) - red
+    short_amp, long_amp = _ripple_profiles()
+    ripple = _gaussian_field(rng, n, sy["ripple_short"][1])
+    ripple *= short_amp[None, :]
+    long = _gaussian_field(rng, n, sy["ripple_long"][1])
+    long *= long_amp[None, :]
+    ripple += long
+    ripple += f32(1.0)
+    cols, width = _defect_columns()
+    hit = np.nonzero(rng.uniform(size=(n, cols.size)) < sy["defects"][1])
+    amp = rng.normal(0.0, sy["defects"][2], hit[0].size).astype(f32)
+    for off in range(2):
+        use = off < width[hit[1]]
+        np.add.at(ripple, (hit[0][use], cols[hit[1][use]] + off), amp[use])
+    np.maximum(ripple, f32(0.5), out=ripple)
+    dv = rng.normal(0.0, sy["lsf_var"], (n, 2)).astype(f32)
+    lsf = dv[:, :1] * blue[None, :] + dv[:, 1:] * red[None, :]
+    (mb, sb), (mr, sr) = sy["ivar_scale"]["blue"], sy["ivar_scale"]["red"]
+    vb = np.exp(rng.normal(mb, sb, (n, 1))).astype(f32)
+    vr = np.exp(rng.normal(mr, sr, (n, 1))).astype(f32)
+    var_scale = vb * blue[None, :] + vr * red[None, :]
+    frac, shift_b, shift_r = sy["sky_residual"]
+    sky_cols, lines, slope = _sky_residual_basis()
+    rc = red[sky_cols]
+    shift = (rng.normal(0.0, shift_b, (n, 1)) * (1 - rc)[None, :]
+             + rng.normal(0.0, shift_r, (n, 1)) * rc[None, :]).astype(f32)
+    sky_res = np.zeros((n, LAMOST_NPIX), f32)
+    sky_res[:, sky_cols] = (rng.normal(0.0, frac, (n, 1)).astype(f32) * lines[None, :]
+                            + shift * slope[None, :])
+    return ripple, lsf, var_scale, sky_res
+
+
+def _broaden(tau, dvar):
+    """Change the LSF variance of a pseudo optical depth by ``dvar`` (pixel^2, per pixel):
+    ``tau + dvar/2 d^2 tau/dx^2`` (heat-equation step; small changes)."""
+    lap = np.zeros_like(tau)
+    lap[:, 1:-1] = tau[:, 2:] - 2.0 * tau[:, 1:-1] + tau[:, :-2]
+    lap *= np.float32(0.5) * dvar
+    tau += lap
+    return tau
 
 
 # ------------------------------------------------------------------------------------------------
@@ -939,11 +1201,12 @@ def _static_observed():
     water = (wave > 7000) & ((wave < 7550) | (wave > 7800))
     f = np.float32
     return {"wave": wave.astype(f), "ext": ccm_extinction(wave).astype(f), "thr": thr.astype(f),
-            "sky": (_sky_counts() * thr).astype(f), "tell": _telluric_tau().astype(f),
-            "water": water, "gband": (wave >= SNR_BANDS["g"][0]) & (wave < SNR_BANDS["g"][1])}
+            "sky": _sky_counts().astype(f), "sky_lines": _sky_line_counts().astype(f),
+            "tell": _telluric_tau().astype(f), "water": water, "red": _arm_weight(wave).astype(f),
+            "gband": (wave >= SNR_BANDS["g"][0]) & (wave < SNR_BANDS["g"][1])}
 
 
-def _synth_chunk(lab: dict, rng: np.random.Generator) -> dict:
+def _synth_chunk(lab: dict, rng: np.random.Generator, systematics: bool = True) -> dict:
     f32 = np.float32
     n = lab["teff"].size
     st = _static_observed()
@@ -952,16 +1215,25 @@ def _synth_chunk(lab: dict, rng: np.random.Generator) -> dict:
     shift = np.log10(1.0 + lab["rv"] / C_KMS) / LAMOST_LOG10_STEP
     tau = _shift(tau_rest, shift)[:, _PAD:_PAD + LAMOST_NPIX]
     np.maximum(tau, 0.0, out=tau)
-    airmass = rng.uniform(1.0, 1.6, n).astype(f32)
-    water = rng.lognormal(0.0, 0.4, n).astype(f32)
-    tau += airmass[:, None] * st["tell"][None, :] * np.where(st["water"][None, :], water[:, None],
-                                                              f32(1.0))
+    if systematics:
+        ripple, dlsf, var_scale, sky_res = _instrument_systematics(n, rng)
+        _broaden(tau, dlsf)
+        np.maximum(tau, 0.0, out=tau)
+    if systematics:   # residuals of the pipeline's telluric correction (either sign)
+        o2, h2o = SYSTEMATICS["telluric_residual"]
+        res_o2 = rng.normal(0.0, o2, n).astype(f32)
+        res_h2o = rng.normal(0.0, h2o, n).astype(f32)
+        tau += st["tell"][None, :] * np.where(st["water"][None, :], res_h2o[:, None],
+                                              res_o2[:, None])
+    tau += _ism_tau(lab["ebv"])
     # continuum: Planck x reddening x calibration residual (the SED is smooth, so its rv shift
     # is immaterial); the line absorption exp(-tau); everything float32
     x = f32(1.438777e8) / (wave[None, :] * lab["teff"].astype(f32)[:, None])
     sed = (wave / f32(5000.0))[None, :] ** f32(-5.0) / np.expm1(np.minimum(x, f32(80.0)))
     sed *= np.power(f32(10.0), f32(-0.4) * lab["ebv"].astype(f32)[:, None] * st["ext"][None, :])
     sed *= _calibration_residual(wave, n, rng).astype(f32)
+    if systematics:
+        sed *= ripple
     np.negative(tau, out=tau)
     np.exp(tau, out=tau)
     counts = sed * tau                                                  # (S, P), arbitrary scale
@@ -970,9 +1242,11 @@ def _synth_chunk(lab: dict, rng: np.random.Generator) -> dict:
     ref = np.median(counts[:, st["gband"]], axis=1)
     sky_g = float(np.median(sky[st["gband"]])) + float(read2)
     s2 = np.maximum(lab["snrg"], 0.5) ** 2
+    if systematics:   # the target is the S/N of the reported (misestimated) variance
+        s2 = s2 * np.median(var_scale[:, st["gband"]], axis=1)
     n_g = 0.5 * s2 * (1.0 + np.sqrt(1.0 + 4.0 * sky_g / s2))   # counts giving the target S/N
     counts *= (n_g / np.maximum(ref, 1e-30)).astype(f32)[:, None]
-    var = counts + (sky + read2 + (f32(0.02) * sky) ** 2)[None, :]
+    var = counts + (sky + read2)[None, :]
     # flux units: counts / throughput / gain-like constant, with a random calibration scale
     gain = (3.0 * rng.lognormal(0.0, 0.15, n)).astype(f32)
     conv = f32(1.0) / (thr[None, :] * gain[:, None])
@@ -982,11 +1256,14 @@ def _synth_chunk(lab: dict, rng: np.random.Generator) -> dict:
     noise *= sigma
     flux = counts * conv
     flux += noise
+    if systematics:   # sky-subtraction residual; the pipeline's own variance estimate
+        flux += sky_res * conv
+        sigma = sigma * np.sqrt(var_scale)
     ivar = f32(1.0) / (sigma * sigma)
     andmask = np.zeros((n, LAMOST_NPIX), np.int32)
     ormask = np.zeros((n, LAMOST_NPIX), np.int32)
     # bright sky: sky variance dominates
-    bright = (sky[None, :] > 3.0 * np.maximum(counts, 1.0)) & (sky[None, :] > 150.0)
+    bright = (sky[None, :] > 30.0 * np.maximum(counts, 1.0)) & (sky[None, :] > 150.0)
     ormask[bright] |= MASK_BITS["BRIGHTSKY"]
     # bad columns and dead pixels (andmask, ivar 0), dead red ends
     star, start, length = _draw_runs(rng, n, 1.2, 2, 10)
@@ -1018,7 +1295,8 @@ def _synth_chunk(lab: dict, rng: np.random.Generator) -> dict:
     return out
 
 
-def synthesize_lamost(stars, rng: np.random.Generator, *, chunk_size: int = 2000) -> dict:
+def synthesize_lamost(stars, rng: np.random.Generator, *, chunk_size: int = 2000,
+                      systematics: bool = True) -> dict:
     """Mock LAMOST low-resolution spectra (observed frame, not normalised).
 
     Parameters
@@ -1031,6 +1309,9 @@ def synthesize_lamost(stars, rng: np.random.Generator, *, chunk_size: int = 2000
         All noise, masks and per-spectrum calibration draws come from it.
     chunk_size : int
         Stars synthesised at a time (memory ~ 0.2 MB per star).
+    systematics : bool
+        Add the instrument systematics of :data:`SYSTEMATICS` (default); False gives the
+        idealised instrument (photon, sky and read noise only), e.g. for line-by-line comparisons.
 
     Returns
     -------
@@ -1061,7 +1342,8 @@ def synthesize_lamost(stars, rng: np.random.Generator, *, chunk_size: int = 2000
             stop = min(n, start + chunk_size)
             for s0 in range(start, stop, sub):
                 s1 = min(stop, s0 + sub)
-                parts.append(_synth_chunk({k: v[s0:s1] for k, v in lab.items()}, rng))
+                parts.append(_synth_chunk({k: v[s0:s1] for k, v in lab.items()}, rng,
+                                          systematics))
             log.debug("synthesised LAMOST spectra %d-%d of %d", start, stop, n)
     return {k: np.concatenate([p[k] for p in parts]) for k in keys}
 
@@ -1165,7 +1447,8 @@ def _galah_normalised(lab: dict, chunk: int = 256) -> np.ndarray:
     for s0 in range(0, lab["teff"].size, chunk):
         sl = {k: v[s0:s0 + chunk] for k, v in lab.items()}
         lt, la, dl = _line_quantities(lines.wave_air[idx], lines.chi[idx], lines.base[idx],
-                                      lines.damp[idx], lines.species[idx], lines.species_list, sl)
+                                      lines.damp[idx], lines.species[idx], lines.species_list, sl,
+                                      hyperfine=False)
         tau0 = 10.0 ** lt[:, g["pair_line"]]
         a = 10.0 ** la[:, g["pair_line"]]
         x = g["pair_dx"][None, :] / dl[:, g["pair_line"]]
@@ -1269,8 +1552,8 @@ def realism_rms(real_path, teff, logg, fe_h, *, seed: int = 0, ebv: float = 0.0,
     teff, logg, fe_h : labels for the mock.
     seed : seed of the mock's noise and masks.
     ebv : reddening of the mock (it barely matters after normalisation).
-    noiseless : if True (default), compare with a mock at S/N 10,000, so the rms measures the
-        model mismatch plus the real spectrum's noise only.
+    noiseless : if True (default), compare with a mock at S/N 10,000 without instrument
+        systematics, so the rms measures the model mismatch plus the real spectrum's noise only.
 
     Returns
     -------
@@ -1285,7 +1568,7 @@ def realism_rms(real_path, teff, logg, fe_h, *, seed: int = 0, ebv: float = 0.0,
     snrg = float(real.meta.get("snrg", 100.0))
     stars = solar_scaled_stars(teff, logg, fe_h, rv=z * C_KMS, ebv=ebv,
                                snrg=1e4 if noiseless else max(snrg, 1.0))
-    mock = synthesize_lamost(stars, np.random.default_rng(seed))
+    mock = synthesize_lamost(stars, np.random.default_rng(seed), systematics=not noiseless)
     mock_spec = spectra.LamostSpectrum(
         wavelength=lamost_wavelength(), flux=mock["flux"][0], ivar=mock["ivar"][0],
         andmask=mock["andmask"][0].astype(np.int64), ormask=mock["ormask"][0].astype(np.int64),
@@ -1317,6 +1600,7 @@ REALISM_TYPES = {
     "G dwarf": ((5600.0, 5900.0), (4.2, 9.0)),
     "K giant": ((4500.0, 5000.0), (-9.0, 3.0)),
     "F dwarf": ((6300.0, 6700.0), (4.0, 9.0)),
+    "K dwarf": ((4700.0, 5100.0), (4.3, 9.0)),
 }
 
 
