@@ -26,7 +26,7 @@ from . import uncertainty
 log = logging.getLogger(__name__)
 
 __all__ = ["calibrate", "cross_check", "diagnostics", "cv_pulls", "pair_pulls", "pull_table",
-           "reference_repeats", "cv_repeat_pairs",
+           "reference_repeats", "cv_repeat_pairs", "repeat_half", "survey_repeat_pairs",
            "flag_rates", "calibration_paths"]
 
 
@@ -286,6 +286,7 @@ def reference_repeats(table, lamost_catalog, spectra_dir, store_path, *, n_worke
         return (np.zeros(0, np.int64), np.ones((0, P), np.float32), np.zeros((0, P), np.float32),
                 np.zeros(0, np.int64))
     files = [str(Path(spectra_dir) / f) for f in cat["filename"].astype(str)]
+    _fresh_store(store_path, files)
     flux, ivar, meta = load_spectra(files, store_path, n_workers=n_workers)
     ok = meta["ok"].to_numpy(bool)
     star = np.array([row_of[d] for d in cat["designation"].astype(str)], np.int64)
@@ -313,4 +314,145 @@ def cv_repeat_pairs(cv, extra_table, label_names) -> pd.DataFrame:
     if "flag" in extra_table and "flag" in cv:
         good = (extra_table["flag"].to_numpy() == 0) & (cv["flag"].to_numpy()[star] == 0)
         out = out[good].reset_index(drop=True)
+    return out
+
+
+def _fresh_store(store_path, files) -> None:
+    """Remove the spectra store ``store_path`` when the files it was made from have changed.
+
+    The store skips a source path it already holds, so after the mock is regenerated under the
+    same file names it would serve the old spectra. A sidecar ``<store>.sources.json`` keeps a
+    hash of the sources' paths, sizes and modification times; on a mismatch the store is rebuilt.
+    """
+    import hashlib
+    import json
+    import os
+    import shutil
+
+    store_path = Path(store_path)
+    h = hashlib.sha256()
+    for f in sorted(str(x) for x in files):
+        try:
+            st = os.stat(f)
+            h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(f"{f}\0missing\n".encode())
+    tag = h.hexdigest()
+    side = store_path.with_name(store_path.name + ".sources.json")
+    old = json.loads(side.read_text()).get("sources") if side.exists() else None
+    if store_path.exists() and old != tag:
+        log.info("%s was made from other files: rebuilding it", store_path)
+        shutil.rmtree(store_path)
+    if old != tag:
+        tmp = side.with_name(side.name + ".tmp")
+        tmp.write_text(json.dumps({"sources": tag, "n_files": len(files)}))
+        os.replace(tmp, side)
+
+
+def repeat_half(designation) -> np.ndarray:
+    """``"fit"`` or ``"check"`` for each star: the parity of the first byte of
+    ``blake2b(designation)``. A fixed, reproducible split of the survey's repeat-observed stars:
+    notebook 04 fits the random errors on the ``"fit"`` half, notebook 05 checks them on the
+    ``"check"`` half."""
+    import hashlib
+
+    d = np.asarray(designation).astype(str)
+    odd = np.array([hashlib.blake2b(x.encode(), digest_size=2).digest()[0] % 2 for x in d], bool)
+    return np.where(odd, "check", "fit")
+
+
+def _fold_of(designation, k=12) -> np.ndarray:
+    import hashlib
+
+    d = np.asarray(designation).astype(str)
+    return np.array([hashlib.blake2b(x.encode(), digest_size=2).digest()[1] % k for x in d],
+                    np.int64)
+
+
+def survey_repeat_pairs(models, lamost_catalog, spectra_dir, store_path, *, exclude=(),
+                        half="fit", boundaries=None, n_workers=None) -> dict:
+    """Repeat pairs of the survey's stars observed more than once, labelled by the full models.
+
+    The survey's repeat observations reach far lower S/N (down to ~10) than the reference set's
+    cross-validation, so they pin how the random error grows towards low S/N, where the CV cannot.
+    Each observation is labelled by the model eq. 1 picks from its own LAMOST teff/logg; a pair
+    needs both observations with the same model, a clean fit (``flag == 0``) and teff, logg and
+    [Fe/H] inside the model's training range and inside their KDE extrapolation boundaries (the
+    population ``quality_flag`` keeps: labels near and beyond the edges of the training set
+    scatter more from visit to visit).
+
+    Parameters
+    ----------
+    models : dict ``{"dwarf": CannonModel, "giant": CannonModel}``
+    lamost_catalog : Table or DataFrame (``obsid``, ``designation``, ``filename``, ``teff``,
+        ``logg``)
+    spectra_dir : path of the catalogue's files
+    store_path : spectra store for these observations (rebuilt when its files changed)
+    exclude : designations left out (e.g. the reference stars, whose repeats the CV uses)
+    half : ``"fit"``, ``"check"`` or None (all stars); see :func:`repeat_half`
+    boundaries : dict name -> {label: (low, high)}, optional
+        The KDE extrapolation boundaries of each model
+        (:func:`lamostcannon.validation.extrapolation_boundaries`).
+
+    Returns
+    -------
+    dict name -> DataFrame of pairs with ``designation``, ``fold`` (a hash of the designation
+    modulo 12, for even/odd splits), ``snr1``, ``snr2`` and per label ``delta_<l>``, ``e1_<l>``,
+    ``e2_<l>`` (formal errors): the ``pairs`` argument of
+    :func:`lamostcannon.uncertainty.fit_error_model`.
+    """
+    import itertools
+
+    from .catalog import _as_frame, choose_model
+    from .real import load_spectra
+
+    cat = _as_frame(lamost_catalog, ["obsid", "designation", "filename", "teff", "logg"])
+    cat = cat.drop_duplicates("obsid")
+    cat = cat[~cat["designation"].astype(str).isin(set(map(str, exclude)))]
+    counts = cat["designation"].value_counts()
+    cat = cat[cat["designation"].isin(counts.index[counts >= 2])]
+    if half is not None:
+        cat = cat[repeat_half(cat["designation"]) == half]
+    giant, known = choose_model(cat["teff"].to_numpy(float), cat["logg"].to_numpy(float))
+    cat = cat.assign(giant=giant)[known].sort_values("obsid").reset_index(drop=True)
+    out = {name: pd.DataFrame() for name in models}
+    if len(cat) == 0:
+        return out
+    files = [str(Path(spectra_dir) / f) for f in cat["filename"].astype(str)]
+    _fresh_store(store_path, files)
+    flux, ivar, meta = load_spectra(files, store_path, n_workers=n_workers)
+    ok = meta["ok"].to_numpy(bool)
+    snr = _ood.spectrum_snr(flux, ivar)
+    for name, model in models.items():
+        rows = np.flatnonzero(ok & (cat["giant"].to_numpy(bool) == (name == "giant")))
+        if rows.size < 2:
+            continue
+        res = model.test(flux[rows], ivar[rows])
+        names = list(model.label_names)
+        lab = res.labels
+        err = np.sqrt(np.clip(np.diagonal(res.cov, axis1=1, axis2=2), 0, None))
+        good = res.flag == 0
+        for n in ("teff", "logg", "fe_h"):
+            if n in names:
+                j = names.index(n)
+                good &= (lab[:, j] >= model.label_range[0, j]) & (lab[:, j] <= model.label_range[1, j])
+                if boundaries is not None and n in boundaries.get(name, {}):
+                    lo, hi = boundaries[name][n]
+                    lo = -np.inf if lo is None else lo
+                    hi = np.inf if hi is None else hi
+                    good &= (lab[:, j] >= lo) & (lab[:, j] <= hi)
+        des = cat["designation"].to_numpy(str)[rows]
+        pairs, gidx = [], np.flatnonzero(good)
+        for members in pd.Series(gidx).groupby(des[gidx]).indices.values():
+            pairs += list(itertools.combinations(sorted(gidx[members].tolist()), 2))
+        if not pairs:
+            continue
+        i, j = np.array(pairs).T
+        df = pd.DataFrame({"designation": des[i], "fold": _fold_of(des[i]),
+                           "snr1": snr[rows][i], "snr2": snr[rows][j]})
+        for k, n in enumerate(names):
+            df[f"delta_{n}"] = lab[i, k] - lab[j, k]
+            df[f"e1_{n}"], df[f"e2_{n}"] = err[i, k], err[j, k]
+        out[name] = df
+        log.info("%s: %d survey repeat pairs of %d stars", name, len(df), df["designation"].nunique())
     return out

@@ -30,9 +30,12 @@ What each data set constrains (:func:`fit_error_model`)
     *Cross-validation residuals* against the reference labels see everything:
     ``l_CV - l_ref ~ N(0, e_random^2 + floor^2 + e_ref^2)``, ``e_ref`` being the reference label's
     own noise.
-    Both are fitted together: the pairs pin the random part, the CV the rest. Without pairs (the
-    mock's reference set) the CV's S/N range separates the two (the random part grows towards low
-    S/N, the floor does not) and ``random_floor = 0``.
+    Both are fitted together: the pairs pin the random part, the CV the rest. The pairs should
+    span the S/N range the errors are used at: the reference sets' spectra have S/N above ~40,
+    so notebook 04 adds the survey's own repeat pairs (half of its repeat-observed stars, down to
+    S/N ~10; :func:`lamostcannon.trust.survey_repeat_pairs`). Without pairs the CV's S/N range
+    separates the two (the random part grows towards low S/N, the floor does not) and
+    ``random_floor = 0``.
 
 The reference labels' own noise
     Quoted reference errors can be subtracted (``ref_errors``), but only where they are right:
@@ -236,7 +239,9 @@ def _scale(p):
 
 def _gamma(p):
     """The S/N exponent, in [0, 1]."""
-    return float(1.0 / (1.0 + np.exp(-p)))
+    from scipy.special import expit
+
+    return float(expit(p))
 
 
 def _fit_label(d, ef, snr, er, pairs_data, *, fit_gamma=True):

@@ -356,3 +356,70 @@ def test_binned_statistics_inside_the_test_step_match_the_standalone_ones(traine
     alone = ood.residual_statistics(model, res.labels, flux, ivar, None, binner=binner)
     for name in binner.names:
         np.testing.assert_allclose(res.binned[name], alone[f"ood_{name}"], rtol=1e-4)
+
+
+def test_survey_repeat_pairs_half_exclusion_eq1_and_pulls(trained, monkeypatch, tmp_path):
+    """Survey repeat pairs: one half of the stars (never the excluded ones), both observations
+    with the model eq. 1 picks (a visit eq. 1 sends to the other model, or without LASP labels,
+    is in no dwarf pair), formal-error pulls of a model that is exactly right near unit spread."""
+    from lamostcannon import cannon, real
+
+    model, theta = trained["model"], trained["theta"]
+    rng = np.random.default_rng(11)
+    n_star = 80
+    des = np.array([f"J{k:06d}" for k in range(n_star)])
+    x_star = 0.5 * rng.standard_normal((n_star, 3))
+    rows = []
+    for k in range(n_star):
+        for v in range(2 + k % 2):
+            teff, logg = 5800.0, 4.3
+            if k == 3:
+                teff = -9999.0                      # no pipeline labels: not paired
+            if k == 5 and v == 1:
+                logg = 2.0                          # eq. 1 says giant for this visit only
+            rows.append((1000 * k + v, des[k], f"spec-{k}-{v}.fits.gz", teff, logg, k))
+    cat = pd.DataFrame(rows, columns=["obsid", "designation", "filename", "teff", "logg", "star"])
+    snr = rng.uniform(30, 150, len(cat))
+
+    def fake_load(files, store_path, n_workers=None):
+        order = {f"spec-{k}-{v}.fits.gz": i for i, (k, v) in enumerate(
+            zip(cat["star"], cat["obsid"] % 1000))}
+        idx = np.array([order[f.rsplit("/", 1)[-1]] for f in files])
+        x = x_star[cat["star"].to_numpy()[idx]]
+        flux = cannon.vectorize(x) @ theta.T + rng.standard_normal((idx.size, P)) / snr[idx, None]
+        ivar = np.tile(snr[idx, None] ** 2, (1, P))
+        return flux.astype(np.float32), ivar.astype(np.float32), pd.DataFrame({"ok": np.ones(idx.size, bool)})
+
+    monkeypatch.setattr(real, "load_spectra", fake_load)
+    out = trust.survey_repeat_pairs({"dwarf": model, "giant": model}, cat, tmp_path,
+                                    tmp_path / "store.zarr", exclude=[des[7]], half="fit")
+    pairs = out["dwarf"]
+    fit_stars = set(des[trust.repeat_half(des) == "fit"]) - {des[3], des[7]}
+    dwarf_visits = cat[cat["logg"] > 3.5].groupby("designation").size()
+    expected = sum(dwarf_visits[d] * (dwarf_visits[d] - 1) // 2 for d in fit_stars)
+    assert set(pairs["designation"]) <= fit_stars and len(pairs) == expected
+    assert (pairs["designation"] == des[5]).sum() == (1 if des[5] in fit_stars else 0)
+    assert out["giant"].empty
+    assert pairs["fold"].between(0, 11).all() and np.isfinite(pairs[["snr1", "snr2"]]).all().all()
+    assert 0.05 < np.mean(trust.repeat_half(des) == "fit") < 0.95
+    z = pairs["delta_teff"] / np.hypot(pairs["e1_teff"], pairs["e2_teff"])
+    assert 0.75 < np.quantile(np.abs(z), 0.683) < 1.3
+
+
+def test_stale_spectra_store_is_rebuilt(tmp_path):
+    """A store made from other files (a regenerated mock under the same names) is removed."""
+    import os
+
+    src = tmp_path / "a.fits"
+    src.write_bytes(b"x")
+    store = tmp_path / "s.zarr"
+    store.mkdir()
+    trust._fresh_store(store, [src])
+    assert not store.exists()                       # no record of its sources: rebuilt
+    store.mkdir()
+    (store / "data").write_text("kept")
+    trust._fresh_store(store, [src])
+    assert (store / "data").exists()                # same files: kept
+    os.utime(src, ns=(1, 1))
+    trust._fresh_store(store, [src])
+    assert not store.exists()                       # a source changed: rebuilt
