@@ -580,6 +580,8 @@ class InferenceReport:
     executor: str
     parts_dir: Path
     peak_memory_mb_per_worker: float = float("nan")
+    #: Seconds spent starting a Dask LocalCluster (0 when none was started here).
+    cluster_start_seconds: float = 0.0
 
     @property
     def obs_per_s(self) -> float:
@@ -665,6 +667,7 @@ def run_inference(store_path, ctx: LabelContext | None = None, *, lamost_catalog
 
         bar = tqdm(total=len(chunks), initial=len(done), unit="chunk", desc="labelling")
     own_client = None
+    cluster_start = 0.0
     if client is None and scheduler_address is not None:
         from distributed import Client
 
@@ -672,9 +675,11 @@ def run_inference(store_path, ctx: LabelContext | None = None, *, lamost_catalog
     elif client is None and n_workers > 1 and pending:
         from distributed import Client, LocalCluster
 
+        t_start = time.perf_counter()
         cluster = LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker,
                                processes=True, dashboard_address=None)
         client = own_client = Client(cluster)
+        cluster_start = time.perf_counter() - t_start
     executor = "serial" if client is None else ("dask-local" if own_client and scheduler_address is None
                                                 else "dask")
     peak = float("nan")
@@ -707,14 +712,46 @@ def run_inference(store_path, ctx: LabelContext | None = None, *, lamost_catalog
     report = InferenceReport(n_obs=n_obs, n_chunks=len(chunks), chunks_done_before=len(done),
                              chunks_run=len(pending), seconds=time.perf_counter() - t0,
                              n_workers=n_workers, executor=executor, parts_dir=parts_dir,
-                             peak_memory_mb_per_worker=peak)
+                             peak_memory_mb_per_worker=peak, cluster_start_seconds=cluster_start)
     log.info("labelled %d chunks in %.1f s (%s, %d workers)", report.chunks_run, report.seconds,
              executor, n_workers)
     return report
 
 
+def _prepare_dask_worker() -> None:
+    """Once per Dask worker process, before its first chunk: keep freed memory for reuse
+    (:func:`lamostcannon.parallel.keep_freed_memory`: the nanny's ``MALLOC_TRIM_THRESHOLD_``
+    made every large array a fresh mmap, ~1.3x the CPU per chunk) and import the labelling
+    code, so that neither is charged to a chunk."""
+    global _DASK_WORKER_READY
+    if not _DASK_WORKER_READY:
+        from . import cannon, parallel  # noqa: F401  (imported here, not in the first chunk)
+
+        parallel.keep_freed_memory()
+        _DASK_WORKER_READY = True
+
+
+_DASK_WORKER_READY = False
+
+
+def _dask_label_chunk(store_path: str, start: int, stop: int, meta: pd.DataFrame,
+                      ctx: LabelContext) -> pd.DataFrame:
+    """Dask task: :func:`_label_store_chunk` on one BLAS thread (whatever the deployment set:
+    ``dask worker --no-nanny`` leaves BLAS at one thread per core, oversubscribing)."""
+    from threadpoolctl import threadpool_limits
+
+    _prepare_dask_worker()  # a worker that joined after the start (cluster.scale)
+    with threadpool_limits(limits=1):
+        return _label_store_chunk(store_path, start, stop, meta, ctx)
+
+
 def _run_dask(client, store_path, pending, meta, ctx, parts_dir, bar, max_in_flight=None):
-    """Submit one task per chunk (at most ``max_in_flight`` at a time) and write parts as they come."""
+    """Submit one task per chunk (at most ``max_in_flight`` at a time) and write parts as they come.
+
+    The context (models, windows, boundaries: a few MB) is scattered to every worker once; a
+    task carries only its row range and its rows of the metadata table (~100 kB per 2048
+    rows), so the scheduler holds ``max_in_flight`` small tasks however big the survey.
+    """
     from distributed import as_completed
 
     try:
@@ -723,6 +760,7 @@ def _run_dask(client, store_path, pending, meta, ctx, parts_dir, bar, max_in_fli
         info = client.scheduler_info()
     n_workers = max(len(info.get("workers", {})), 1)
     max_in_flight = max_in_flight or 2 * n_workers
+    client.run(_prepare_dask_worker)
     client.run(_reset_peak_rss)
     [ctx_future] = client.scatter([ctx], broadcast=True, hash=False)
     token = hashlib.sha256(str(parts_dir).encode()).hexdigest()[:8]
@@ -731,7 +769,7 @@ def _run_dask(client, store_path, pending, meta, ctx, parts_dir, bar, max_in_fli
 
     def submit():
         i, start, stop = todo.pop(0)
-        fut = client.submit(_label_store_chunk, store_path, start, stop,
+        fut = client.submit(_dask_label_chunk, store_path, start, stop,
                             meta.iloc[start:stop].reset_index(drop=True), ctx_future,
                             key=f"label-chunk-{token}-{i}-{time.monotonic_ns()}", pure=False)
         futures[fut] = i

@@ -61,7 +61,7 @@ import pandas as pd
 from . import __version__
 from .parallel import ordered_map
 from .spectra import (LOG10_WAVE_START, LOG10_WAVE_STEP, MIN_GOOD_PIXELS, N_PIXELS,
-                      _init_worker, _one_blas_thread, _process_files,
+                      _init_worker, _one_blas_thread, _process_files, _process_payload,
                       common_wavelength, find_spectra)
 
 log = logging.getLogger(__name__)
@@ -683,8 +683,10 @@ def ingest(files_or_folder: str | PathLike | Iterable[str | PathLike],
     :func:`~lamostcannon.spectra.resample` and :func:`~lamostcannon.spectra.normalise` (the same
     code as :func:`~lamostcannon.spectra.preprocess`; the continuum sums are exact integer
     arithmetic, so a stored row equals per-file processing bit for bit whatever the batch, BLAS
-    or CPU: see :mod:`lamostcannon.spectra`, step 4). Worker processes handle chunks of ``chunk_size`` files; the parent
-    appends their results in input order and commits every ``commit_rows`` observations. An
+    or CPU: see :mod:`lamostcannon.spectra`, step 4). Worker processes handle chunks of
+    ``chunk_size`` files (one running and one queued per worker); the parent appends their
+    results in input order and commits every ``commit_rows`` observations, from a background
+    thread so that the workers are kept busy during a commit. An
     interrupted run (Ctrl-C, ``kill -9``) loses at most the uncommitted rows, and the next run
     skips every file already stored.
 
@@ -728,8 +730,11 @@ def ingest(files_or_folder: str | PathLike | Iterable[str | PathLike],
     elif isinstance(files_or_folder, (str, PathLike)):
         paths = [Path(files_or_folder)]
     else:
-        paths = [Path(p) for p in files_or_folder]
-    sources = [os.path.abspath(p) for p in paths]
+        paths = list(files_or_folder)
+    # os.path.abspath, with the working directory looked up once (not once per file: a
+    # getcwd system call and a Path object per file cost ~20 us, 90 s for 4.5 million files)
+    cwd = os.getcwd()
+    sources = [os.path.normpath(os.path.join(cwd, os.fsdecode(p))) for p in paths]
     if chunk_size < 1 or commit_rows < 1:
         raise ValueError("chunk_size and commit_rows must be >= 1")
     if n_workers is None:
@@ -758,11 +763,14 @@ def ingest(files_or_folder: str | PathLike | Iterable[str | PathLike],
                            else [])
         tasks = [todo[i:i + chunk_size] for i in range(0, len(todo), chunk_size)]
         buffer = {"flux": [], "ivar": [], "meta": [], "n": 0}
+        handed = {"rows": len(store)}  # rows given to the writer (committed or about to be)
+        writer = _Appender(store)
 
         def flush():
             if buffer["n"]:
-                store.append(np.concatenate(buffer["flux"]), np.concatenate(buffer["ivar"]),
-                             _meta_frame(buffer["meta"]))
+                writer.put(np.concatenate(buffer["flux"]), np.concatenate(buffer["ivar"]),
+                           buffer["meta"])
+                handed["rows"] += buffer["n"]
                 buffer.update(flux=[], ivar=[], meta=[], n=0)
 
         def take(task, result):
@@ -779,11 +787,12 @@ def ingest(files_or_folder: str | PathLike | Iterable[str | PathLike],
                         continue
                     seen.add(meta["obsid"])
                 status[i] = "stored"
-                row_col[i] = len(store) + buffer["n"] + len(keep)
+                row_col[i] = handed["rows"] + buffer["n"] + len(keep)
                 keep.append(pos)
             if keep:
-                buffer["flux"].append(result["flux"][keep])
-                buffer["ivar"].append(result["ivar"][keep])
+                everything = len(keep) == len(result["ok"])  # no copy in the common case
+                buffer["flux"].append(result["flux"] if everything else result["flux"][keep])
+                buffer["ivar"].append(result["ivar"] if everything else result["ivar"][keep])
                 buffer["meta"].extend(result["meta"][p] for p in keep)
                 buffer["n"] += len(keep)
             if buffer["n"] >= commit_rows:
@@ -801,7 +810,10 @@ def ingest(files_or_folder: str | PathLike | Iterable[str | PathLike],
                 _run_pool(tasks, sources, args, n_workers, take, bar)
         finally:
             bar.close()
-            flush()  # results already received are complete and valid: keep them
+            try:
+                flush()  # results already received are complete and valid: keep them
+            finally:
+                writer.close()  # waits for every append; raises the writer's error, if any
         if len(store._parts) > 1:
             store.compact()
         report = pd.DataFrame({"source": sources, "status": status, "reason": reason,
@@ -820,6 +832,60 @@ def ingest(files_or_folder: str | PathLike | Iterable[str | PathLike],
     return report
 
 
+class _Appender:
+    """Appends batches to a store from one background thread, in order.
+
+    A 2,048-row append (Blosc compression, Zarr chunk files, the metadata part, the commit)
+    takes ~0.1 ms of CPU but 0.15-0.25 ms of wall time per spectrum; done in the ingest loop, it
+    kept the loop from handing the next task to a worker that had finished, so both workers
+    sat idle for most of every append (about a fifth of the run on 2 cores). In this thread
+    the loop goes on; Blosc and the file writes release the GIL. At most ``depth`` batches
+    wait (bounded memory). Each append still commits atomically, in the order given, so a
+    killed run keeps exactly the committed rows, as before.
+    """
+
+    def __init__(self, store: "SpectraStore", depth: int = 1):
+        import queue
+        import threading
+
+        self._store = store
+        self._queue = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="lamostcannon-store-writer",
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if self._error is not None:
+                continue  # a failed append: drop the rest (uncommitted), report at close
+            try:
+                flux, ivar, records = item
+                self._store.append(flux, ivar, _meta_frame(records))
+            except BaseException as exc:  # re-raised in the ingest loop
+                self._error = exc
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def put(self, flux: np.ndarray, ivar: np.ndarray, records: list) -> None:
+        """Queue one batch (waits while ``depth`` batches are pending)."""
+        self._raise()
+        self._queue.put((flux, ivar, records))
+
+    def close(self) -> None:
+        """Wait for every queued append; raise the first append error, if any."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        self._raise()
+
+
 def _run_pool(tasks, sources, args, n_workers, take, bar) -> None:
     """Run the tasks on ``n_workers`` spawned processes; results are taken in task order.
 
@@ -835,12 +901,11 @@ def _run_pool(tasks, sources, args, n_workers, take, bar) -> None:
         return {"ok": [], "meta": [], "failed": [(k, why) for k in range(len(tasks[index]))],
                 "flux": None, "ivar": None}
 
+    # the task function lives in spectra (numpy only), so a worker starts without importing
+    # pandas and zarr (0.45 s of CPU per worker)
     for index, result in ordered_map(_process_payload, payloads, n_workers,
                                      initializer=_init_worker, on_error=failed,
                                      env={"OPENBLAS_NUM_THREADS": "1"}):
         take(tasks[index], result)
         bar.update(len(tasks[index]))
 
-
-def _process_payload(payload):
-    return _process_files(*payload)

@@ -55,6 +55,30 @@ def test_a_dead_worker_costs_only_its_task_and_a_twice_fatal_task_is_given_up(tm
         list(ordered_map(_die_on, [(5, marker), (1, marker)], 2))
 
 
+def _slow_die_on(payload):
+    import time
+
+    time.sleep(0.05)  # long enough for the next task to be queued in the worker's pipe
+    return _die_on(payload)
+
+
+def test_a_task_queued_behind_a_fatal_one_is_sent_again_without_counting_a_death(tmp_path):
+    """One worker holds two tasks (one running, one waiting in its pipe); when the running one
+    kills it, the waiting one had not started: it runs on the next worker, and only the
+    fatal task is given up."""
+    marker = str(tmp_path / "died_once")
+    errors = {}
+
+    def on_error(index, exc):
+        errors[index] = exc
+        return "lost"
+
+    got = list(ordered_map(_slow_die_on, [(x, marker) for x in (5, 1, 2, 3)], 1,
+                           on_error=on_error, in_flight_per_worker=2))
+    assert [r for _, r in got] == ["lost", 1, 4, 9]
+    assert list(errors) == [0] and errors[0].deaths == 2
+
+
 def _fail_init():
     raise ValueError("cannot load the model")
 
@@ -62,3 +86,105 @@ def _fail_init():
 def test_an_initializer_that_raises_stops_the_run():
     with pytest.raises(ValueError, match="cannot load the model"):
         list(ordered_map(_square_or_fail, [1, 2], 2, initializer=_fail_init))
+
+
+def test_keep_freed_memory_takes_large_arrays_from_the_heap_under_dasks_malloc_setting():
+    """Dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536, which makes every array
+    above 128 kB a fresh mmap (zero-filled page by page on each use); keep_freed_memory makes
+    glibc serve them from the heap again. Checked with glibc's own count of mmapped chunks
+    (mallinfo2().hblks) around an 8 MB array, which does not depend on the kernel's page size
+    or huge pages (page-fault counts do)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import ctypes, sys, numpy as np\n"
+        "from lamostcannon import parallel\n"
+        "class Info(ctypes.Structure):\n"
+        "    _fields_ = [(n, ctypes.c_size_t) for n in ('arena', 'ordblks', 'smblks', 'hblks',"
+        " 'hblkhd', 'usmblks', 'fsmblks', 'uordblks', 'fordblks', 'keepcost')]\n"
+        "libc = ctypes.CDLL(None)\n"
+        "try:\n"
+        "    mallinfo2 = libc.mallinfo2\n"
+        "except AttributeError:\n"
+        "    print('no-mallinfo2'); sys.exit()\n"
+        "mallinfo2.restype = Info\n"
+        "applied = parallel.keep_freed_memory() if sys.argv[1] == '1' else False\n"
+        "a = np.ones(1 << 20); del a\n"  # one cycle: what glibc's dynamic rule would learn from
+        "before = mallinfo2().hblks\n"
+        "a = np.ones(1 << 20)\n"
+        "print(applied, mallinfo2().hblks - before)\n")
+    env = dict(os.environ, MALLOC_TRIM_THRESHOLD_="65536")
+    got = {}
+    for fix in ("0", "1"):
+        out = subprocess.run([sys.executable, "-c", code, fix], env=env, check=True,
+                             capture_output=True, text=True).stdout.split()
+        if out == ["no-mallinfo2"]:
+            pytest.skip("not glibc >= 2.33: no mallinfo2")
+        got[fix] = (out[0] == "True", int(out[1]))
+    if not got["1"][0]:
+        pytest.skip("not glibc: malloc thresholds cannot be set")
+    assert got["0"][1] == 1, got  # Dask's setting: the 8 MB array is a fresh mmap
+    assert got["1"][1] == 0, got  # kept freed memory: it comes from the heap
+
+
+def _slow_die_on(payload):
+    import time
+
+    time.sleep(0.05)  # long enough for the next task to be queued in the worker's pipe
+    return _die_on(payload)
+
+
+def test_a_task_queued_behind_a_fatal_one_is_sent_again_without_counting_a_death(tmp_path):
+    """One worker holds two tasks (one running, one waiting in its pipe); when the running one
+    kills it, the waiting one had not started: it runs on the next worker, and only the
+    fatal task is given up."""
+    marker = str(tmp_path / "died_once")
+    errors = {}
+
+    def on_error(index, exc):
+        errors[index] = exc
+        return "lost"
+
+    got = list(ordered_map(_slow_die_on, [(x, marker) for x in (5, 1, 2, 3)], 1,
+                           on_error=on_error, in_flight_per_worker=2))
+    assert [r for _, r in got] == ["lost", 1, 4, 9]
+    assert list(errors) == [0] and errors[0].deaths == 2
+
+
+def _fail_init():
+    raise ValueError("cannot load the model")
+
+
+def test_an_initializer_that_raises_stops_the_run():
+    with pytest.raises(ValueError, match="cannot load the model"):
+        list(ordered_map(_square_or_fail, [1, 2], 2, initializer=_fail_init))
+
+
+def test_keep_freed_memory_stops_page_faults_under_dasks_malloc_setting():
+    """Dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536, which makes every large
+    array a fresh mmap (page faults on each use); keep_freed_memory undoes that."""
+    import subprocess
+    import sys
+
+    code = (
+        "import resource, sys, numpy as np\n"
+        "from lamostcannon import parallel\n"
+        "applied = parallel.keep_freed_memory() if sys.argv[1] == '1' else False\n"
+        "a = np.ones(1 << 20); del a\n"
+        "r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+        "for _ in range(50):\n"
+        "    a = np.ones(1 << 20); del a\n"   # 8 MB, allocated and freed again and again
+        "print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0)\n")
+    env = dict(os.environ, MALLOC_TRIM_THRESHOLD_="65536")
+    faults = {}
+    for fix in ("0", "1"):
+        out = subprocess.run([sys.executable, "-c", code, fix], env=env, check=True,
+                             capture_output=True, text=True).stdout.split()
+        faults[fix] = (out[0] == "True", int(out[1]))
+    if not faults["1"][0]:
+        pytest.skip("not glibc: malloc thresholds cannot be set")
+    # without: each new 8 MB array faults its pages in again (how many depends on the page
+    # size the kernel uses); with: the freed memory is reused, no new faults
+    assert faults["0"][1] > 50 * 100, faults
+    assert faults["1"][1] < faults["0"][1] / 10, faults

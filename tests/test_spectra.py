@@ -435,3 +435,72 @@ def test_links_that_cannot_be_followed_are_listed_and_read_with_a_reason(real_la
         row = report.loc[str(top / name)]
         assert row["status"] == "failed" and row["reason"] == reason
     assert (report["status"] == "stored").sum() == 2
+
+
+# ---------------------------------------------------------------------------- speed paths
+
+@pytest.fixture(params=["isal", "zlib"])
+def inflate_library(request, monkeypatch):
+    """Run a test with ISA-L (the default when installed) and with the zlib fallback."""
+    import zlib
+
+    if request.param == "zlib":
+        monkeypatch.setattr(sp, "_INFLATE", zlib)
+        monkeypatch.setattr(sp, "_INFLATE_ERRORS", (zlib.error,))
+    elif sp.GZIP_LIBRARY != "isal":
+        pytest.skip("python-isal is not installed")
+    return request.param
+
+
+def test_gunzip_libraries_give_the_same_bytes_and_the_same_refusals(inflate_library, real_lamost,
+                                                                    tmp_path):
+    """ISA-L and zlib inflate a LAMOST file, a multi-member gzip with zero padding, a file
+    larger than the kept-in-memory size, and refuse a bomb, a truncated and a corrupt stream
+    with the same reasons."""
+    import zlib
+
+    import reliability_harness as rh
+
+    src = sorted((real_lamost / "dr10").glob("*.fits.gz"))[3]
+    raw = gzip.decompress(src.read_bytes())
+    assert sp._gunzip(src.read_bytes(), src, sp.MAX_SPECTRUM_BYTES) == raw
+    half = len(raw) // 2
+    members = gzip.compress(raw[:half]) + gzip.compress(raw[half:]) + b"\x00" * 512
+    assert sp._gunzip(members, "m", sp.MAX_SPECTRUM_BYTES) == raw
+    big = os.urandom(1000) * (9 * 2 ** 20 // 1000)  # beyond _KEEP_BYTES: inflated twice
+    assert sp._gunzip(gzip.compress(big, 1), "big", sp.MAX_SPECTRUM_BYTES) == big
+    bomb = rh.write_gzip_bomb(tmp_path / "spec-bomb.fits.gz", 96 * 2 ** 20)
+    with pytest.raises(sp.SpectrumReadError, match="exceeds the 67108864-byte limit"):
+        sp.read_lamost(bomb)
+    gz = src.read_bytes()
+    with pytest.raises(sp.SpectrumReadError, match="truncated gzip"):
+        sp._gunzip(gz[: len(gz) // 2], "t", sp.MAX_SPECTRUM_BYTES)
+    flipped = bytearray(gz)
+    flipped[len(gz) // 3: len(gz) // 3 + 64] = bytes(64)
+    with pytest.raises(sp.SpectrumReadError, match="corrupt gzip|truncated gzip"):
+        sp._gunzip(bytes(flipped), "c", sp.MAX_SPECTRUM_BYTES)
+    assert zlib.decompress(gz, 31) == raw
+
+
+def test_a_spectrum_resamples_to_the_same_bits_alone_or_in_a_batch(real_lamost, rng):
+    """The batched resampling of ingest equals one spectrum at a time, bit for bit, with
+    spectra of different native lengths, bad redshifts and empty spectra in the batch."""
+    files = sorted((real_lamost / "dr10").glob("*.fits.gz"))[:40]
+    spectra = [sp.read_lamost(f) for f in files]
+    lengths = {len(s.wavelength) for s in spectra}
+    assert len(lengths) > 1, lengths  # the real DR10 files differ in native length
+    bad_z = synthetic(z=float("nan"))
+    empty = synthetic(ivar=np.zeros(sp.N_PIXELS))
+    short = synthetic(n=400, start=2000, z=0.01)
+    batch = [bad_z, *spectra[:20], empty, short, *spectra[20:]]
+    order = rng.permutation(len(batch))
+    together = sp._resample_many([batch[k] for k in order])
+    for k, got in zip(order, together):
+        try:
+            expect = sp.resample(batch[k])
+        except sp.SpectrumReadError as exc:
+            assert isinstance(got, sp.SpectrumReadError) and got.reason == exc.reason
+            continue
+        np.testing.assert_array_equal(got[0], expect[0])
+        np.testing.assert_array_equal(got[1], expect[1])
+    assert isinstance(together[list(order).index(0)], sp.SpectrumReadError)

@@ -297,3 +297,35 @@ def test_resume_after_kill_9_loses_and_duplicates_nothing(real_lamost, tmp_path)
         f, i = sp.preprocess(sp.read_lamost(files[k]))
         np.testing.assert_array_equal(flux[k], f)
         np.testing.assert_array_equal(ivar[k], i)
+
+
+def test_a_failed_append_in_the_writer_thread_stops_the_ingest_and_a_rerun_completes(
+        real_lamost, tmp_path, monkeypatch):
+    """Appends run in a background thread; an append that fails (disk full) stops the ingest
+    with that error, keeps what was committed before it, and the next run stores the rest."""
+    files = sorted((real_lamost / "dr10").glob("*.fits.gz"))[:70]
+    original = SpectraStore.append
+    calls = {"n": 0}
+
+    def append_or_fail(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(28, "No space left on device")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(SpectraStore, "append", append_or_fail)
+    path = tmp_path / "s.zarr"
+    with pytest.raises(OSError, match="No space left on device"):
+        ingest(files, path, n_workers=1, chunk_size=16, commit_rows=32, progress=False)
+    monkeypatch.undo()
+    assert len(SpectraStore(path)) == 32  # the first commit, nothing after the failure
+    report = ingest(files, path, n_workers=1, chunk_size=16, commit_rows=32, progress=False)
+    assert (report["status"] == "already_stored").sum() == 32
+    assert (report["status"] == "stored").sum() == 38
+    store = SpectraStore(path)
+    assert store.meta["filename"].tolist() == [f.name for f in files]
+    flux, ivar = store.read([0, 40, 69])
+    for k, row in zip((0, 40, 69), range(3)):
+        expect_f, expect_i = sp.preprocess(sp.read_lamost(files[k]))
+        np.testing.assert_array_equal(flux[row], expect_f)
+        np.testing.assert_array_equal(ivar[row], expect_i)
