@@ -469,6 +469,8 @@ class TestResult:
     n_iter: np.ndarray = None
     converged: np.ndarray = None
     flag: np.ndarray = None
+    #: With ``residual_bins``: name -> (S,) binned residual statistic (see :meth:`CannonModel.test`).
+    binned: dict = field(default_factory=dict)
 
     @property
     def errors(self) -> np.ndarray:
@@ -877,7 +879,8 @@ class CannonModel:
         return lo, hi
 
     def test(self, flux, ivar, *, windows=None, chunk_size: int = 512, n_starts: int = 2,
-             max_iter: int = 50, bound: float = 1.0, init=None, n_threads=None) -> TestResult:
+             max_iter: int = 50, bound: float = 1.0, init=None, n_threads=None,
+             residual_bins=None) -> TestResult:
         """Maximum-likelihood labels of many spectra (the test step of paper section 3).
 
         Parameters
@@ -904,6 +907,14 @@ class CannonModel:
             Threads to use. Default: the current BLAS thread limit (so ``threadpoolctl``
             limits are respected). With more than one, chunks run concurrently in worker threads
             with single-threaded BLAS each (memory grows to ``n_threads`` chunks).
+        residual_bins : object, optional
+            Bins of pixels for residual statistics computed at the best fit from the same explicit
+            residuals as the window chi2 (cheaply, inside the batched step): attributes ``cols``
+            (grid pixels, trained), ``order``/``starts`` (the bins' positions in ``cols``, for
+            ``numpy.add.reduceat``), ``sizes``, ``names`` and ``window_bins`` (a slice of bins
+            per name), as :class:`lamostcannon.ood._Binner` builds them. For each name
+            ``binned[name]`` is the mean over its bins of ``(sum_p z_p)^2 / n`` with
+            ``z = (f - model) / sqrt(sigma^2 + s^2)`` (NaN without a fit or usable pixel).
 
         Returns
         -------
@@ -950,10 +961,25 @@ class CannonModel:
         arrs["starts_m4"] = _monomials4(arrs["starts"], _tables(L))
         arrs["timing"] = {}
         arrs["buffers"] = threading.local()
-        if win_names:
-            arrs["win_cols"] = np.flatnonzero(win_mat.any(axis=1))
+        if win_names or residual_bins is not None:
+            # columns (positions among the trained pixels) with explicit residuals: the windows'
+            # and the residual bins' together, so that both share one prediction
+            use = win_mat.any(axis=1) if win_names else np.zeros(int(self.pixel_ok.sum()), bool)
+            if residual_bins is not None:
+                pos = np.cumsum(self.pixel_ok) - 1
+                bcols = np.asarray(residual_bins.cols, dtype=np.int64)
+                if not self.pixel_ok[bcols].all():
+                    raise ValueError("residual_bins.cols must be trained pixels")
+                use[pos[bcols]] = True
+            arrs["win_cols"] = np.flatnonzero(use)
             arrs["win_theta_t"] = np.ascontiguousarray(arrs["theta_c"][arrs["win_cols"]].T)
-            arrs["win_mat"] = np.ascontiguousarray(win_mat[arrs["win_cols"]])
+            if win_names:
+                arrs["win_mat"] = np.ascontiguousarray(win_mat[arrs["win_cols"]])
+            if residual_bins is not None:
+                where = np.searchsorted(arrs["win_cols"], pos[bcols])
+                arrs["bin_cols"] = where[np.asarray(residual_bins.order, np.int64)]
+                arrs["bins"] = residual_bins
+                res.binned = {n: np.full(S, np.nan) for n in residual_bins.names}
 
         def run(start):
             sl = slice(start, min(S, start + chunk_size))
@@ -1013,7 +1039,8 @@ class CannonModel:
         c = np.empty(n)
         n_pix = np.empty(n, dtype=np.int64)
         cols = arrs.get("win_cols")
-        if win_names:
+        explicit = cols is not None
+        if explicit:
             f_win = np.empty((n, cols.size))
             w_win = np.empty((n, cols.size))
         blk = max(1, min(n, _WEIGHT_BLOCK))
@@ -1055,7 +1082,7 @@ class CannonModel:
                 n_pix[a:b] = np.count_nonzero(wb, axis=1)
                 np.multiply(wb, fb, out=wfb)
                 c[a:b] = np.einsum("sp,sp->s", wfb, fb)
-                if win_names:
+                if explicit:
                     np.take(fb, cols, axis=1, out=f_win[a:b])
                     np.take(wb, cols, axis=1, out=w_win[a:b])
         del f_buf, t_buf
@@ -1098,10 +1125,14 @@ class CannonModel:
         res.labels[sl] = self.scaler.inverse_transform(out_x)
         res.cov[sl] = self.scaler.inverse_transform_cov(out_cov)
         res.chi2[sl] = out_chi2
-        if win_names:
+        if explicit:
             x_eval = np.where(np.isfinite(out_x), out_x, 0.0)
             r = vectorize(x_eval) @ arrs["win_theta_t"]
             np.subtract(f_win, r, out=r)
+            if "bins" in arrs and len(arrs["bins"].starts):
+                self._binned_statistics(r, w_win, arrs, fit & np.all(np.isfinite(out_x), axis=1),
+                                        res, sl)
+        if win_names:
             r *= r
             r *= w_win
             cw = r @ arrs["win_mat"]
@@ -1113,6 +1144,28 @@ class CannonModel:
         res.converged[sl] = conv
         res.flag[sl] = flag
         lap("chi2")
+
+    @staticmethod
+    def _binned_statistics(r, w_win, arrs, ok_rows, res, sl):
+        """Residual statistics of ``residual_bins`` from the explicit residuals ``r`` (f - model,
+        window columns) and weights ``w_win`` (1 / (sigma^2 + s^2), 0 where missing)."""
+        bins, idx = arrs["bins"], arrs["bin_cols"]
+        wz = np.take(w_win, idx, axis=1)
+        z = np.take(r, idx, axis=1)
+        z *= np.sqrt(wz)
+        zs = np.add.reduceat(z, bins.starts, axis=1)
+        usable = wz > 0
+        if usable.all():
+            nn = np.broadcast_to(np.asarray(bins.sizes, float), zs.shape)
+        else:
+            nn = np.add.reduceat(usable.astype(np.int16), bins.starts, axis=1).astype(float)
+        has = nn > 0
+        with np.errstate(invalid="ignore", divide="ignore"):
+            term = np.where(has, zs * zs / np.where(has, nn, 1.0), 0.0)
+            for name, b in zip(bins.names, bins.window_bins):
+                nb = has[:, b].sum(axis=1)
+                stat = term[:, b].sum(axis=1) / nb
+                res.binned[name][sl] = np.where(ok_rows & (nb > 0), stat, np.nan)
 
     # ---- slow reference --------------------------------------------------------------------
     def test_reference(self, flux, ivar, *, bound: float = 1.0, init=None):

@@ -1,10 +1,12 @@
 """Catalogue inference at survey scale: labels for millions of LAMOST observations (paper section 5.1).
 
-The driver streams the spectra store in chunks of observations, labels each chunk with the dwarf or
-the giant model (paper eq. 1 on the LAMOST pipeline's teff/logg), and writes one Parquet part file
-per chunk. Parts are written to a temporary name and renamed, so *a chunk is done iff its part file
-exists*: a run killed at any moment (even ``kill -9``) and started again labels only the missing
-chunks, and the assembled table is identical to that of an uninterrupted run.
+The driver streams the spectra store in chunks of observations, labels each chunk with the
+labelling core (:meth:`lamostcannon.labelling.Labeller.label`: the dwarf or the giant model by
+paper eq. 1 on the LAMOST pipeline's teff/logg, calibrated errors, the out-of-distribution score
+and ``quality_flag``), and writes one Parquet part file per chunk. Parts are written to a
+temporary name and renamed, so *a chunk is done iff its part file exists*: a run killed at any
+moment (even ``kill -9``) and started again labels only the missing chunks, and the assembled table
+is identical to that of an uninterrupted run.
 
 Execution
     ``n_workers=1`` (and no Dask client): the chunks run in this process, one after another, with
@@ -15,28 +17,37 @@ Execution
     ``chunk_size * 3909 * 4 * 2`` bytes of float32 spectra plus the test step's workspace).
 
 Model choice per observation
-    Observations with finite LAMOST ``teff`` and ``logg`` use the model chosen by eq. 1
-    (:func:`lamostcannon.labels.is_giant`). Observations without LASP labels (NaN teff or logg, as
-    for many hot or low-S/N spectra) are labelled with *both* models and keep the fit with the lower
-    reduced chi2 (chi2 / n_pixels); they carry the :data:`FLAG_NO_LASP` bit.
+    Observations with physical LAMOST ``teff`` and ``logg`` use the model chosen by eq. 1
+    (:func:`lamostcannon.labels.is_giant`). Observations without them (NaN, or LAMOST's ``-9999``
+    sentinel: :func:`lamostcannon.labels.pipeline_value`, as for many hot or low-S/N spectra) are
+    labelled with *both* models and keep the fit with the lower reduced chi2 (chi2 / n_pixels);
+    they carry :data:`FLAG_NO_LASP` and the ``NO_PIPELINE`` bit of ``quality_flag``.
 
-Flags (per-observation ``flag`` bitmask; per star the OR over the combined observations)
+Flags
+    ``quality_flag`` (:data:`lamostcannon.labelling.QUALITY_BITS`; 0 = recommended for science)
+    is the one to select on. ``flag`` keeps the catalogue's processing bits:
     :data:`FLAG_NO_PIXELS` fewer than ``min_pixels`` usable pixels (not fitted, labels NaN);
     :data:`FLAG_NOT_CONVERGED` the test step did not converge; :data:`FLAG_NO_LASP` model chosen by
-    chi2; :data:`FLAG_NONFINITE` the fit returned non-finite labels. The Cannon's own bitmask is kept
-    as ``cannon_flag``. Extrapolation flags (``kiel_extrap`` on teff/logg and ``<label>_extrap``)
-    come from the KDE boundaries of :mod:`lamostcannon.validation` beside each model.
+    chi2; :data:`FLAG_NONFINITE` the fit returned non-finite labels. The Cannon's own bitmask is
+    ``cannon_flag``. Extrapolation flags (``kiel_extrap`` on teff/logg and ``<label>_extrap``) come
+    from the KDE boundaries of :mod:`lamostcannon.validation` beside each model.
+
+Uncertainties
+    ``e_<label>`` is the calibrated total error, ``e_<label>_random`` its visit-to-visit part and
+    ``e_<label>_formal`` the test step's inverse-Hessian error (:mod:`lamostcannon.uncertainty`).
 
 Repeats (:func:`combine_repeats`)
-    Observations are grouped by LAMOST ``designation``. A star's model is the one whose usable
-    observations carry the larger total S/N(z); its labels are the S/N(z)-weighted means over the
-    usable observations made with that model (observations flagged ``FLAG_NO_PIXELS`` or
-    ``FLAG_NOT_CONVERGED`` are used only when a star has nothing else). Boolean flags are OR-ed over
-    the combined observations ("for any observation", Table 1).
+    Observations are grouped by LAMOST ``designation``. A star combines its observations with
+    ``quality_flag == 0`` when it has any; otherwise those without :data:`BAD_FLAGS`; otherwise all.
+    Its model is the one whose combined observations carry the larger total S/N(z); its labels are
+    the S/N(z)-weighted means over the observations made with that model. The random part of the
+    error averages down, the systematic floor does not (see :func:`combine_repeats`). Flags
+    (``quality_flag``, ``cannon_flag``, ``flag``, the ``_extrap`` columns) are OR-ed over the
+    combined observations ("for any observation", Table 1).
 
 Products (``processed/``): ``labels_per_observation.parquet``, ``catalog.parquet`` and
-``catalog.fits`` (paper Table 1 with units and descriptions). Part files live in
-``interim/catalog_parts/``.
+``catalog.fits`` (paper Table 1 with units and descriptions; the header lists the labels without
+CV skill). Part files live in ``interim/catalog_parts/``.
 """
 
 from __future__ import annotations
@@ -46,7 +57,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +66,7 @@ import pandas as pd
 from . import calibration as _calibration
 from . import labels as labelsets
 from . import paths
+from .labelling import QUALITY_BITS, Labeller, ModelBundle, _hash_arrays, quality_flag_description
 
 log = logging.getLogger(__name__)
 
@@ -93,17 +105,25 @@ def extrap_columns() -> list[str]:
     return ["kiel_extrap"] + [f"{name}_extrap" for name in ("fe_h",) + ABUNDANCE_LABELS]
 
 
+def error_columns() -> list[str]:
+    """``e_<label>``, ``e_<label>_random``, ``e_<label>_formal`` for every label."""
+    return [f"e_{n}{s}" for s in ("", "_random", "_formal") for n in ALL_LABELS]
+
+
 def observation_columns() -> dict[str, str]:
     """Columns of the per-observation table and their numpy dtypes (the same for every part)."""
     cols = {"obsid": "int64", "designation": "str", "row": "int64", "giantmodel": "bool"}
     cols.update({name: "float64" for name in ALL_LABELS})
-    cols.update({f"e_{name}": "float64" for name in ALL_LABELS})
+    cols.update({name: "float64" for name in error_columns()})
     cols["chi2"] = "float64"
+    cols["chi2_per_pixel"] = "float64"
     cols.update({f"chi2_{name}": "float64" for name in ABUNDANCE_LABELS})
     cols.update({"n_pixels": "int32", "n_iter": "int32", "converged": "bool", "cannon_flag": "int64",
-                 "flag": "int32"})
+                 "flag": "int32", "quality_flag": "int32", "ood_score": "float64"})
     cols.update({name: "bool" for name in extrap_columns()})
-    cols.update({name: "float64" for name in ("snr_z", "ra", "dec", "rv", "teff_lasp", "logg_lasp")})
+    cols["outside_training"] = "bool"
+    cols.update({name: "float64" for name in ("snr", "snr_z", "ra", "dec", "rv", "teff_lasp",
+                                              "logg_lasp")})
     return cols
 
 
@@ -129,70 +149,54 @@ def element_windows(wavelength, label_names) -> dict[str, np.ndarray]:
     dict
         ``{"<x>_fe": bool (P,)}`` in label order, the ``windows`` argument of ``CannonModel.test``.
     """
-    from . import cleaning
+    from .labelling import element_windows as _windows
 
-    windows = cleaning.label_windows(np.asarray(wavelength, dtype=float), label_names)
-    for name, mask in windows.items():
-        if not mask.any():
-            log.warning("no pixel of the grid falls in the %s windows", name)
-    return windows
+    return _windows(wavelength, label_names)
 
 
-@dataclass
-class LabelContext:
-    """What a worker needs to label a chunk: the two models, their windows and boundaries.
+class LabelContext(Labeller):
+    """The dwarf and the giant model with everything beside them: the labelling core of the
+    catalogue (:class:`lamostcannon.labelling.Labeller` with ``dwarf`` and ``giant`` models).
 
     Small (a few MB); shipped once to each Dask worker.
     """
 
-    dwarf: object
-    giant: object
-    windows: dict = field(default_factory=dict)      # {"dwarf"|"giant": {label: bool (P,)}}
-    boundaries: dict = field(default_factory=dict)   # {"dwarf"|"giant": boundaries or None}
-    min_pixels: int = 100
-    #: Keyword arguments of ``CannonModel.test`` (256 spectra per batch is fastest on 1 thread).
-    test_kwargs: dict = field(default_factory=lambda: {"chunk_size": 256})
+    @property
+    def dwarf(self):
+        return self.models["dwarf"].model
+
+    @property
+    def giant(self):
+        return self.models["giant"].model
 
     def model(self, giant: bool):
         return self.giant if giant else self.dwarf
 
-    def fingerprint(self) -> dict:
-        """What must not change between a run and its resumption."""
-        def model_id(model):
-            return getattr(model, "training_hash", None) or _hash_arrays(model.theta)
+    def bundle(self, giant: bool) -> ModelBundle:
+        return self.models["giant" if giant else "dwarf"]
 
-        return {
-            "dwarf": str(model_id(self.dwarf)), "giant": str(model_id(self.giant)),
-            "windows": _hash_arrays(*[w for g in sorted(self.windows) for _, w in
-                                      sorted(self.windows[g].items())]),
-            "boundaries": hashlib.sha256(json.dumps(self.boundaries, sort_keys=True, default=str)
-                                         .encode()).hexdigest()[:16],
-            "min_pixels": int(self.min_pixels),
-            "test_kwargs": json.dumps(self.test_kwargs, sort_keys=True, default=str),
-        }
+    @property
+    def windows(self) -> dict:
+        return {g: b.windows for g, b in self.models.items()}
+
+    @property
+    def boundaries(self) -> dict:
+        return {g: b.boundaries for g, b in self.models.items()}
+
+    def unskilled(self) -> dict:
+        """``{"dwarf": [...], "giant": [...]}``: labels without CV skill per model."""
+        return {g: b.unskilled_labels() for g, b in self.models.items()}
 
     @classmethod
-    def from_models(cls, dwarf, giant, boundaries=None, min_pixels: int = 100) -> "LabelContext":
-        """Build the context: windows from each model's labels and wavelength grid."""
-        windows = {}
-        for group, model in (("dwarf", dwarf), ("giant", giant)):
-            wavelength = getattr(model, "wavelength", None)
-            if wavelength is None:
-                from .spectra import common_wavelength
-
-                wavelength = common_wavelength()
-            windows[group] = element_windows(wavelength, model.label_names)
-        return cls(dwarf=dwarf, giant=giant, windows=windows, boundaries=dict(boundaries or {}),
-                   min_pixels=min_pixels)
-
-
-def _hash_arrays(*arrays) -> str:
-    h = hashlib.sha256()
-    for a in arrays:
-        a = np.ascontiguousarray(a)
-        h.update(str(a.dtype).encode() + str(a.shape).encode())
-        h.update(a.tobytes())
-    return h.hexdigest()[:16]
+    def from_models(cls, dwarf, giant, boundaries=None, min_pixels: int = 100, *, errors=None,
+                    ood=None) -> "LabelContext":
+        """Build the context from two in-memory models (windows from each model's labels and
+        grid); ``boundaries``, ``errors``, ``ood``: optional dicts ``{"dwarf"|"giant": ...}``."""
+        boundaries, errors, ood = dict(boundaries or {}), dict(errors or {}), dict(ood or {})
+        models = {g: ModelBundle.from_model(m, g, boundaries=boundaries.get(g),
+                                            errors=errors.get(g), ood=ood.get(g))
+                  for g, m in (("dwarf", dwarf), ("giant", giant))}
+        return cls(models=models, min_pixels=min_pixels)
 
 
 def _model_path(group: str, directory: Path) -> Path:
@@ -203,30 +207,16 @@ def _model_path(group: str, directory: Path) -> Path:
 
 
 def load_context(directory: Path | None = None, min_pixels: int = 100) -> LabelContext:
-    """Read ``model_dwarf.*``, ``model_giant.*`` and ``extrapolation_<group>.json`` from ``directory``.
+    """Read ``model_dwarf.*``, ``model_giant.*`` and what notebook 04 wrote beside them.
 
-    ``directory`` defaults to :func:`lamostcannon.paths.processed_dir`. Missing extrapolation
-    boundaries are allowed (the ``_extrap`` columns are then False) and logged.
+    ``directory`` defaults to :func:`lamostcannon.paths.processed_dir`. Companions
+    (``extrapolation_<group>.json``, ``uncertainty_<group>.json``, ``ood_<group>.json``) may be
+    missing: the ``_extrap`` columns are then False, ``e_<label>`` the formal errors and
+    ``ood_score`` NaN, and a warning says so.
     """
-    from .cannon import CannonModel
-
     directory = Path(directory or paths.processed_dir())
-    models, boundaries = {}, {}
-    for group in ("dwarf", "giant"):
-        models[group] = CannonModel.read(_model_path(group, directory))
-        boundaries[group] = _read_boundaries(directory, group)
-    return LabelContext.from_models(models["dwarf"], models["giant"], boundaries, min_pixels)
-
-
-def _read_boundaries(directory: Path, group: str):
-    """KDE extrapolation boundaries ``{label: (low, high)}`` of a group, or None when missing."""
-    from . import validation
-
-    path = directory / validation.boundaries_path(group).name
-    if not path.exists():
-        log.warning("no %s: the %s extrapolation flags will be False", path, group)
-        return None
-    return validation.read_boundaries(path)
+    models = {g: ModelBundle.load(_model_path(g, directory), g) for g in ("dwarf", "giant")}
+    return LabelContext(models=models, min_pixels=min_pixels)
 
 
 class StoreReader:
@@ -274,15 +264,17 @@ def _reader(path: str, min_rows: int = 0) -> StoreReader:
     return reader
 
 
-LAMOST_COLUMNS = ("obsid", "designation", "ra", "dec", "snrz", "rv", "teff", "logg")
+LAMOST_COLUMNS = ("obsid", "designation", "ra", "dec", "snrz", "rv", "teff", "logg", "class", "z")
 
 
 def observation_metadata(store: StoreReader, lamost_catalog=None) -> pd.DataFrame:
     """Per-row metadata of the store joined with the LAMOST catalogue on ``obsid``.
 
     Returns a DataFrame in store row order with ``obsid, designation, ra, dec, snr_z, rv,
-    teff_lasp, logg_lasp``. Catalogue values win; store values fill observations missing from the
-    catalogue; an observation in neither gets ``designation = "obsid<obsid>"`` and NaN.
+    teff_lasp, logg_lasp, class, z`` (``class`` and ``z``: the pipeline's classification and
+    redshift, for the ``NOT_STELLAR`` bit). Catalogue values win; store values fill observations
+    missing from the catalogue; an observation in neither gets ``designation = "obsid<obsid>"``
+    and NaN. Non-physical pipeline values (LAMOST's -9999) are NaN.
     """
     meta = store.metadata()
     out = pd.DataFrame({"obsid": meta["obsid"].to_numpy(np.int64)})
@@ -295,18 +287,23 @@ def observation_metadata(store: StoreReader, lamost_catalog=None) -> pd.DataFram
         cat = _as_frame(lamost_catalog, [c for c in LAMOST_COLUMNS])
         cat = cat[cat["obsid"] >= 0].drop_duplicates("obsid").rename(columns=renames)
         out = out.merge(cat, on="obsid", how="left", validate="many_to_one")
-    for name in ("designation", "ra", "dec", "snrz", "rv", "teff", "logg"):
+    for name in ("designation", "ra", "dec", "snrz", "rv", "teff", "logg", "class", "z"):
         target = renames.get(name, name)
         if target not in out:
             out[target] = meta[name].to_numpy() if name in meta else (
-                None if name == "designation" else np.nan)
+                None if name in ("designation", "class") else np.nan)
         elif name in meta:
             out[target] = out[target].where(out[target].notna(), meta[name].to_numpy())
     out["designation"] = out["designation"].astype(object).where(
         out["designation"].notna() & (out["designation"].astype(str).str.strip() != ""),
         "obsid" + out["obsid"].astype(str)).astype(str).str.strip()
-    for name in ("ra", "dec", "snr_z", "rv", "teff_lasp", "logg_lasp"):
+    for name in ("ra", "dec", "snr_z", "rv", "teff_lasp", "logg_lasp", "z"):
         out[name] = pd.to_numeric(out[name], errors="coerce").astype("float64")
+    out["class"] = out["class"].astype(object).where(out["class"].notna(), "").astype(str)
+    # LAMOST's -9999 (and any other non-physical pipeline value) is missing
+    out["teff_lasp"] = labelsets.pipeline_value(out["teff_lasp"], "teff")
+    out["logg_lasp"] = labelsets.pipeline_value(out["logg_lasp"], "logg")
+    out["rv"] = labelsets.pipeline_value(out["rv"], "rv")
     return out
 
 
@@ -352,12 +349,10 @@ def choose_model(teff, logg) -> tuple[np.ndarray, np.ndarray]:
     giant : bool array
         True where eq. 1 says giant.
     known : bool array
-        True where both teff and logg are finite and not LAMOST's ``-9999`` "no value"
-        sentinel; elsewhere both models are tried.
+        True where both teff and logg are physical (NaN and LAMOST's ``-9999`` are missing,
+        :func:`lamostcannon.labels.pipeline_value`); elsewhere both models are tried.
     """
-    teff = np.asarray(teff, dtype=float)
-    logg = np.asarray(logg, dtype=float)
-    known = np.isfinite(teff) & np.isfinite(logg) & (teff > 0) & (logg > -9000)
+    known = labelsets.pipeline_known(teff, logg)
     return np.asarray(labelsets.is_giant(teff, logg), dtype=bool) & known, known
 
 
@@ -380,46 +375,9 @@ def _empty_frame(n: int) -> pd.DataFrame:
     return pd.DataFrame(_empty_columns(n)).astype(observation_columns())
 
 
-def _fit(model, flux, ivar, windows, test_kwargs):
-    """Run the batched test step; returns a dict of per-observation arrays in the model's labels."""
-    n = flux.shape[0]
-    L = len(model.label_names)
-    if n == 0:
-        return None
-    result = model.test(flux, ivar, windows=windows, **test_kwargs)
-    cov = np.asarray(result.cov, dtype=float).reshape(n, L, L)
-    return {
-        "labels": np.asarray(result.labels, dtype=float).reshape(n, L),
-        "err": np.sqrt(np.clip(np.diagonal(cov, axis1=1, axis2=2), 0, None)),
-        "chi2": np.asarray(result.chi2, dtype=float),
-        "chi2_windows": {k: np.asarray(v, dtype=float) for k, v in dict(result.chi2_windows).items()},
-        "n_pixels": np.asarray(result.n_pixels).astype(np.int32),
-        "n_iter": np.asarray(result.n_iter).astype(np.int32),
-        "converged": np.asarray(result.converged, dtype=bool),
-        "cannon_flag": np.asarray(result.flag).astype(np.int64),
-    }
-
-
-def _extrapolation(values: pd.DataFrame, label_names, boundaries) -> dict[str, np.ndarray]:
-    """``kiel_extrap`` and ``<label>_extrap`` for one model's rows, from its KDE boundaries."""
-    if boundaries is None or len(values) == 0:
-        return {}
-    from . import validation
-
-    flags = validation.extrapolation_flags(values[list(label_names)], boundaries)
-    flags = {k: np.asarray(v, dtype=bool) for k, v in dict(flags).items()}
-    out = {}
-    for key, value in flags.items():
-        name = key if key.endswith("_extrap") else f"{key}_extrap"
-        if name in ("teff_extrap", "logg_extrap", "kiel_extrap"):
-            out["kiel_extrap"] = out.get("kiel_extrap", np.zeros(len(values), bool)) | value
-        else:
-            out[name] = value
-    return out
-
-
 def label_chunk(flux, ivar, meta: pd.DataFrame, ctx: LabelContext, rows=None) -> pd.DataFrame:
-    """Labels for one chunk of observations (no I/O; deterministic).
+    """Labels for one chunk of observations (no I/O; deterministic): the labelling core
+    (:meth:`lamostcannon.labelling.Labeller.label`) mapped onto the catalogue's columns.
 
     Parameters
     ----------
@@ -446,69 +404,38 @@ def label_chunk(flux, ivar, meta: pd.DataFrame, ctx: LabelContext, rows=None) ->
     if len(meta) != n:
         raise ValueError(f"meta has {len(meta)} rows for {n} spectra")
     meta = meta.reset_index(drop=True)
-    bad = ~np.isfinite(flux) | ~np.isfinite(ivar) | (ivar < 0)
-    if bad.any():
-        flux = np.where(bad, 1.0, flux).astype(np.float32)
-        ivar = np.where(bad, 0.0, ivar).astype(np.float32)
+    core = ctx.label(flux, ivar, meta["teff_lasp"].to_numpy(float),
+                     meta["logg_lasp"].to_numpy(float),
+                     meta["class"].to_numpy() if "class" in meta else None,
+                     meta["z"].to_numpy(float) if "z" in meta else None)
+    from .labelling import QF_NO_PIPELINE, QF_NOT_CONVERGED
 
     out = _empty_columns(n)
     for name in ("obsid", "designation", "snr_z", "ra", "dec", "rv", "teff_lasp", "logg_lasp"):
         out[name] = meta[name].to_numpy()
     out["row"] = np.arange(n, dtype=np.int64) if rows is None else np.asarray(rows, np.int64)
-
-    giant, known = choose_model(meta["teff_lasp"], meta["logg_lasp"])
-    fits = {}
-    for group, is_giant in (("dwarf", False), ("giant", True)):
-        model = ctx.model(is_giant)
-        pixel_ok = np.asarray(getattr(model, "pixel_ok", np.ones(flux.shape[1], bool)), dtype=bool)
-        usable = ((ivar > 0) & pixel_ok).sum(axis=1) >= ctx.min_pixels
-        idx = np.flatnonzero(((giant == is_giant) | ~known) & usable)
-        fits[group] = (idx, _fit(model, flux[idx], ivar[idx], ctx.windows.get(group),
-                                 ctx.test_kwargs), usable)
-
-    # Observations without LASP labels: the model with the lower reduced chi2 (dwarf on ties).
-    choose_giant = giant.copy()
-    unknown = ~known
-    if unknown.any():
-        rchi2 = {}
-        for group, (idx, fit, _) in fits.items():
-            r = np.full(n, np.inf)
-            if fit is not None:
-                with np.errstate(invalid="ignore", divide="ignore"):
-                    r[idx] = fit["chi2"] / fit["n_pixels"]
-            rchi2[group] = np.where(np.isfinite(r), r, np.inf)
-        choose_giant[unknown] = (rchi2["giant"] < rchi2["dwarf"])[unknown]
-    out["giantmodel"] = choose_giant
-    flag = np.where(known, 0, FLAG_NO_LASP).astype(np.int32)
-
-    for group, is_giant in (("dwarf", False), ("giant", True)):
-        idx, fit, usable = fits[group]
-        mine = choose_giant == is_giant
-        flag[mine & ~usable] |= FLAG_NO_PIXELS
-        if fit is None:
-            continue
-        keep = mine[idx]
-        rows_ = idx[keep]
-        if rows_.size == 0:
-            continue
-        names = list(ctx.model(is_giant).label_names)
-        values = fit["labels"][keep]
-        for j, name in enumerate(names):
-            out[name][rows_] = values[:, j]
-            out[f"e_{name}"][rows_] = fit["err"][keep, j]
-        out["chi2"][rows_] = fit["chi2"][keep]
-        for name, chi2w in fit["chi2_windows"].items():
-            if f"chi2_{name}" in out:
-                out[f"chi2_{name}"][rows_] = chi2w[keep]
-        for name in ("n_pixels", "n_iter", "converged", "cannon_flag"):
-            out[name][rows_] = fit[name][keep]
-        flag[rows_] |= np.where(fit["converged"][keep], 0, FLAG_NOT_CONVERGED).astype(np.int32)
-        flag[rows_] |= np.where(np.isfinite(values).all(axis=1), 0, FLAG_NONFINITE).astype(np.int32)
-        extrap = _extrapolation(pd.DataFrame(values, columns=names), names,
-                                ctx.boundaries.get(group))
-        for name, value in extrap.items():
-            if name in out:
-                out[name][rows_] = value
+    out["giantmodel"] = core["model"].to_numpy() == "giant"
+    for name in (*ALL_LABELS, *error_columns(), "chi2", "chi2_per_pixel", "n_pixels", "n_iter",
+                 "converged", "cannon_flag", "quality_flag", "ood_score", "outside_training",
+                 "snr", *[f"chi2_{x}" for x in ABUNDANCE_LABELS]):
+        if name in core:
+            out[name] = core[name].to_numpy()
+    for name in ("fe_h", *ABUNDANCE_LABELS):
+        if f"{name}_extrap" in core:
+            out[f"{name}_extrap"] = core[f"{name}_extrap"].to_numpy(bool)
+    out["kiel_extrap"] = np.zeros(n, bool)
+    for name in ("teff", "logg"):
+        if f"{name}_extrap" in core:
+            out["kiel_extrap"] |= core[f"{name}_extrap"].to_numpy(bool)
+    qf = core["quality_flag"].to_numpy(np.int64)
+    fitted = core["n_pixels"].to_numpy() > 0
+    stellar = core[["teff", "logg", "fe_h"]].to_numpy(float)
+    flag = np.zeros(n, np.int32)
+    flag |= np.where(fitted, 0, FLAG_NO_PIXELS).astype(np.int32)
+    flag |= np.where((qf & QF_NOT_CONVERGED) != 0, FLAG_NOT_CONVERGED, 0).astype(np.int32)
+    flag |= np.where((qf & QF_NO_PIPELINE) != 0, FLAG_NO_LASP, 0).astype(np.int32)
+    flag |= np.where(fitted & ~np.all(np.isfinite(stellar), axis=1), FLAG_NONFINITE,
+                     0).astype(np.int32)
     out["flag"] = flag
     return pd.DataFrame(out).astype(observation_columns())
 
@@ -873,7 +800,10 @@ def assemble_observations(parts_dir=None, n_chunks: int | None = None, path=None
 # --------------------------------------------------------------------------------------------
 
 #: Float columns averaged over a star's observations with S/N(z) weights.
-MEAN_COLUMNS = ALL_LABELS + ("chi2",) + tuple(f"chi2_{n}" for n in ABUNDANCE_LABELS) + ("rv",)
+MEAN_COLUMNS = ALL_LABELS + ("chi2", "chi2_per_pixel") + tuple(f"chi2_{n}" for n in
+                                                             ABUNDANCE_LABELS) + ("rv",)
+#: Integer bitmasks OR-ed over a star's combined observations.
+OR_COLUMNS = ("flag", "quality_flag", "cannon_flag")
 
 
 def combine_repeats(obs: pd.DataFrame) -> pd.DataFrame:
@@ -888,17 +818,24 @@ def combine_repeats(obs: pd.DataFrame) -> pd.DataFrame:
     -------
     DataFrame, sorted by designation
         ``designation, giantmodel, n_obs`` (observations combined), ``n_obs_all`` (all
-        observations of the star), the labels and chi2 columns of :data:`MEAN_COLUMNS` as weighted
-        means (weights ``snr_z``; NaN values are skipped), ``e_<label>`` propagated as
-        ``sqrt(sum w^2 e^2) / sum w``, boolean ``_extrap`` columns OR-ed and ``flag`` bits OR-ed
-        over the combined observations, ``snr_z`` the quadrature sum of the combined S/N, and
-        ``ra, dec, obsid`` of the combined observation with the highest S/N(z).
+        observations of the star), the columns of :data:`MEAN_COLUMNS` as weighted means (weights
+        ``w = snr_z``; NaN values are skipped), the errors (below), boolean ``_extrap`` and
+        ``outside_training`` OR-ed, the bitmasks of :data:`OR_COLUMNS` OR-ed and ``ood_score``
+        the largest over the combined observations, ``snr_z`` and ``snr`` the quadrature sums of
+        the combined observations' values (the S/N of the combination for equal-weight,
+        independent noise), and ``ra, dec, obsid`` of the combined observation with the highest
+        S/N(z).
 
     Notes
     -----
-    Only observations made with the star's model are combined (the model whose usable
-    observations carry the larger total S/N; ties go to the dwarf model); observations flagged in
-    :data:`BAD_FLAGS` are combined only when a star has no other. See the module docstring.
+    Which observations are combined: those with ``quality_flag == 0`` when the star has any; else
+    those without :data:`BAD_FLAGS`; else all; and of those only the ones made with the star's model
+    (the model whose combined observations carry the larger total S/N(z); ties go to the dwarf).
+
+    Errors: ``e_<label>_formal`` and ``e_<label>_random`` propagate as ``sqrt(sum w^2 e^2) / sum w``
+    (independent visits); the systematic floor of :mod:`lamostcannon.uncertainty` is shared by
+    the visits and does not average down, so ``e_<label> = sqrt(e_random^2 + floor^2)`` with
+    ``floor^2`` the weighted mean of ``e_<label>^2 - e_<label>_random^2`` over the observations.
     """
     df = obs.reset_index(drop=True)
     if len(df) == 0:
@@ -908,9 +845,16 @@ def combine_repeats(obs: pd.DataFrame) -> pd.DataFrame:
     key = df["designation"].to_numpy()
     codes, uniques = pd.factorize(key, sort=True)
     n_stars = len(uniques)
+
+    def count(mask):
+        return np.bincount(codes, weights=mask, minlength=n_stars)
+
+    qf = df["quality_flag"].to_numpy(np.int64) if "quality_flag" in df else np.zeros(len(df), int)
     good = (df["flag"].to_numpy() & BAD_FLAGS) == 0
-    star_has_good = np.bincount(codes, weights=good, minlength=n_stars) > 0
-    eligible = good | ~star_has_good[codes]
+    recommended = (qf == 0) & good
+    has_rec = count(recommended) > 0
+    has_good = count(good) > 0
+    eligible = np.where(has_rec[codes], recommended, np.where(has_good[codes], good, True))
     giant = df["giantmodel"].to_numpy(bool)
     wg = np.bincount(codes, weights=w * (eligible & giant), minlength=n_stars)
     wd = np.bincount(codes, weights=w * (eligible & ~giant), minlength=n_stars)
@@ -918,47 +862,81 @@ def combine_repeats(obs: pd.DataFrame) -> pd.DataFrame:
     use = eligible & (giant == star_giant[codes])
 
     out = {"designation": np.asarray(uniques, dtype=object), "giantmodel": star_giant,
-           "n_obs": np.bincount(codes, weights=use, minlength=n_stars).astype(np.int32),
-           "n_obs_all": np.bincount(codes, minlength=n_stars).astype(np.int32)}
+           "n_obs": count(use).astype(np.int32), "n_obs_all": count(np.ones(len(df))).astype(np.int32)}
     wu = np.where(use, w, 0.0)
-    for name in MEAN_COLUMNS:
-        x = df[name].to_numpy(float)
+
+    def wmean(x):
         ok = np.isfinite(x) & use
         num = np.bincount(codes, weights=np.where(ok, wu * np.where(ok, x, 0), 0), minlength=n_stars)
         den = np.bincount(codes, weights=np.where(ok, wu, 0), minlength=n_stars)
         with np.errstate(invalid="ignore", divide="ignore"):
-            out[name] = np.where(den > 0, num / den, np.nan)
-        if name in ALL_LABELS:
-            e = df[f"e_{name}"].to_numpy(float)
-            ok_e = ok & np.isfinite(e)
-            var = np.bincount(codes, weights=np.where(ok_e, (wu * np.where(ok_e, e, 0)) ** 2, 0),
-                              minlength=n_stars)
-            den_e = np.bincount(codes, weights=np.where(ok_e, wu, 0), minlength=n_stars)
-            with np.errstate(invalid="ignore", divide="ignore"):
-                out[f"e_{name}"] = np.where(den_e > 0, np.sqrt(var) / den_e, np.nan)
-    for name in extrap_columns():
-        out[name] = np.bincount(codes, weights=df[name].to_numpy(bool) & use, minlength=n_stars) > 0
-    flags = df["flag"].to_numpy(np.int64)
-    star_flag = np.zeros(n_stars, dtype=np.int32)
-    for bit in FLAG_BITS:
-        star_flag |= np.where(np.bincount(codes, weights=((flags & bit) != 0) & use,
-                                          minlength=n_stars) > 0, bit, 0).astype(np.int32)
-    out["flag"] = star_flag
-    out["snr_z"] = np.sqrt(np.bincount(codes, weights=np.where(use & np.isfinite(snr),
-                                                                np.nan_to_num(snr) ** 2, 0),
-                                       minlength=n_stars))
+            return np.where(den > 0, num / den, np.nan)
+
+    def wquad(e):
+        ok = np.isfinite(e) & use
+        var = np.bincount(codes, weights=np.where(ok, (wu * np.where(ok, e, 0)) ** 2, 0),
+                          minlength=n_stars)
+        den = np.bincount(codes, weights=np.where(ok, wu, 0), minlength=n_stars)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(den > 0, np.sqrt(var) / den, np.nan)
+
+    for name in MEAN_COLUMNS:
+        if name in df:
+            out[name] = wmean(df[name].to_numpy(float))
+    for name in ALL_LABELS:
+        x = df[name].to_numpy(float)
+        has = np.isfinite(x)
+        e = df[f"e_{name}"].to_numpy(float)
+        er = df[f"e_{name}_random"].to_numpy(float) if f"e_{name}_random" in df else e
+        ef = df[f"e_{name}_formal"].to_numpy(float) if f"e_{name}_formal" in df else e
+        er = np.where(np.isfinite(er), er, e)     # not calibrated: no floor
+        ef = np.where(np.isfinite(ef), ef, e)
+        out[f"e_{name}_formal"] = wquad(np.where(has, ef, np.nan))
+        out[f"e_{name}_random"] = wquad(np.where(has, er, np.nan))
+        with np.errstate(invalid="ignore"):
+            floor2 = wmean(np.where(has, np.clip(e ** 2 - er ** 2, 0, None), np.nan))
+        out[f"e_{name}"] = np.sqrt(out[f"e_{name}_random"] ** 2 + floor2)
+    for name in [*extrap_columns(), "outside_training"]:
+        if name in df:
+            out[name] = count(df[name].to_numpy(bool) & use) > 0
+    for name in OR_COLUMNS:
+        if name not in df:
+            continue
+        flags = df[name].to_numpy(np.int64)
+        star_flag = np.zeros(n_stars, dtype=np.int64)
+        bits = np.unique(flags[use])
+        all_bits = 0
+        for b in bits:
+            all_bits |= int(b)
+        bit = 1
+        while bit <= all_bits:
+            if all_bits & bit:
+                star_flag |= np.where(count(((flags & bit) != 0) & use) > 0, bit, 0)
+            bit <<= 1
+        out[name] = star_flag.astype(np.int64 if name == "cannon_flag" else np.int32)
+    if "ood_score" in df:
+        s = np.where(use, df["ood_score"].to_numpy(float), np.nan)
+        best = np.full(n_stars, -np.inf)
+        np.fmax.at(best, codes, np.where(np.isfinite(s), s, -np.inf))
+        out["ood_score"] = np.where(np.isfinite(best), best, np.nan)
+    for name in ("snr_z", "snr"):
+        if name in df:
+            v = df[name].to_numpy(float)
+            out[name] = np.sqrt(np.bincount(codes, weights=np.where(use & np.isfinite(v),
+                                                                      np.nan_to_num(v) ** 2, 0),
+                                            minlength=n_stars))
     # Best (highest S/N) combined observation of each star: its position and obsid.
     order = np.lexsort((-np.where(use, w, -np.inf), codes))
     first = order[np.r_[True, codes[order][1:] != codes[order][:-1]]]
     for name in ("ra", "dec", "obsid"):
         out[name] = df[name].to_numpy()[first]
-    result = pd.DataFrame(out)
-    return result
+    return pd.DataFrame(out)
 
 
 def _combine_empty() -> pd.DataFrame:
-    cols = ["designation", "giantmodel", "n_obs", "n_obs_all", *MEAN_COLUMNS,
-            *[f"e_{n}" for n in ALL_LABELS], *extrap_columns(), "flag", "snr_z", "ra", "dec", "obsid"]
+    cols = ["designation", "giantmodel", "n_obs", "n_obs_all", *MEAN_COLUMNS, *error_columns(),
+            *extrap_columns(), "outside_training", *OR_COLUMNS, "ood_score", "snr_z", "snr", "ra",
+            "dec", "obsid"]
     return pd.DataFrame({c: [] for c in cols})
 
 
@@ -1011,7 +989,9 @@ def match_gaia(ra, dec, gaia, radius_arcsec: float = 1.0) -> np.ndarray:
     return result
 
 
-KINEMATIC_COLUMNS = ("R", "phi", "z", "vR", "vT", "vz", "JR", "Jphi", "Jz")
+#: Galactocentric columns of Table 1 (right-handed frame of :mod:`lamostcannon.kinematics`), with
+#: ``vphi = -vT`` and ``Jphi_prograde = -Jphi`` (positive for disk rotation) beside ``vT``/``Jphi``.
+KINEMATIC_COLUMNS = ("R", "phi", "z", "vR", "vT", "vphi", "vz", "JR", "Jphi", "Jphi_prograde", "Jz")
 
 
 def add_kinematics(stars: pd.DataFrame, gaia=None, distances=None) -> pd.DataFrame:
@@ -1019,8 +999,9 @@ def add_kinematics(stars: pd.DataFrame, gaia=None, distances=None) -> pd.DataFra
 
     Uses :mod:`lamostcannon.kinematics` with Gaia DR2 proper motions, Bailer-Jones ``r_est`` (pc)
     distances and the LAMOST radial velocity (``rv``, km/s; combined over repeats). Stars without a
-    Gaia match, distance or radial velocity get NaN (right-handed frame: disk stars have
-    ``vT < 0`` and ``Jphi < 0``, see :mod:`lamostcannon.kinematics`).
+    Gaia match, distance or radial velocity get NaN. Right-handed frame (as the paper's Table 1):
+    disk stars have ``vT < 0`` and ``Jphi < 0``; ``vphi = -vT`` and ``Jphi_prograde = -Jphi`` are
+    positive for disk rotation (galpy's sign).
     """
     out = stars.copy()
     for name in KINEMATIC_COLUMNS:
@@ -1038,7 +1019,10 @@ def add_kinematics(stars: pd.DataFrame, gaia=None, distances=None) -> pd.DataFra
     # kinematics.kinematics, never dropped.
     kin = kinematics.kinematics_from_table(joined)
     for name in KINEMATIC_COLUMNS:
-        out[name] = kin[name].to_numpy(float)
+        if name == "Jphi_prograde":
+            out[name] = -kin["Jphi"].to_numpy(float)
+        else:
+            out[name] = kin[name].to_numpy(float)
     return out
 
 
@@ -1051,35 +1035,43 @@ _ELEMENT_NAMES = {"o": "O", "mg": "Mg", "al": "Al", "si": "Si", "ca": "Ca", "sc"
 
 
 def _describe(name: str) -> tuple[str | None, str]:
-    """(unit, description) of a catalogue or per-observation column."""
+    """(unit, description) of a catalogue or per-observation column (descriptions fit the 68
+    characters of a FITS ``TCOMMn`` card; the header carries the full bit definitions)."""
     fixed = {
-        "source_id": (None, f"Gaia DR2 source id of the brightest source within 1 arcsec "
-                            f"({NO_SOURCE_ID}: none)"),
+        "source_id": (None, f"Gaia DR2 source id, brightest within 1 arcsec ({NO_SOURCE_ID}: none)"),
         "designation": (None, "LAMOST unique star identifier"),
-        "obsid": (None, "LAMOST observation id (per star: that of the highest-S/N observation)"),
+        "obsid": (None, "LAMOST obsid (per star: the highest-S/N combined observation)"),
         "row": (None, "row of the observation in the spectra store"),
         "giantmodel": (None, "true if labels were estimated with the giant model"),
         "teff": ("K", "T_eff"), "logg": ("dex", "log(g)"), "vmic": ("km / s", "v_mic"),
         "fe_h": ("dex", "[Fe/H]"),
-        "kiel_extrap": (None, "true if T_eff or log(g) is in a regime where the model fails to "
-                              "extrapolate, for any observation"),
+        "kiel_extrap": (None, "T_eff or log(g) beyond its KDE boundary, for any observation"),
+        "outside_training": (None, "T_eff, log(g) or [Fe/H] outside the training range"),
         "chi2": (None, "whole-spectrum chi^2"),
-        "snr_z": (None, "LAMOST z-band S/N (per star: quadrature sum over combined observations)"),
+        "chi2_per_pixel": (None, "chi^2 / pixels used"),
+        "snr_z": (None, "LAMOST z-band S/N; per star: quadrature sum of combined obs"),
+        "snr": (None, "median flux*sqrt(ivar), normalised spectrum; star: quadrature sum"),
         "ra": ("deg", "right ascension"), "dec": ("deg", "declination"),
         "R": ("kpc", "R, Galactocentric cylindrical radius"),
-        "phi": ("rad", "phi, Galactocentric azimuth (right-handed)"),
+        "phi": ("rad", "phi = atan2(Y, X), right-handed, Sun at phi = 0"),
         "z": ("kpc", "z, height in Galactocentric cylindrical coordinates"),
-        "vR": ("km / s", "R-velocity"), "vT": ("km / s", "phi-velocity"),
-        "vz": ("km / s", "z-velocity"),
-        "JR": ("kpc km / s", "radial action"), "Jphi": ("kpc km / s", "angular momentum"),
+        "vR": ("km / s", "R-velocity dR/dt"),
+        "vT": ("km / s", "R dphi/dt, right-handed: < 0 for disk rotation (Sun -232)"),
+        "vphi": ("km / s", "-vT: azimuthal velocity, > 0 for disk rotation (Sun +232)"),
+        "vz": ("km / s", "z-velocity (> 0 towards the North Galactic Pole)"),
+        "JR": ("kpc km / s", "radial action"),
+        "Jphi": ("kpc km / s", "L_z = R vT, right-handed: < 0 for prograde (disk) orbits"),
+        "Jphi_prograde": ("kpc km / s", "-Jphi: angular momentum, > 0 for prograde (disk) orbits"),
         "Jz": ("kpc km / s", "vertical action"),
         "rv": ("km / s", "LAMOST heliocentric radial velocity"),
         "teff_lasp": ("K", "LAMOST pipeline (LASP) T_eff used for the model choice"),
         "logg_lasp": ("dex", "LAMOST pipeline (LASP) log(g) used for the model choice"),
         "n_pixels": (None, "pixels used in the fit"), "n_iter": (None, "test-step iterations"),
         "converged": (None, "true if the test step converged"),
-        "cannon_flag": (None, "bitmask of the test step (lamostcannon.cannon)"),
-        "flag": (None, "bitmask: " + "; ".join(f"{b}={t}" for b, t in FLAG_BITS.items())),
+        "cannon_flag": (None, "test-step bitmask (lamostcannon.cannon.FLAG_BITS), OR-ed"),
+        "flag": (None, "processing bitmask: 1 no pixels, 2 not converged, 4 no LASP, 8 NaN"),
+        "quality_flag": (None, "0 = recommended for science; bits: header QF_BITS"),
+        "ood_score": (None, "how unlike the training set (> header OOD_THR: flagged)"),
         "n_obs": (None, "number of observations combined"),
         "n_obs_all": (None, "number of observations of the star"),
     }
@@ -1093,33 +1085,73 @@ def _describe(name: str) -> tuple[str | None, str]:
         return f"[{_ELEMENT_NAMES.get(x, x)}/Fe]"
 
     if name.startswith("e_"):
-        unit, desc = _describe(name[2:])
-        return unit, f"uncertainty of {desc} (from the test step's covariance)"
+        base = name[2:]
+        kind = "total"
+        for suffix, what in (("_random", "random"), ("_formal", "formal")):
+            if base.endswith(suffix):
+                base, kind = base[: -len(suffix)], what
+        unit, desc = _describe(base)
+        return unit, {"total": f"calibrated total 1-sigma error of {desc} (random+floor)",
+                      "random": f"visit-to-visit 1-sigma error of {desc} (calibrated)",
+                      "formal": f"formal 1-sigma error of {desc} (inverse Hessian)"}[kind]
     if name.startswith("chi2_"):
         return None, f"chi^2 in windows around strong lines of {element(name[5:])[1:-4]}"
     if name.endswith("_extrap"):
         label = name[:-7]
         what = "[Fe/H]" if label == "fe_h" else element(label)
-        return None, (f"true if {what} is in a regime where the model fails to extrapolate, for any "
-                      "observation")
+        return None, f"{what} beyond its KDE extrapolation boundary, any observation"
     if name.endswith("_fe"):
         return "dex", element(name)
     return None, name
 
 
 def catalog_columns() -> list[str]:
-    """The catalogue's columns: paper Table 1 order, then ``n_obs``, ``flag`` and uncertainties."""
+    """The catalogue's columns: paper Table 1 order, then ``n_obs``, flags, S/N and errors."""
     cols = ["source_id", "designation", "giantmodel", "teff", "logg", "vmic", "kiel_extrap", "chi2",
             "fe_h", "fe_h_extrap"]
     for name in ABUNDANCE_LABELS:
         cols += [name, f"chi2_{name}", f"{name}_extrap"]
     cols += ["snr_z", "ra", "dec", *KINEMATIC_COLUMNS]
-    cols += ["obsid", "n_obs", "n_obs_all", "flag", *[f"e_{n}" for n in ALL_LABELS]]
+    cols += ["obsid", "n_obs", "n_obs_all", "quality_flag", "flag", "cannon_flag",
+             "outside_training", "ood_score", "chi2_per_pixel", "snr", *error_columns()]
     return cols
 
 
-def to_table(df: pd.DataFrame, kind: str = "catalog"):
-    """An astropy Table with units and descriptions from the per-observation or star DataFrame."""
+def trust_header(ctx: LabelContext | None = None, directory=None) -> dict:
+    """Table metadata of the trust columns: the ``quality_flag`` bits, the OOD thresholds and
+    the labels without CV skill of each model (from ``ctx``, or from the calibration files
+    beside the models in ``directory``, default ``processed/``)."""
+    from . import ood as _ood
+    from . import uncertainty
+    from .labelling import companion_path
+
+    meta = {"QF_BITS": {str(b): f"{n}: {t}" for b, (n, t) in QUALITY_BITS.items()}}
+    thresholds, noskill = {}, {}
+    for g in ("dwarf", "giant"):
+        if ctx is not None:
+            b = ctx.models[g]
+            cal, errors = b.ood, b.errors
+        else:
+            directory = Path(directory or paths.processed_dir())
+            try:
+                mpath = _model_path(g, directory)
+            except FileNotFoundError:
+                continue
+            pe, po = companion_path(mpath, "uncertainty"), companion_path(mpath, "ood")
+            errors = uncertainty.read_error_model(pe) if pe else None
+            cal = _ood.read_calibration(po) if po else None
+        if cal is not None:
+            thresholds[g] = round(float(cal.threshold), 4)
+        if errors is not None:
+            noskill[g] = [n for n, v in errors.skill.items() if not v.get("skill", True)]
+    meta["OOD_THR"] = thresholds
+    meta["NOSKILL"] = noskill
+    return meta
+
+
+def to_table(df: pd.DataFrame, kind: str = "catalog", meta=None):
+    """An astropy Table with units and descriptions from the per-observation or star DataFrame
+    (``meta``: extra header entries, e.g. :func:`trust_header`)."""
     from astropy.table import Table
 
     if kind == "catalog":
@@ -1145,6 +1177,7 @@ def to_table(df: pd.DataFrame, kind: str = "catalog"):
     table.meta["lamostcannon_version"] = __version__
     table.meta["flag_bits"] = {str(b): t for b, t in FLAG_BITS.items()}
     table.meta["reference"] = "Wheeler et al. 2020, ApJ 898, 58, Table 1"
+    table.meta.update(meta or {})
     return table
 
 
@@ -1171,7 +1204,7 @@ def write_table(table, path) -> Path:
 
 
 def build_catalog(obs: pd.DataFrame, gaia=None, distances=None, fits_path=None,
-                  parquet_path=None, radius_arcsec: float = 1.0, calibration=False):
+                  parquet_path=None, radius_arcsec: float = 1.0, ctx=None, calibration=False):
     """Per-star catalogue (paper Table 1) from the per-observation table; written as FITS and Parquet.
 
     Parameters
@@ -1183,6 +1216,9 @@ def build_catalog(obs: pd.DataFrame, gaia=None, distances=None, fits_path=None,
         and ``raw_dir()/gaia/distances.fits`` when they exist.
     fits_path, parquet_path : path, optional
         Default ``processed/catalog.fits`` and ``processed/catalog.parquet``; ``False`` skips.
+    ctx : LabelContext, optional
+        Where the header's OOD thresholds and labels without CV skill come from (default: the
+        calibration files beside the models in ``processed/``, :func:`trust_header`).
     calibration : bool, Calibration or path
         The dwarfs' temperature calibration (:func:`lamostcannon.calibration.apply`), adding
         ``<x>_cal`` and ``e_<x>_cal``: ``True`` applies ``processed/calibration_dwarf.json`` when
@@ -1205,7 +1241,8 @@ def build_catalog(obs: pd.DataFrame, gaia=None, distances=None, fits_path=None,
     stars["source_id"] = (match_gaia(stars["ra"], stars["dec"], gaia, radius_arcsec)
                           if gaia is not None else NO_SOURCE_ID)
     stars = add_kinematics(stars, gaia, distances)
-    table = _calibration.apply(to_table(stars, kind="catalog"), calibration)
+    table = _calibration.apply(to_table(stars, kind="catalog", meta=trust_header(ctx)),
+                               calibration)
     if fits_path is not False:
         write_table(table, fits_path or paths.processed_dir() / "catalog.fits")
     if parquet_path is not False:
@@ -1247,8 +1284,9 @@ def completeness(observations, store_path) -> dict:
             "n_unknown": int(np.setdiff1d(got, stored).size)}
 
 
-def best_fit_spectra(observations, store_path, ctx: LabelContext):
-    """Data and best-fit model spectra of some observations (for paper Fig 8).
+def best_fit_spectra(observations, store_path, ctx: LabelContext, path=None, *,
+                     chunk_size: int = 2048):
+    """Data and best-fit model spectra of observations (paper Fig 8); optionally as a file.
 
     Parameters
     ----------
@@ -1256,22 +1294,36 @@ def best_fit_spectra(observations, store_path, ctx: LabelContext):
         Rows of the per-observation table (``row``, ``giantmodel`` and the labels).
     store_path : path
     ctx : LabelContext
+    path : path, optional
+        Write the model-spectra FITS file of :class:`lamostcannon.labelling.ModelSpectraWriter`
+        (one row per observation: ``FLUX``, ``IVAR``, ``MODEL``, ``WAVELENGTH`` and a ``STARS``
+        table with obsid, designation, model, labels and ``quality_flag``), in chunks of
+        ``chunk_size`` observations (bounded memory), and return its path instead of arrays.
 
     Returns
     -------
-    flux, ivar, model_flux : arrays (n, P)
+    flux, ivar, model_flux : arrays (n, P); or the written path
     """
-    obs = observations.reset_index(drop=True)
+    from .labelling import ModelSpectraWriter, predict_rows
+
+    obs = observations.reset_index(drop=True).copy()
+    obs["model"] = np.where(obs["giantmodel"].to_numpy(bool), "giant", "dwarf")
     reader = StoreReader(store_path)
-    rows = obs["row"].to_numpy(np.int64)
-    flux, ivar = reader.store.read(rows)
-    model_flux = np.full(flux.shape, np.nan)
-    for is_giant in (False, True):
-        sel = np.flatnonzero(obs["giantmodel"].to_numpy(bool) == is_giant)
-        if sel.size:
-            model = ctx.model(is_giant)
-            model_flux[sel] = model.predict(obs.loc[sel, list(model.label_names)].to_numpy(float))
-    return flux, ivar, model_flux
+    if path is None:
+        flux, ivar = reader.store.read(obs["row"].to_numpy(np.int64))
+        return flux, ivar, predict_rows(ctx.models, obs).astype(float)
+    writer = ModelSpectraWriter(path, ctx.models["dwarf"].wavelength)
+    keep = [c for c in ("obsid", "designation", "model", *ALL_LABELS, "snr", "quality_flag",
+                        "ood_score", "chi2_per_pixel") if c in obs.columns]
+    try:
+        for a in range(0, len(obs), chunk_size):
+            part = obs.iloc[a:a + chunk_size].reset_index(drop=True)
+            flux, ivar = reader.store.read(part["row"].to_numpy(np.int64))
+            writer.add(part[keep], flux, ivar, predict_rows(ctx.models, part))
+        return writer.close({"source": "lamostcannon catalogue"})
+    except BaseException:
+        writer.abort()
+        raise
 
 
 def truth_residuals(stars, truth, label_names=("teff", "logg", "fe_h"), key: str = "designation",
@@ -1290,7 +1342,7 @@ def truth_residuals(stars, truth, label_names=("teff", "logg", "fe_h"), key: str
         Column joining the two tables (LAMOST ``designation`` by default).
     good : callable, optional
         ``good(joined) -> bool array`` selecting the rows to summarise; by default
-        ``flag == 0`` and not ``kiel_extrap``.
+        ``quality_flag == 0`` (older tables: ``flag == 0`` and not ``kiel_extrap``).
 
     Returns
     -------
@@ -1300,7 +1352,10 @@ def truth_residuals(stars, truth, label_names=("teff", "logg", "fe_h"), key: str
     names = [n for n in label_names]
     joined = _as_frame(stars).merge(_as_frame(truth, [key, *names]), on=key, suffixes=("", "_true"))
     if good is None:
-        sel = (joined["flag"].to_numpy() == 0) & ~joined["kiel_extrap"].to_numpy(bool)
+        if "quality_flag" in joined:
+            sel = joined["quality_flag"].to_numpy() == 0
+        else:
+            sel = (joined["flag"].to_numpy() == 0) & ~joined["kiel_extrap"].to_numpy(bool)
     else:
         sel = np.asarray(good(joined), bool)
     rows = {}
@@ -1312,3 +1367,49 @@ def truth_residuals(stars, truth, label_names=("teff", "logg", "fe_h"), key: str
         rows[n] = {"n": d.size, "bias": d.mean() if d.size else np.nan,
                    "scatter": d.std() if d.size else np.nan}
     return pd.DataFrame.from_dict(rows, orient="index")
+
+
+def observation_pairs(obs, label_names=("teff", "logg", "fe_h"), *, recommended_only=True):
+    """Pairs of observations of the same star (``designation``) made with the same model.
+
+    The repeat pairs of the survey check the random part of the calibrated errors (a pair's
+    difference has spread ``sqrt(e_random,1^2 + e_random,2^2)``; the floor cancels).
+
+    Parameters
+    ----------
+    obs : DataFrame
+        Per-observation table.
+    label_names : sequence of str
+    recommended_only : bool
+        Use only observations with ``quality_flag == 0``.
+
+    Returns
+    -------
+    DataFrame, one row per pair: ``designation``, ``i``, ``j`` (row positions), ``snr1``,
+    ``snr2`` and per label ``delta_<l>``, ``e1_<l>``, ``e2_<l>`` (formal) and ``r1_<l>``,
+    ``r2_<l>`` (calibrated random errors).
+    """
+    import itertools
+
+    df = obs.reset_index(drop=True)
+    use = np.ones(len(df), bool)
+    if recommended_only and "quality_flag" in df:
+        use &= df["quality_flag"].to_numpy() == 0
+    idx = np.flatnonzero(use)
+    sub = df.iloc[idx]
+    rows = []
+    for (des, giant), members in sub.groupby(["designation", "giantmodel"]).indices.items():
+        if len(members) < 2:
+            continue
+        rows += [(des, idx[a], idx[b]) for a, b in itertools.combinations(sorted(members), 2)]
+    out = pd.DataFrame(rows, columns=["designation", "i", "j"])
+    i, j = out["i"].to_numpy(np.int64), out["j"].to_numpy(np.int64)
+    snr = df["snr"].to_numpy(float)
+    out["snr1"], out["snr2"] = snr[i], snr[j]
+    for n in label_names:
+        v = df[n].to_numpy(float)
+        out[f"delta_{n}"] = v[i] - v[j]
+        for pre, col in (("e", f"e_{n}_formal"), ("r", f"e_{n}_random")):
+            e = df[col].to_numpy(float)
+            out[f"{pre}1_{n}"], out[f"{pre}2_{n}"] = e[i], e[j]
+    return out

@@ -646,7 +646,7 @@ def build_reference_set(raw_dir=None, *, radius_arcsec=1.0, min_snrz=30.0, min_s
     cut("flag_cannon", "GALAH flag_cannon != 0", np.asarray(t["flag_cannon"]) == 0)
 
     lteff, llogg = _as_float(t["lamost_teff"]), _as_float(t["lamost_logg"])
-    has_params = np.isfinite(lteff) & np.isfinite(llogg) & (lteff > 0) & (llogg > -9000)
+    has_params = _labels.pipeline_known(lteff, llogg)  # LAMOST's -9999 etc. count as missing
     cut("lamost_params", "no LAMOST teff/logg for the dwarf/giant split (eq. 1)", has_params)
 
     add_derived_labels(t, drop_flagged_abundances=drop_flagged_abundances)

@@ -102,24 +102,62 @@ def add_cartesian(table):
     return df
 
 
-def quality_mask(table, chi2_max=PAPER_CHI2_MAX, *, flag_column="flag", bad_flags=None):
-    """Rows usable for science: finite ``chi2 < chi2_max`` (the paper's working cut) and, when
-    the table has ``flag_column``, none of the ``bad_flags`` bits set (default
-    :data:`lamostcannon.catalog.BAD_FLAGS`: no pixels, not converged, non-finite labels).
-    ``chi2_max=None`` skips the chi^2 cut.
+def quality_mask(table, chi2_max=PAPER_CHI2_MAX, *, flag_column=None, bad_flags=None,
+                 labels=None):
+    """Rows usable for science (True = use).
 
-    Returns a boolean array (S,)."""
+    * ``quality_flag == 0`` (:data:`lamostcannon.labelling.QUALITY_BITS`: no extrapolation of
+      teff/logg/[Fe/H], inside the training range, no label at a test-step bound, converged, one
+      minimum, a good fit, like the training set, pipeline parameters, enough S/N, a star); for a
+      table without ``quality_flag`` (older catalogues), none of the ``bad_flags`` bits of
+      ``flag_column`` (default ``flag`` and :data:`lamostcannon.catalog.BAD_FLAGS`);
+    * finite ``chi2 < chi2_max`` (the paper's working cut; ``chi2_max=None`` skips it);
+    * for each name in ``labels``: the label is finite and its ``<label>_extrap`` flag (KDE
+      boundary of that label, for any combined observation) is not set.
+
+    Returns a boolean array (S,).
+    """
+    cols = list(getattr(table, "colnames", None) or getattr(table, "columns", []))
     chi2 = _col(table, "chi2")
     ok = np.isfinite(chi2)
     if chi2_max is not None:
         with np.errstate(invalid="ignore"):
             ok &= chi2 < chi2_max
-    cols = list(getattr(table, "colnames", None) or getattr(table, "columns", []))
-    if flag_column is not None and flag_column in cols:
-        if bad_flags is None:
-            from .catalog import BAD_FLAGS as bad_flags
-        ok &= (np.asarray(table[flag_column]).astype(np.int64) & int(bad_flags)) == 0
+    if flag_column is None and "quality_flag" in cols and bad_flags is None:
+        ok &= np.asarray(table["quality_flag"]).astype(np.int64) == 0
+    else:
+        flag_column = flag_column or "flag"
+        if flag_column in cols:
+            if bad_flags is None:
+                from .catalog import BAD_FLAGS as bad_flags
+            ok &= (np.asarray(table[flag_column]).astype(np.int64) & int(bad_flags)) == 0
+    for lab in labels or ():
+        ok &= np.isfinite(_col(table, lab))
+        if f"{lab}_extrap" in cols:
+            ok &= ~np.asarray(table[f"{lab}_extrap"], bool)
     return ok
+
+
+def mask_extrapolated(table, labels):
+    """A DataFrame copy with each label NaN where its ``<label>_extrap`` flag is set.
+
+    Per-label maps (Figs 10-14) then leave out exactly the values beyond their KDE boundaries and
+    keep the star's other labels. Returns ``(frame, removed)`` with ``removed`` a dict label ->
+    number of values set to NaN.
+    """
+    import pandas as pd
+
+    df = (table if isinstance(table, pd.DataFrame) else table.to_pandas()).copy()
+    removed = {}
+    for lab in labels:
+        col = f"{lab}_extrap"
+        if col not in df.columns or lab not in df.columns:
+            removed[lab] = 0
+            continue
+        bad = df[col].to_numpy(bool) & np.isfinite(df[lab].to_numpy(float))
+        removed[lab] = int(bad.sum())
+        df.loc[bad, lab] = np.nan
+    return df, removed
 
 
 def _edges(lo, hi, step):

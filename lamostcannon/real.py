@@ -68,7 +68,8 @@ __all__ = [
     "shipped_table", "run_name", "read_label_table",
     "store_path_for", "load_spectra", "training_selection", "RealSample", "build_sample",
     "extrapolation_table", "flag_fractions", "read_repeat_groups", "load_repeats",
-    "repeat_pairs", "pair_differences", "pair_spreads", "robust_std",
+    "repeat_pairs", "pair_differences", "pair_spreads", "robust_std", "pair_table",
+    "flag_evaluation", "degrade", "CATASTROPHIC_TEFF",
 ]
 
 ENV_SPECTRA = "LAMOSTCANNON_REAL_SPECTRA"
@@ -343,8 +344,11 @@ def read_label_table(path, label_names=LABEL_NAMES) -> pd.DataFrame:
         need = list(missing) + ([] if {"filename", "obsid"} & set(df.columns)
                                 else ["filename or obsid"])
         raise ValueError(f"{path}: label table lacks {need}; it has columns {list(df.columns)}")
+    from .labels import pipeline_value
+
     for n in label_names:
-        df[n] = pd.to_numeric(df[n], errors="coerce").astype(float)
+        # LAMOST's -9999 (and any other non-physical pipeline value) is missing
+        df[n] = pipeline_value(pd.to_numeric(df[n], errors="coerce").astype(float), n)
     if "snrg" in df.columns:
         df["snrg"] = pd.to_numeric(df["snrg"], errors="coerce").astype(float)
     if "obsid" in df.columns:
@@ -769,12 +773,11 @@ def pair_differences(labels, errors, pairs, label_names, cv_scatter=None) -> pd.
 
 
 def robust_std(x) -> float:
-    """1.4826 x the median absolute deviation from the median (NaN ignored)."""
-    x = np.asarray(x, float)
-    x = x[np.isfinite(x)]
-    if x.size == 0:
-        return float("nan")
-    return float(1.4826 * np.median(np.abs(x - np.median(x))))
+    """1.4826 x the median absolute deviation from the median (NaN ignored); the same as
+    :func:`lamostcannon.uncertainty.robust_spread`."""
+    from .uncertainty import robust_spread
+
+    return robust_spread(x)
 
 
 def pair_spreads(diffs: pd.DataFrame, label_names) -> pd.DataFrame:
@@ -807,3 +810,195 @@ def pair_spreads(diffs: pd.DataFrame, label_names) -> pd.DataFrame:
             row["zcv_robust"] = robust_std(zc)
         rows.append(row)
     return pd.DataFrame(rows).set_index("label")
+
+
+# --------------------------------------------------------------------------------------------
+# Trust: repeat pairs for the error model, flag evaluation, degraded spectra
+# --------------------------------------------------------------------------------------------
+
+#: |teff - LASP teff| above which a result is catastrophic (K).
+CATASTROPHIC_TEFF = 500.0
+
+
+def pair_table(groups, labelled: pd.DataFrame, label_names, usable=None) -> pd.DataFrame:
+    """Repeat pairs with what :func:`lamostcannon.uncertainty.fit_error_model` needs.
+
+    Parameters
+    ----------
+    groups : DataFrame (N rows) with ``group`` (:func:`read_repeat_groups`)
+    labelled : DataFrame (N rows, row-aligned)
+        Output of the labelling core (:meth:`lamostcannon.labelling.Labeller.label`): labels,
+        ``e_<label>_formal``, ``e_<label>_random``, ``snr``.
+    label_names : sequence of str
+    usable : bool array (N,), optional
+        Visits that may form pairs (e.g. read, ``quality_flag == 0``).
+
+    Returns
+    -------
+    DataFrame, one row per pair: ``group``, ``i``, ``j``, ``snr1``, ``snr2`` and per label
+    ``delta_<l>`` (visit i - visit j), ``e1_<l>``, ``e2_<l>`` (formal errors) and ``r1_<l>``,
+    ``r2_<l>`` (calibrated random errors).
+    """
+    pairs = repeat_pairs(groups, usable)
+    i, j = pairs["i"].to_numpy(), pairs["j"].to_numpy()
+    out = pairs.copy()
+    snr = labelled["snr"].to_numpy(float)
+    out["snr1"], out["snr2"] = snr[i], snr[j]
+    for n in label_names:
+        v = labelled[n].to_numpy(float)
+        ef = labelled[f"e_{n}_formal"].to_numpy(float)
+        er = labelled[f"e_{n}_random"].to_numpy(float)
+        out[f"delta_{n}"] = v[i] - v[j]
+        out[f"e1_{n}"], out[f"e2_{n}"] = ef[i], ef[j]
+        out[f"r1_{n}"], out[f"r2_{n}"] = er[i], er[j]
+    return out
+
+
+def flag_evaluation(reference, labelled: pd.DataFrame, label_names=LABEL_NAMES, *,
+                    outside_kind=None, quality_flag=None) -> dict:
+    """How well ``quality_flag`` separates catastrophic results from good ones.
+
+    A result is *catastrophic* when ``|teff - teff_ref| > CATASTROPHIC_TEFF`` or the star is
+    outside the training set's kind (``outside_kind``, e.g. LASP teff >= 7000 K, M dwarfs,
+    non-stars); every other star is *good*.
+
+    Parameters
+    ----------
+    reference : DataFrame (S rows) with the reference labels (``teff``, ...; NaN where none)
+    labelled : DataFrame (S rows) from the labelling core (labels and ``quality_flag``)
+    outside_kind : bool array (S,), optional
+    quality_flag : int array (S,), optional
+        Use these flags instead of ``labelled["quality_flag"]`` (e.g. without one bit).
+
+    Returns
+    -------
+    dict: ``n_catastrophic``, ``catch_rate`` (fraction of them flagged), ``n_good``,
+    ``false_flag_rate`` (fraction of good stars flagged), ``n_unflagged`` and per label
+    ``tail_<label>`` = std / robust sigma (1.4826 MAD) of ``label - reference`` among unflagged
+    stars with a reference value.
+    """
+    qf = np.asarray(labelled["quality_flag"] if quality_flag is None else quality_flag)
+    qf = qf.astype(np.int64)
+    ref_teff = np.asarray(reference["teff"], float)
+    with np.errstate(invalid="ignore"):
+        cat = np.abs(labelled["teff"].to_numpy(float) - ref_teff) > CATASTROPHIC_TEFF
+    if outside_kind is not None:
+        cat |= np.asarray(outside_kind, bool)
+    flagged = qf != 0
+    out = {"n_catastrophic": int(cat.sum()),
+           "catch_rate": float(flagged[cat].mean()) if cat.any() else np.nan,
+           "n_good": int((~cat).sum()),
+           "false_flag_rate": float(flagged[~cat].mean()) if (~cat).any() else np.nan,
+           "n_unflagged": int((~flagged).sum())}
+    for n in label_names:
+        if n not in reference or n not in labelled:
+            continue
+        d = labelled[n].to_numpy(float) - np.asarray(reference[n], float)
+        d = d[~flagged & np.isfinite(d)]
+        rs = robust_std(d)
+        out[f"tail_{n}"] = float(np.std(d) / rs) if d.size > 2 and rs > 0 else np.nan
+    return out
+
+
+def degrade(flux, ivar, kind: str, *, seed=0, wavelength=None):
+    """Spectra spoiled on purpose, to see whether the out-of-distribution score notices.
+
+    Parameters
+    ----------
+    flux, ivar : arrays (S, P), continuum-normalised on the common grid
+    kind : str
+        ``"noise"``: S/N divided by 4 (Gaussian noise added, ivar lowered to match);
+        ``"tilt"``: a continuum error, flux multiplied by a line rising from 0.85 to 1.15 across
+        the spectrum (a failed flux calibration); ``"emission"``: Balmer and forbidden emission
+        lines of 40% of the continuum (a nebular or active spectrum); ``"gap"``: a 300 Angstrom
+        stretch of flux replaced by 1 (a failed normalisation or a dead amplifier).
+    seed : int or Generator
+
+    Returns
+    -------
+    flux, ivar : float32 arrays (S, P)
+    """
+    from .ood import WINDOWS
+    from .spectra import common_wavelength
+
+    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+    f = np.array(flux, dtype=np.float64)
+    iv = np.array(ivar, dtype=np.float64)
+    wave = np.asarray(wavelength if wavelength is not None else common_wavelength(), float)
+    good = iv > 0
+    if kind == "noise":
+        sigma = np.where(good, 1 / np.sqrt(np.where(good, iv, 1.0)), 0.0)
+        f = f + np.sqrt(15.0) * sigma * rng.standard_normal(f.shape)
+        iv = np.where(good, iv / 16.0, 0.0)
+    elif kind == "tilt":
+        f = f * np.linspace(0.85, 1.15, f.shape[1])[None, :]
+    elif kind == "emission":
+        from .cleaning import air_to_vacuum
+
+        lines = [6562.8, 4861.3, 4340.5] + [0.5 * (a + b) for a, b in WINDOWS["emission_lines"]]
+        prof = np.zeros(wave.size)
+        for c in lines:
+            prof += 0.4 * np.exp(-0.5 * ((wave - air_to_vacuum(c)) / 2.5) ** 2)
+        f = f + prof[None, :]
+    elif kind == "gap":
+        lo = wave[0] + rng.uniform(500, 4500)
+        sel = (wave >= lo) & (wave < lo + 300)
+        f[:, sel] = 1.0
+    else:
+        raise ValueError(f"kind must be noise, tilt, emission or gap, got {kind!r}")
+    return f.astype(np.float32), iv.astype(np.float32)
+
+
+def plate_sources(folder=None) -> Path:
+    """The folder of the DR7 plate (``<real_lamost_dir>/dr7_plate``: one spectrograph of one
+    plate as observed, with M dwarfs, galaxies and Unknown spectra beside FGK stars, and the
+    pipeline's ``class``/``subclass`` in its ``catalog.csv``)."""
+    folder = Path(folder) if folder is not None else paths.real_lamost_dir() / "dr7_plate"
+    if not (folder / "catalog.csv").is_file():
+        raise RealDataMissing(f"no catalog.csv in {folder}; it holds the DR7 plate of the "
+                              "out-of-distribution checks (LAMOSTCANNON_LAMOST_DIR)")
+    return folder
+
+
+def load_catalogued(folder, *, table=None, n_workers=None, name: str = "plate"):
+    """Spectra of a folder with a ``catalog.csv`` (``filename`` column), aligned with its rows.
+
+    Returns ``(table, flux, ivar)``: the catalogue plus ``source``, ``ok``, ``reason`` and the
+    file headers' ``class_header``, ``z_header`` (files that cannot be read keep their row with
+    ``ok = False`` and the reason; their flux is 1 and ivar 0).
+    """
+    folder = Path(folder)
+    t = pd.read_csv(folder / "catalog.csv") if table is None else table.copy()
+    t.columns = [str(c).strip().lower() for c in t.columns]
+    files = [str(folder / str(f).strip()) for f in t["filename"]]
+    flux, ivar, meta = load_spectra(files, store_path_for(folder, name), n_workers=n_workers)
+    t["source"] = files
+    t["ok"] = meta["ok"].to_numpy(bool)
+    t["reason"] = meta["reason"].to_numpy()
+    t["class_header"] = meta["class"].to_numpy() if "class" in meta else ""
+    t["z_header"] = pd.to_numeric(meta["z"], errors="coerce").to_numpy(float) if "z" in meta \
+        else np.nan
+    return t.reset_index(drop=True), flux, ivar
+
+
+def outside_kind(table) -> np.ndarray:
+    """Stars outside an FGK training set's kind: pipeline ``class`` other than STAR; and LASP
+    ``teff >= TEFF_MAX`` where the table has teff, else (no stellar parameters, as for the DR7
+    plate) a ``subclass`` of an M star (``dM``/``gM``/``M``), an O, B or A star, a white dwarf or
+    a carbon star. (Subclasses are not used when teff exists: the pipeline calls some 6900 K
+    training stars A-type.)"""
+    n = len(table)
+    out = np.zeros(n, bool)
+    if "teff" in table:
+        with np.errstate(invalid="ignore"):
+            out |= np.asarray(table["teff"], float) >= TEFF_MAX
+    if "class" in table:
+        c = table["class"].astype(str).str.strip().str.upper().to_numpy()
+        out |= (c != "STAR") & (c != "") & (c != "NAN")
+    if "subclass" in table and "teff" not in table:
+        s = table["subclass"].astype(str).str.strip().to_numpy()
+        kind = np.array([x.lstrip("dgsd")[:1].upper() if x.startswith(("dM", "gM", "sdM"))
+                         else x[:1].upper() for x in s])
+        out |= np.isin(kind, ["M", "O", "B", "A", "W", "C"]) & (np.char.upper(s.astype(str)) !=
+                                                                 "NON")
+    return out

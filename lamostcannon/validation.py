@@ -107,9 +107,14 @@ def _as_matrix(values, label_names=None):
 _WORK: dict = {}
 
 
-def _init_worker(work):
-    """Worker start: keep the CV inputs (inherited without copying under fork) and use one BLAS
-    thread per process, so that ``n_jobs`` processes share the cores instead of fighting."""
+def _init_worker(work, parent_pid=None):
+    """Worker start: exit when the parent dies (a killed notebook leaves no fold running), keep
+    the CV inputs (inherited without copying under fork) and use one BLAS thread per process, so
+    that ``n_jobs`` processes share the cores instead of fighting."""
+    if parent_pid is not None:
+        from .parallel import die_with_parent
+
+        die_with_parent(parent_pid)
     _WORK.clear()
     _WORK.update(work)
     try:
@@ -127,16 +132,72 @@ def _run_fold(fold):
     held = w["folds"] == fold
     model = CannonModel(list(w["names"]), **w["model_kwargs"])
     model.train(w["labels"][~held], w["flux"][~held], w["ivar"][~held], **w["train_kwargs"])
-    res = model.test(w["flux"][held], w["ivar"][held], **w["test_kwargs"])
+    bins = _ood_bins(model, w["flux"].shape[1]) if w.get("diagnostics", True) else None
+    res = model.test(w["flux"][held], w["ivar"][held], residual_bins=bins, **w["test_kwargs"])
     out = {"labels": np.asarray(res.labels, dtype=float)}
-    for key in ("chi2", "converged", "flag"):
+    for key in ("chi2", "converged", "flag", "n_pixels"):
         if getattr(res, key, None) is not None:
             out[key] = np.asarray(getattr(res, key))
+    if w.get("diagnostics", True):
+        out.update(_fold_diagnostics(model, w["labels"][~held], w["flux"][held], w["ivar"][held],
+                                     res))
+    if w.get("extra_star") is not None:  # other visits of the held-out stars, same fold model
+        sel = np.flatnonzero(held[w["extra_star"]])
+        if sel.size:
+            xf, xi = w["extra_flux"][sel], w["extra_ivar"][sel]
+            xr = model.test(xf, xi, residual_bins=bins, **w["test_kwargs"])
+            extra = {"rows": sel, "labels": np.asarray(xr.labels, dtype=float),
+                     "flag": np.asarray(xr.flag)}
+            extra.update(_fold_diagnostics(model, w["labels"][~held], xf, xi, xr))
+            out["extra"] = extra
     return fold, out
 
 
+def _ood_bins(model, n_pixels):
+    """The OOD window bins of :mod:`lamostcannon.ood` on the model's grid (None without one)."""
+    from . import ood
+
+    wavelength = getattr(model, "wavelength", None)
+    if wavelength is None:
+        from .spectra import N_PIXELS, common_wavelength
+
+        wavelength = common_wavelength() if n_pixels == N_PIXELS else None
+    if wavelength is None:
+        return None
+    return ood._Binner(model, ood.window_masks(wavelength))
+
+
+def _fold_diagnostics(model, train_labels, flux, ivar, res) -> dict:
+    """What the held-out fold tells the calibrations: formal errors, S/N, chi2 per pixel, the
+    OOD window statistics and the label density under the fold's own training labels."""
+    from . import ood
+
+    labels = np.asarray(res.labels, dtype=float)
+    out = {"snr": ood.spectrum_snr(flux, ivar)}
+    if getattr(res, "cov", None) is not None:
+        out["e_formal"] = np.asarray(res.errors, dtype=float)
+    if getattr(res, "n_pixels", None) is not None:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            npix = np.asarray(res.n_pixels, float)
+            out["chi2_per_pixel"] = np.where(npix > 0, np.asarray(res.chi2, float) / npix, np.nan)
+    binned = dict(getattr(res, "binned", {}) or {})
+    if not binned:   # a result computed without the bins (e.g. trust.diagnostics on old runs)
+        bins = _ood_bins(model, flux.shape[1])
+        if bins is not None:
+            binned = {k[4:]: v for k, v in ood.residual_statistics(
+                model, labels, flux, ivar, None, binner=bins).items()}
+    out.update({f"ood_{k}": np.asarray(v, dtype=float) for k, v in binned.items()})
+    try:
+        density = ood.LabelDensity.from_labels(train_labels, model.label_names)
+        out["ood_log_density"] = density.log_density(labels, model.label_names)
+    except ValueError as exc:  # too few training stars for a KDE
+        log.warning("no label density for this fold: %s", exc)
+    return out
+
+
 def cross_validate(labels, flux, ivar, label_names, k: int = 12, seed=None, *, folds=None,
-                   n_jobs=None, ids=None, train_kwargs=None, test_kwargs=None, **model_kwargs):
+                   n_jobs=None, ids=None, train_kwargs=None, test_kwargs=None,
+                   diagnostics: bool = True, extra=None, **model_kwargs):
     """k-fold cross-validation of a :class:`lamostcannon.cannon.CannonModel`.
 
     For each fold a model is trained on the other ``k - 1`` folds and tests (infers the labels of)
@@ -161,6 +222,13 @@ def cross_validate(labels, flux, ivar, label_names, k: int = 12, seed=None, *, f
         Star identifiers copied to an ``id`` column.
     train_kwargs, test_kwargs : dict, optional
         Keyword arguments of ``CannonModel.train`` and ``CannonModel.test``.
+    diagnostics : bool
+        Also return what the calibrations of :mod:`lamostcannon.uncertainty` and
+        :mod:`lamostcannon.ood` are fitted on (see Returns).
+    extra : tuple (star, flux, ivar), optional
+        Other observations (repeat visits) of the training stars: ``star`` (M,) the row of each
+        one's star, ``flux, ivar`` (M, P). Each is labelled by the fold model that held out its
+        star, so a visit and its training visit form a held-out repeat pair.
     **model_kwargs
         Keyword arguments of ``CannonModel`` (e.g. ``wavelength``, ``label_mask``).
 
@@ -168,7 +236,14 @@ def cross_validate(labels, flux, ivar, label_names, k: int = 12, seed=None, *, f
     -------
     pandas DataFrame, one row per star in input order: ``fold``, ``true_<label>``,
     ``inferred_<label>`` for each label, and ``chi2``, ``converged``, ``flag`` (the test step's
-    bitmask) when the test step gives them.
+    bitmask), ``n_pixels`` when the test step gives them. With ``diagnostics``, per held-out
+    star: ``e_<label>_formal`` (formal error), ``snr`` (:func:`lamostcannon.ood.spectrum_snr`),
+    ``chi2_per_pixel``, the OOD window statistics ``ood_<window>`` (fold model's residuals) and
+    ``ood_log_density`` (KDE of the fold's training labels at the CV labels).
+
+    With ``extra``, a tuple ``(cv, extra_table)``: ``extra_table`` has one row per extra
+    observation, in input order, with ``star``, ``fold``, ``inferred_<label>``, ``flag`` and the
+    same diagnostics.
     """
     import pandas as pd
 
@@ -193,8 +268,20 @@ def cross_validate(labels, flux, ivar, label_names, k: int = 12, seed=None, *, f
     test_kwargs = dict(test_kwargs or {})
     train_kwargs = dict(train_kwargs or {})
 
+    extra_star = extra_flux = extra_ivar = None
+    if extra is not None:
+        extra_star = np.asarray(extra[0], dtype=np.int64)
+        extra_flux, extra_ivar = np.asarray(extra[1]), np.asarray(extra[2])
+        if extra_flux.shape != extra_ivar.shape or extra_flux.shape != (extra_star.size,
+                                                                         flux.shape[1]):
+            raise ValueError(f"extra spectra {extra_flux.shape} must be ({extra_star.size}, "
+                             f"{flux.shape[1]}) like their ivar {extra_ivar.shape}")
+        if extra_star.size and (extra_star.min() < 0 or extra_star.max() >= len(y)):
+            raise ValueError(f"extra star indices must lie in 0..{len(y) - 1}")
     work = {"folds": folds, "names": names, "labels": y, "flux": flux, "ivar": ivar,
-            "model_kwargs": model_kwargs, "train_kwargs": train_kwargs, "test_kwargs": test_kwargs}
+            "extra_star": extra_star, "extra_flux": extra_flux, "extra_ivar": extra_ivar,
+            "model_kwargs": model_kwargs, "train_kwargs": train_kwargs, "test_kwargs": test_kwargs,
+            "diagnostics": bool(diagnostics)}
     results = {}
     if n_jobs == 1:
         _WORK.clear()
@@ -211,7 +298,7 @@ def cross_validate(labels, flux, ivar, label_names, k: int = 12, seed=None, *, f
 
         ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
         with ProcessPoolExecutor(n_jobs, mp_context=ctx, initializer=_init_worker,
-                                 initargs=(work,)) as pool:
+                                 initargs=(work, os.getpid())) as pool:
             futures = [pool.submit(_run_fold, int(f)) for f in fold_ids]
             for fut in as_completed(futures):
                 f, out = fut.result()
@@ -219,15 +306,20 @@ def cross_validate(labels, flux, ivar, label_names, k: int = 12, seed=None, *, f
                 log.info("CV fold %d/%d done", len(results), len(fold_ids))
 
     inferred = np.full_like(y, np.nan)
-    extra = {}
+    e_formal = np.full_like(y, np.nan)
+    columns = {}
     for f, out in results.items():
         held = folds == f
         inferred[held] = out["labels"]
-        for key in ("chi2", "converged", "flag"):
-            if key in out:
-                if key not in extra:
-                    extra[key] = np.zeros(len(y), dtype=out[key].dtype)
-                extra[key][held] = out[key]
+        if "e_formal" in out:
+            e_formal[held] = out["e_formal"]
+        for key, value in out.items():
+            if key in ("labels", "e_formal", "extra"):
+                continue
+            if key not in columns:
+                fill = np.nan if value.dtype.kind == "f" else 0
+                columns[key] = np.full(len(y), fill, dtype=value.dtype)
+            columns[key][held] = value
     cols = {}
     if ids is not None:
         ids = np.asarray(ids)
@@ -236,11 +328,39 @@ def cross_validate(labels, flux, ivar, label_names, k: int = 12, seed=None, *, f
     for j, name in enumerate(names):
         cols[f"true_{name}"] = y[:, j]
         cols[f"inferred_{name}"] = inferred[:, j]
-    cols.update(extra)
+    if diagnostics:
+        for j, name in enumerate(names):
+            cols[f"e_{name}_formal"] = e_formal[:, j]
+    cols.update(columns)
     df = pd.DataFrame(cols)
     df.attrs["label_names"] = list(names)
     df.attrs["k"] = len(fold_ids)
-    return df
+    if extra is None:
+        return df
+    m = extra_star.size
+    xcols = {"star": extra_star, "fold": folds[extra_star] if m else np.zeros(0, np.int64)}
+    lab = np.full((m, len(names)), np.nan)
+    ef = np.full((m, len(names)), np.nan)
+    more = {}
+    for out in results.values():
+        x = out.get("extra")
+        if x is None:
+            continue
+        r = x["rows"]
+        lab[r] = x["labels"]
+        if "e_formal" in x:
+            ef[r] = x["e_formal"]
+        for key, value in x.items():
+            if key in ("rows", "labels", "e_formal"):
+                continue
+            if key not in more:
+                more[key] = np.full(m, np.nan if value.dtype.kind == "f" else 0, value.dtype)
+            more[key][r] = value
+    for j, name in enumerate(names):
+        xcols[f"inferred_{name}"] = lab[:, j]
+        xcols[f"e_{name}_formal"] = ef[:, j]
+    xcols.update(more)
+    return df, pd.DataFrame(xcols)
 
 
 def cv_labels(cv) -> list[str]:
@@ -613,3 +733,36 @@ def read_cv(path):
     import pandas as pd
 
     return pd.read_parquet(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Calibrations beside the models (written by notebook 04; see lamostcannon.trust)
+# ---------------------------------------------------------------------------------------------
+
+
+def uncertainty_path(group: str) -> Path:
+    """``processed/uncertainty_<group>.json``: error model and label skill of a model."""
+    return paths.processed_dir() / f"uncertainty_{_check_group(group)}.json"
+
+
+def ood_path(group: str) -> Path:
+    """``processed/ood_<group>.json``: the out-of-distribution calibration of a model."""
+    return paths.processed_dir() / f"ood_{_check_group(group)}.json"
+
+
+def read_skill(group: str, path=None) -> dict:
+    """The CV skill of each label of a model (:func:`lamostcannon.uncertainty.assess_skill`),
+    from ``uncertainty_<group>.json``: ``{label: {"skill": bool, "correlation", ...}}``."""
+    from .uncertainty import read_error_model
+
+    path = Path(path) if path is not None else uncertainty_path(group)
+    if not path.exists():
+        raise FileNotFoundError(f"no {path}; run notebook 04 (cross-validation) first")
+    return read_error_model(path).skill
+
+
+def skilled_labels(group: str, labels=None, path=None) -> list:
+    """Labels of ``labels`` (default: the model's) with CV skill, in the given order."""
+    skill = read_skill(group, path)
+    names = list(labels) if labels is not None else list(skill)
+    return [n for n in names if skill.get(n, {}).get("skill", True)]

@@ -362,6 +362,18 @@ def test_quality_mask():
                                   [True, True, True, False, True, False])
     np.testing.assert_array_equal(maps.quality_mask(df.drop(columns="flag"), 1000.0),
                                   [True, False, False, False, True, True])
+    # with quality_flag (issue 12): any bit removes the star; labels=... removes extrapolated
+    # values of those labels; flag is then not needed
+    df["quality_flag"] = [0, 0, 0, 0, 4, 0]           # AT_BOUND on row 4
+    df["flag"] = 0
+    df["ba_fe"] = [0.1, 0.2, 0.3, 0.4, 0.5, np.nan]
+    df["ba_fe_extrap"] = [False, True, False, False, False, False]
+    np.testing.assert_array_equal(maps.quality_mask(df), [True, True, False, False, False, True])
+    np.testing.assert_array_equal(maps.quality_mask(df, labels=["ba_fe"]),
+                                  [True, False, False, False, False, False])
+    masked, removed = maps.mask_extrapolated(df, ["ba_fe", "fe_h"])
+    assert removed == {"ba_fe": 1, "fe_h": 0} and np.isnan(masked.loc[1, "ba_fe"])
+    assert df.loc[1, "ba_fe"] == 0.2                    # a copy
 
 
 # ----------------------------------------------------------------------------- figures

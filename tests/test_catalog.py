@@ -37,11 +37,12 @@ class StubModel:
 
     def test(self, flux, ivar, windows=None, **kwargs):
         n, L = len(flux), len(self.label_names)
-        resid = ivar * (flux - 1 - self.offset) ** 2
+        ok = np.isfinite(flux) & np.isfinite(ivar) & (ivar > 0)   # bad input is masked
+        resid = np.where(ok, ivar * (np.where(ok, flux, 1) - 1 - self.offset) ** 2, 0)
         return SimpleNamespace(
             labels=flux[:, :L].astype(float), cov=np.tile(np.eye(L) * 0.01, (n, 1, 1)),
             chi2=resid.sum(1), chi2_windows={k: resid[:, w].sum(1) for k, w in (windows or {}).items()},
-            n_pixels=(ivar > 0).sum(1), n_iter=np.full(n, 3), converged=flux[:, 0] < 5,
+            n_pixels=ok.sum(1), n_iter=np.full(n, 3), converged=flux[:, 0] < 5,
             flag=np.zeros(n, int))
 
 
@@ -64,10 +65,33 @@ def meta_frame(n, teff=5800.0, logg=4.4, designation=None, snr=50.0):
 # ------------------------------------------------------------------------------------------
 
 def test_choose_model_eq1_and_unknown():
-    giant, known = catalog.choose_model([4800, 4800, 6000, np.nan, 5000],
-                                        [2.5, 4.5, 3.5, 2.0, np.nan])
-    assert giant.tolist() == [True, False, True, False, False]
-    assert known.tolist() == [True, True, True, False, False]
+    giant, known = catalog.choose_model([4800, 4800, 6000, np.nan, 5000, -9999, 5800],
+                                        [2.5, 4.5, 3.5, 2.0, np.nan, -9999, -9999.0])
+    assert giant.tolist() == [True, False, True, False, False, False, False]
+    # LAMOST's -9999 means "no pipeline parameters": both models are tried (it was a giant)
+    assert known.tolist() == [True, True, True, False, False, False, False]
+
+
+def test_observation_metadata_reads_lasp_sentinels_as_missing(tmp_path):
+    from lamostcannon.spectra import SpectraStore
+
+    with SpectraStore.create(tmp_path / "s.zarr", chunk_rows=8) as store:
+        store.append(np.ones((3, P), np.float32), np.ones((3, P), np.float32),
+                     pd.DataFrame({"obsid": [1, 2, 3], "designation": ["a", "b", "c"]}))
+    cat = pd.DataFrame({"obsid": [1, 2, 3], "designation": ["a", "b", "c"], "ra": [1.0] * 3,
+                        "dec": [2.0] * 3, "snrz": [50.0] * 3, "rv": [10.0, -9999.0, 0.0],
+                        "teff": [5800.0, -9999.0, 4800.0], "logg": [4.4, -9999.0, 2.5],
+                        "class": ["STAR", "STAR", "GALAXY"], "z": [0.0, 0.0, 0.1]})
+    meta = catalog.observation_metadata(catalog.StoreReader(tmp_path / "s.zarr"), cat)
+    assert np.isnan(meta.loc[1, ["teff_lasp", "logg_lasp", "rv"]].to_numpy(float)).all()
+    assert meta["class"].tolist() == ["STAR", "STAR", "GALAXY"]
+    out = catalog.label_chunk(np.ones((3, P), np.float32), np.full((3, P), 400, np.float32),
+                              meta, stub_context())
+    assert out.loc[1, "flag"] & catalog.FLAG_NO_LASP          # both models were tried
+    from lamostcannon.labelling import QF_NO_PIPELINE, QF_NOT_STELLAR
+
+    qf = out["quality_flag"].to_numpy()
+    assert qf[1] & QF_NO_PIPELINE and not qf[0] & QF_NO_PIPELINE and qf[2] & QF_NOT_STELLAR
 
 
 def test_label_chunk_union_of_labels_and_flags(rng):
@@ -170,6 +194,36 @@ def test_combine_repeats_snr_weighted_and_or_flags():
     assert c["flag"] == catalog.FLAG_NOT_CONVERGED and c["teff"] == 6000
 
 
+def test_combine_repeats_prefers_recommended_and_propagates_calibrated_errors():
+    from lamostcannon.labelling import QF_AT_BOUND, QF_LOW_SNR
+
+    obs = _obs_rows([
+        # star A: two recommended visits and a low-S/N one, which is not combined
+        dict(obsid=1, designation="A", snr_z=40.0, teff=5000.0, e_teff=50.0, e_teff_random=30.0,
+             e_teff_formal=10.0, snr=40.0, ood_score=1.0),
+        dict(obsid=2, designation="A", snr_z=40.0, teff=5100.0, e_teff=50.0, e_teff_random=30.0,
+             e_teff_formal=10.0, snr=30.0, ood_score=2.0),
+        dict(obsid=3, designation="A", snr_z=5.0, teff=9000.0, e_teff=300.0,
+             e_teff_random=290.0, e_teff_formal=100.0, snr=4.0, quality_flag=QF_LOW_SNR,
+             ood_score=9.0),
+        # star B: only flagged visits: combined, and their bits OR-ed (Cannon bits kept)
+        dict(obsid=4, designation="B", snr_z=20.0, teff=4500.0, e_teff=80.0, e_teff_random=60.0,
+             e_teff_formal=20.0, quality_flag=QF_AT_BOUND, cannon_flag=4),
+        dict(obsid=5, designation="B", snr_z=20.0, teff=4700.0, e_teff=80.0, e_teff_random=60.0,
+             e_teff_formal=20.0, quality_flag=QF_LOW_SNR, cannon_flag=64),
+    ])
+    stars = catalog.combine_repeats(obs).set_index("designation")
+    a, b = stars.loc["A"], stars.loc["B"]
+    assert a["n_obs"] == 2 and a["teff"] == pytest.approx(5050) and a["quality_flag"] == 0
+    assert a["e_teff_random"] == pytest.approx(30 / np.sqrt(2))       # averages down
+    floor = np.sqrt(50 ** 2 - 30 ** 2)                                  # does not
+    assert a["e_teff"] == pytest.approx(np.hypot(30 / np.sqrt(2), floor))
+    assert a["e_teff_formal"] == pytest.approx(10 / np.sqrt(2))
+    assert a["snr"] == pytest.approx(50.0) and a["ood_score"] == 2.0
+    assert b["n_obs"] == 2 and b["quality_flag"] == QF_AT_BOUND | QF_LOW_SNR
+    assert b["cannon_flag"] == 4 | 64
+
+
 def test_match_gaia_brightest_within_radius():
     gaia = pd.DataFrame({"source_id": [11, 12, 13, 14],
                          "ra": [10.0, 10.0 + 0.5 / 3600, 20.0, 30.0 + 2 / 3600],
@@ -199,7 +253,7 @@ def test_catalog_schema_and_round_trip(tmp_path):
     assert table["source_id"].tolist() == [7, catalog.NO_SOURCE_ID]
     assert np.isfinite(table["R"][0]) and np.isnan(table["R"][1])
     assert str(table["teff"].unit) == "K" and table["JR"].unit == "kpc km / s"
-    assert "extrapolate" in table["fe_h_extrap"].description
+    assert "extrapolation" in table["fe_h_extrap"].description
     back = Table.read(tmp_path / "c.parquet")
     assert back.colnames == table.colnames and str(back["fe_h"].unit) == "dex"
     from lamostcannon.cleaning import read_table_fits
@@ -217,7 +271,7 @@ N_OBS = 800
 CHUNK = 8          # many small chunks, so that a kill lands mid-run
 
 
-def _teacher(names, rng, n=500):
+def _teacher(names, rng, n=500, return_data=False):
     """A CannonModel trained on spectra of a random quadratic model (simulate, then recover)."""
     from lamostcannon import cannon, spectra
 
@@ -235,7 +289,10 @@ def _teacher(names, rng, n=500):
            + x * np.array([scale.get(k, 0.1) for k in names]))
     flux = cannon.vectorize(x) @ theta.T + 0.01 * rng.standard_normal((n, P))
     model = cannon.CannonModel(names, wavelength=spectra.common_wavelength())
-    return model.train(lab, flux, np.full((n, P), 1e4)), lab
+    model.train(lab, flux, np.full((n, P), 1e4))
+    if return_data:
+        return model, lab, flux
+    return model, lab
 
 
 @pytest.fixture(scope="module")
@@ -249,10 +306,20 @@ def survey(tmp_path_factory):
     rng = np.random.default_rng(7)
     root = tmp_path_factory.mktemp("survey")
     models = {}
+    from lamostcannon import trust, validation
+
     for group, names in (("dwarf", labels.DWARF_LABELS), ("giant", labels.GIANT_LABELS)):
-        model, lab = _teacher(names, rng)
+        model, lab, tflux = _teacher(names, rng, return_data=True)
         model.write(root / f"model_{group}.fits")
         models[group] = (model, lab)
+        # every calibration beside the model, so that the whole labelling core runs below
+        cv = validation.cross_validate(lab[:240], tflux[:240], np.full((240, P), 1e4),
+                                       list(names), k=3, seed=1, n_jobs=1,
+                                       wavelength=model.wavelength)
+        validation.write_boundaries(validation.extrapolation_boundaries(cv),
+                                    root / f"extrapolation_{group}.json")
+        trust.calibrate(model, cv, lab, fit_rows=cv["fold"].to_numpy() != 1,
+                        model_path=root / f"model_{group}.fits")
     giant = rng.random(N_OBS) < 0.4
     truth = {}
     flux = np.empty((N_OBS, P), np.float32)
@@ -294,6 +361,15 @@ def reference_run(survey):
 
 def test_inference_recovers_labels_and_routes_models(survey, reference_run):
     obs = reference_run
+    # the whole core ran: calibrated errors, S/N, the OOD score, quality_flag
+    ctx = catalog.load_context(survey.root)
+    assert all(b.errors is not None and b.ood is not None for b in ctx.models.values())
+    fit = (obs["flag"] & catalog.FLAG_NO_PIXELS) == 0
+    assert np.isfinite(obs.loc[fit, ["snr", "ood_score", "e_teff", "e_teff_random"]]).all().all()
+    assert (obs.loc[fit, "e_teff"] >= obs.loc[fit, "e_teff_formal"]).all()
+    assert obs.loc[5, "quality_flag"] & 512                          # FIT_FAILED: no pixels
+    # spectra drawn from the models' own training labels are rarely unlike the training set
+    assert ((obs["quality_flag"] & 64) != 0).mean() < 0.1
     assert len(obs) == N_OBS and obs["obsid"].is_unique and (obs["row"] == np.arange(N_OBS)).all()
     fitted = (obs["flag"] & catalog.FLAG_NO_PIXELS) == 0
     assert obs.loc[5, "flag"] & catalog.FLAG_NO_PIXELS and fitted.sum() == N_OBS - 1

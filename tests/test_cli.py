@@ -41,6 +41,12 @@ def small_model(real_lamost, tmp_path_factory):
     res = model.test(flux, ivar)
     bounds = validation.extrapolation_boundaries(lab, res.labels, label_names=model.label_names)
     validation.write_boundaries(bounds, work / "extrapolation_small.json")
+    # the calibrations beside it, as notebook 09 writes them (a 4-fold CV keeps this quick)
+    from lamostcannon import trust
+
+    cv = validation.cross_validate(lab, flux, ivar, list(model.label_names), k=4, seed=1,
+                                   n_jobs=1, wavelength=common_wavelength())
+    trust.calibrate(model, cv, lab, fit_rows=cv["fold"].to_numpy() % 2 == 0, model_path=path)
     return path
 
 
@@ -120,10 +126,12 @@ def test_label_folder_reports_bad_files(small_model, spectra_dir, tmp_path, caps
     ob = t["obsid"].to_numpy()
     assert len(np.unique(ob[ob >= 0])) == (ob >= 0).sum()
     assert set(t["layout"]) == {"dr1-3", "dr4-9", "dr10+"}
-    for col in ("teff", "e_teff", "logg", "fe_h", "chi2", "chi2_per_pixel", "n_pixels", "flag",
-                "teff_extrap", "kde_extrap", "outside_training", "extrap"):
+    for col in ("model", "snr", "teff", "e_teff", "e_teff_random", "e_teff_formal", "logg",
+                "fe_h", "chi2", "chi2_per_pixel", "n_pixels", "cannon_flag", "ood_score",
+                "teff_extrap", "kde_extrap", "outside_training", "quality_flag", "class"):
         assert col in t.columns, col
-    assert np.isfinite(t[["teff", "logg", "fe_h", "e_teff", "chi2"]].to_numpy()).all()
+    assert np.isfinite(t[["teff", "logg", "fe_h", "e_teff", "chi2", "ood_score"]].to_numpy()).all()
+    assert (t["e_teff"] >= t["e_teff_random"]).all() and (t["e_teff_random"] >= t["e_teff_formal"]).all()
     assert (t["n_pixels"] > 2000).all()
     errors = pd.read_csv(cli.errors_path_for(out))
     assert sorted(Path(s).name for s in errors["source"]) == sorted(bad + [missing.name])
@@ -154,7 +162,8 @@ def test_label_command_with_workers_matches_in_process(small_model, spectra_dir,
     assert a["filename"].tolist() == b["filename"].tolist()
     np.testing.assert_allclose(a[["teff", "logg", "fe_h"]].to_numpy(),
                                b[["teff", "logg", "fe_h"]].to_numpy(), rtol=1e-9)
-    assert (a["extrap"].to_numpy() == b["extrap"].to_numpy()).all()
+    assert (a["quality_flag"].to_numpy() == b["quality_flag"].to_numpy()).all()
+    np.testing.assert_allclose(a["e_teff"], b["e_teff"], rtol=1e-9)
 
 
 @pytest.mark.real
@@ -198,4 +207,105 @@ def test_extrapolation_flags_on_hot_stars(small_model, real_lamost, tmp_path):
     run = cli.label_files(small_model, [lamost / f for f in hot], out, progress=False)
     t = _read(out)
     assert run.n_labelled == len(t) == len(hot)
-    assert t["extrap"].mean() > 0.5
+    assert (t["quality_flag"] != 0).mean() > 0.5
+
+
+def test_auto_workers_start_processes_only_when_they_pay():
+    assert cli.auto_workers(500, 2, idle_cpus=2) == 1
+    assert cli.auto_workers(cli.FILES_PER_WORKER * 2, 2, idle_cpus=2) == 2
+    assert cli.auto_workers(cli.FILES_PER_WORKER * 10, 4, idle_cpus=8) == 4
+    assert cli.auto_workers(cli.FILES_PER_WORKER * 10, 4, idle_cpus=0.3) == 1   # busy machine
+    assert cli.auto_workers(0, 8, idle_cpus=8) == 1
+
+
+def test_claim_output_is_exclusive_and_leaves_nothing(tmp_path):
+    out = tmp_path / "labels.fits"
+    with cli.claim_output(out) as lock:
+        assert lock == cli.lock_path_for(out) and lock.exists()
+        with pytest.raises(cli.OutputBusyError, match="another label run"):
+            with cli.claim_output(out):
+                pass
+    assert not cli.lock_path_for(out).exists()
+    with cli.claim_output(out):        # free again
+        pass
+
+
+@pytest.mark.real
+def test_concurrent_label_runs_to_one_output(small_model, spectra_dir, tmp_path):
+    """Two real ``label`` processes on one output: the second, started while the first holds the
+    output, is refused with a one-line error (exit 2) and the first run's rows are all there."""
+    import os
+    import time
+
+    folder, good, _ = spectra_dir
+    many = tmp_path / "many"
+    many.mkdir()
+    for k in range(12):   # the same good files under 12 names: a run of a few seconds
+        for p in good[:20]:
+            os.symlink(p, many / f"{k:02d}_{p.name}")
+    out = tmp_path / "labels.parquet"
+    cmd = [sys.executable, "-m", "lamostcannon", "label", "--model", str(small_model), str(many),
+           "-o", str(out), "--overwrite", "--no-progress", "--workers", "1", "--chunk-size", "8"]
+    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lock = cli.lock_path_for(out)
+    deadline = time.monotonic() + 120
+    while not lock.exists() and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert first.poll() is None, "the first run ended before the second could start"
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    out1, err1 = first.communicate(timeout=300)
+    assert first.returncode == 0, err1
+    assert second.returncode == 2, second.stderr
+    lines = [ln for ln in second.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "being written by another label run" in lines[0], second.stderr
+    t = _read(out)
+    errors = pd.read_csv(cli.errors_path_for(out))
+    # every copy is either labelled or reported as a duplicate of an obsid labelled before
+    assert len(t) + len(errors) == 12 * 20 and errors["reason"].str.startswith("duplicate").all()
+    assert {name[3:] for name in t["filename"]} == {p.name for p in good[:20]}
+    assert not lock.exists()
+
+
+@pytest.mark.real
+def test_model_spectra_and_two_models(small_model, spectra_dir, tmp_path):
+    """``--model-spectra`` writes the data and the model at the fitted labels of every labelled
+    file; ``--giant-model`` chooses per spectrum by eq. 1 from ``--pipeline-labels``, and without
+    them fits both and sets NO_PIPELINE."""
+    from astropy.io import fits
+
+    from lamostcannon import labelling
+
+    folder, good, _ = spectra_dir
+    files = [str(p) for p in good[:10]]
+    out, ms = tmp_path / "one.fits", tmp_path / "ms.fits"
+    run = cli.label_files(small_model, files, out, model_spectra=ms, progress=False)
+    assert run.model_spectra == ms and run.workers == 1
+    t = _read(out)
+    with fits.open(ms) as h:
+        f, iv, m = (h[k].data.astype(float) for k in ("FLUX", "IVAR", "MODEL"))
+        stars = h["STARS"].data
+        assert h["WAVELENGTH"].data.shape == (f.shape[1],)
+    assert f.shape[0] == len(t) and list(stars["filename"]) == t["filename"].tolist()
+    s2 = labelling.ModelBundle.load(small_model).model.s2
+    with np.errstate(invalid="ignore"):
+        chi2 = np.nansum(np.where(iv > 0, (f - m) ** 2 * iv / (1 + iv * s2), 0), axis=1)
+    np.testing.assert_allclose(chi2, t["chi2"], rtol=5e-3)
+    # two models: eq. 1 from a pipeline table (by filename), else both models + NO_PIPELINE
+    giant = tmp_path / "model_g.fits"
+    giant.write_bytes(small_model.read_bytes())
+    lasp = tmp_path / "lasp.csv"
+    pd.DataFrame({"filename": [p.name for p in good[:10]],
+                  "teff": [4800.0] * 5 + [5800.0] * 4 + [-9999.0],
+                  "logg": [2.5] * 5 + [4.4] * 4 + [-9999.0]}).to_csv(lasp, index=False)
+    out2 = tmp_path / "two.csv"
+    cli.label_files(small_model, files, out2, giant_model_path=giant, pipeline_labels=lasp,
+                    progress=False)
+    t2 = _read(out2)
+    assert t2["model"].tolist()[:9] == ["giant"] * 5 + ["dwarf"] * 4
+    nopipe = (t2["quality_flag"].to_numpy() & labelling.QF_NO_PIPELINE) != 0
+    assert nopipe.tolist() == [False] * 9 + [True]
+    out3 = tmp_path / "three.csv"
+    cli.label_files(small_model, files, out3, giant_model_path=giant, progress=False)
+    assert ((_read(out3)["quality_flag"] & labelling.QF_NO_PIPELINE) != 0).all()
+    assert cli.main(["label", "-m", str(small_model), *files, "-o", str(tmp_path / "x.fits"),
+                     "--model-spectra", str(tmp_path / "x.fits"), "--no-progress"]) == 2

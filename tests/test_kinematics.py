@@ -156,3 +156,38 @@ def test_chunking_and_table_interface(rng):
         kin.kinematics_from_table(table.drop(columns="r_est"))
     with pytest.raises(ValueError, match="expected 7"):
         kin.kinematics(obs[0], obs[1][:3], *obs[2:])
+
+
+def test_astropy_galactocentric_gives_disk_rotation_a_negative_phi_velocity():
+    """What the README says about astropy's frame: in its (right-handed) Galactocentric
+    cylindrical representation the disk rotates towards *decreasing* phi, so the Sun's
+    R dphi/dt is negative, like our vT; our vphi (= -vT) and Jphi_prograde (= -Jphi) are the
+    positive-for-rotation columns of Table 1."""
+    frame = kin.astropy_frame()
+    sun = coord.SkyCoord(ra=0 * u.deg, dec=0 * u.deg, distance=1e-6 * u.kpc,
+                         pm_ra_cosdec=0 * u.mas / u.yr, pm_dec=0 * u.mas / u.yr,
+                         radial_velocity=0 * u.km / u.s).transform_to(frame)
+    cyl = sun.represent_as(coord.CylindricalRepresentation,
+                           coord.CylindricalDifferential)
+    r_dphi = (cyl.rho * cyl.differentials["s"].d_phi).to(u.km / u.s,
+                                                          equivalencies=u.dimensionless_angles())
+    assert r_dphi.value == pytest.approx(-232.24, abs=0.5)
+    k = kin.kinematics([0.0], [0.0], [1e-6], [0.0], [0.0], [0.0])
+    assert k["vT"][0] == pytest.approx(-232.24, abs=0.5) and k["vphi"][0] > 0
+    assert k["Jphi"][0] < 0
+
+
+def test_catalogue_has_both_signs_with_their_conventions():
+    import pandas as pd
+
+    from lamostcannon import catalog
+
+    stars = pd.DataFrame({"source_id": [7], "rv": [0.0]})
+    gaia = pd.DataFrame({"source_id": [7], "ra": [0.0], "dec": [0.0], "pmra": [0.0],
+                         "pmdec": [0.0]})
+    out = catalog.add_kinematics(stars, gaia, pd.DataFrame({"source_id": [7], "r_est": [1.0]}))
+    assert out["vphi"][0] == pytest.approx(-out["vT"][0]) and out["vphi"][0] > 200
+    assert out["Jphi_prograde"][0] == pytest.approx(-out["Jphi"][0]) and out["Jphi_prograde"][0] > 0
+    for name, word in (("vT", "< 0"), ("vphi", "> 0"), ("Jphi", "< 0"), ("Jphi_prograde", "> 0")):
+        unit, desc = catalog._describe(name)
+        assert word in desc and len(desc) <= 68, (name, desc)

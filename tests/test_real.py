@@ -249,3 +249,59 @@ def test_load_repeats_reports_missing_files(real_lamost, tmp_data, tmp_path):
     pairs = real.repeat_pairs(groups, groups["ok"].to_numpy())
     assert len(pairs) > 140
     assert (groups["group"].to_numpy()[pairs["i"]] == groups["group"].to_numpy()[pairs["j"]]).all()
+
+
+def test_read_label_table_reads_lasp_sentinels_as_missing(tmp_path):
+    p = tmp_path / "lasp.csv"
+    pd.DataFrame({"obsid": [1, 2], "teff": [5800.0, -9999.0], "logg": [4.4, -9999.0],
+                  "feh": [-0.2, -9999.0]}).to_csv(p, index=False)
+    t = real.read_label_table(p)
+    assert np.isnan(t.loc[1, ["teff", "logg", "fe_h"]].to_numpy(float)).all()
+    assert not real.training_selection(t)[1]
+
+
+def test_pair_table_and_flag_evaluation():
+    groups = pd.DataFrame({"group": [1, 1, 2, 2, 2]})
+    labelled = pd.DataFrame({"teff": [5000.0, 5010.0, 6000.0, 6020.0, 5990.0],
+                             "e_teff_formal": [10.0] * 5, "e_teff_random": [15.0] * 5,
+                             "snr": [50.0, 60.0, 40.0, 30.0, 20.0]})
+    pairs = real.pair_table(groups, labelled, ["teff"], usable=[True, True, True, True, False])
+    assert pairs[["i", "j"]].to_numpy().tolist() == [[0, 1], [2, 3]]
+    assert pairs["delta_teff"].tolist() == [-10.0, -20.0] and pairs["snr2"].tolist() == [60, 30]
+    assert pairs["r1_teff"].tolist() == [15.0, 15.0]
+    ref = pd.DataFrame({"teff": [5000.0, 5000.0, 7600.0, 5000.0, 5000.0, np.nan],
+                        "logg": [4.0] * 6})
+    lab = pd.DataFrame({"teff": [5050.0, 6000.0, 6900.0, 5100.0, 4950.0, 5000.0],
+                        "logg": [4.1, 3.0, 4.0, 4.0, 3.9, 4.0],
+                        "quality_flag": [0, 64, 2, 0, 256, 0]})
+    ev = real.flag_evaluation(ref, lab, outside_kind=[False] * 5 + [True])
+    # catastrophic: rows 1 (1000 K off), 2 (hot, 700 K off) and 5 (outside the kind)
+    assert ev["n_catastrophic"] == 3 and ev["catch_rate"] == pytest.approx(2 / 3)
+    assert ev["n_good"] == 3 and ev["false_flag_rate"] == pytest.approx(1 / 3)
+    assert ev["n_unflagged"] == 3
+
+
+def test_outside_kind():
+    plate = pd.DataFrame({"class": ["STAR", "STAR", "GALAXY", "STAR", "STAR", "Unknown"],
+                          "subclass": ["G2", "dM1", "Non", "A2", "K7", "Non"]})
+    assert real.outside_kind(plate).tolist() == [False, True, True, True, False, True]
+    dr10 = pd.DataFrame({"class": ["STAR"] * 3, "subclass": ["A7", "A1", "F5"],
+                         "teff": [6900.0, 9000.0, 6400.0]})
+    assert real.outside_kind(dr10).tolist() == [False, True, False]
+
+
+def test_degrade_kinds(rng):
+    from lamostcannon.spectra import N_PIXELS
+
+    flux = np.ones((3, N_PIXELS), np.float32)
+    ivar = np.full((3, N_PIXELS), 1e4, np.float32)
+    f, i = real.degrade(flux, ivar, "noise", seed=1)
+    assert np.allclose(i, 1e4 / 16) and 0.03 < np.std(f - 1) < 0.05
+    f, _ = real.degrade(flux, ivar, "tilt")
+    assert f[0, 0] == pytest.approx(0.85) and f[0, -1] == pytest.approx(1.15)
+    f, _ = real.degrade(flux, ivar, "emission")
+    assert f.max() > 1.3 and np.median(f) == pytest.approx(1.0)
+    f, _ = real.degrade(flux * 0.9, ivar, "gap", seed=2)
+    assert 200 < np.sum(f[0] == 1.0) < 600
+    with pytest.raises(ValueError, match="kind"):
+        real.degrade(flux, ivar, "nonsense")

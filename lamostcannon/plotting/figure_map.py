@@ -88,6 +88,10 @@ FIGURES = (
                 "against the mock truth"),
     FigureEntry("cross_validation_giant_model_vs_mock_truth", "04", (6,), "companion",
                 "against the mock truth"),
+    FigureEntry("cv_pulls_formal_vs_calibrated_dwarf", "04", (5,), "companion",
+                "held-out pulls, formal and calibrated errors"),
+    FigureEntry("cv_pulls_formal_vs_calibrated_giant", "04", (6,), "companion",
+                "held-out pulls, formal and calibrated errors"),
     FigureEntry("catalog_kiel_diagram_feh", "05", (8,), "companion", "the catalogue's Kiel diagram"),
     FigureEntry("catalog_model_fits_across_kiel", "05", (8,)),
     FigureEntry("catalog_label_distributions", "05", (), "", "label histograms"),
@@ -108,8 +112,12 @@ FIGURES = (
     FigureEntry("eu_fe_vs_fe_h_by_R_absz_coloured_by_vphi", "08", (14,)),
     FigureEntry("real_cv_one_to_one", "09", (), "", "12-fold CV on real spectra"),
     FigureEntry("real_model_vs_data", "09", (), "", "real spectra against the model"),
-    FigureEntry("real_hot_star_flags", "09", (), "", "extrapolation flags of hot stars"),
-    FigureEntry("real_repeat_precision", "09", (), "", "precision from repeat visits"),
+    FigureEntry("real_pulls_cv_and_repeat_pairs", "09", (), "",
+                "held-out pulls of CV residuals and DR8 repeat pairs, formal and calibrated"),
+    FigureEntry("real_ood_scores_by_kind", "09", (), "",
+                "out-of-distribution score of good, hot, M dwarf, non-star and spoiled spectra"),
+    FigureEntry("real_flagged_model_spectra", "09", (), "",
+                "what the flag caught: data and best-fit model of an M dwarf and a galaxy"),
 )
 
 _BY_NAME = {f.name: f for f in FIGURES}

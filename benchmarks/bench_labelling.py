@@ -1,0 +1,122 @@
+"""What trust costs: the labelling core against the bare test step, at the paper's size.
+
+The synthetic problem of ``bench_cannon.py`` (1722 training spectra x 3909 pixels x 10 labels,
+test spectra at S/N 10-200 with bad pixels and gaps; a toy line list, so the quadratic model is an
+approximation as on real spectra). The model's calibrations (error model and out-of-distribution
+calibration, :mod:`lamostcannon.trust`) are fitted from a 4-fold cross-validation, then the same
+test spectra are labelled
+
+* by the bare test step (``CannonModel.test`` with the line windows of the abundance labels, as
+  the catalogue ran it before issue 12), and
+* by the labelling core (:meth:`lamostcannon.labelling.Labeller.label`: the test step plus S/N,
+  calibrated errors, the window statistics and label density of the OOD score, KDE and
+  training-range flags and ``quality_flag``),
+
+each on one thread, three times (the fastest run counts), by wall clock and by CPU time (less
+sensitive to a shared machine's load). The target: the core costs at most 10% more than the
+bare test step (``overhead_ratio <= 1.10``).
+
+Run ``python benchmarks/bench_labelling.py`` (about 2-4 minutes on 2 cores) or ``--quick``.
+Results: ``benchmarks/results/labelling.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(HERE))
+
+from bench_cannon import LABELS, make_problem  # noqa: E402
+
+from lamostcannon import cannon, labelling, trust, validation  # noqa: E402
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small smoke run")
+    ap.add_argument("--out", default=str(HERE / "results" / "labelling.json"))
+    args = ap.parse_args(argv)
+    from threadpoolctl import threadpool_limits
+
+    n_train, n_test, repeats = (300, 1000, 1) if args.quick else (1722, 8192, 3)
+    n_pix = 3909
+    t0 = time.perf_counter()
+    p = make_problem(n_train, n_test, n_pix, seed=2020)
+    print(f"labelling benchmark: {n_train} training x {n_pix} pixels x {len(LABELS)} labels, "
+          f"{n_test} test spectra (data {time.perf_counter() - t0:.0f} s)", flush=True)
+    with threadpool_limits(2):
+        model = cannon.CannonModel(LABELS, wavelength=p["wl"]).train(p["tr_lab"], p["tr_flux"],
+                                                                     p["tr_ivar"])
+        cv = validation.cross_validate(p["tr_lab"], p["tr_flux"], p["tr_ivar"], list(LABELS),
+                                       k=4, seed=1, n_jobs=2, wavelength=p["wl"])
+    errors, ood_cal = trust.calibrate(model, cv, p["tr_lab"],
+                                      fit_rows=cv["fold"].to_numpy() % 2 == 0, write=False)
+    bundle = labelling.ModelBundle.from_model(model, "giant", errors=errors, ood=ood_cal,
+                                              boundaries=validation.extrapolation_boundaries(cv),
+                                              windows=p["windows"])
+    labeller = labelling.Labeller({"giant": bundle}, test_kwargs={"chunk_size": 256})
+    flux, ivar = p["te_flux"], p["te_ivar"]
+    chunk = 2048                       # the catalogue's chunk of observations
+
+    def bare():
+        for a in range(0, n_test, chunk):
+            model.test(flux[a:a + chunk], ivar[a:a + chunk], windows=p["windows"],
+                       chunk_size=256)
+
+    def core():
+        for a in range(0, n_test, chunk):
+            labeller.label(flux[a:a + chunk], ivar[a:a + chunk])
+
+    times = {"bare": [], "core": []}
+    cpu = {"bare": [], "core": []}
+    with threadpool_limits(1):
+        labeller.label(flux[:256], ivar[:256])           # warm-up (caches, imports)
+        for _ in range(repeats):
+            for name, fn in (("bare", bare), ("core", core)):
+                t, c = time.perf_counter(), time.process_time()
+                fn()
+                times[name].append(time.perf_counter() - t)
+                cpu[name].append(time.process_time() - c)
+    bare_s, core_s = min(times["bare"]), min(times["core"])
+    bare_c, core_c = min(cpu["bare"]), min(cpu["core"])
+    out = labeller.label(flux[:chunk], ivar[:chunk])
+    res = {
+        "quick": args.quick, "n_train": n_train, "n_test": n_test, "n_pixels": n_pix,
+        "n_labels": len(LABELS), "threads": 1, "repeats": repeats,
+        "test_step_ms_per_star": 1e3 * bare_s / n_test,
+        "labelling_core_ms_per_star": 1e3 * core_s / n_test,
+        "overhead_ratio": core_s / bare_s, "target_overhead_ratio": 1.10,
+        "cpu_test_step_ms_per_star": 1e3 * bare_c / n_test,
+        "cpu_labelling_core_ms_per_star": 1e3 * core_c / n_test,
+        "cpu_overhead_ratio": core_c / bare_c,
+        "all_runs_s": times, "all_runs_cpu_s": cpu,
+        "quality_flag_fraction_nonzero": float(np.mean(out["quality_flag"] != 0)),
+        "ood_threshold": float(ood_cal.threshold),
+        "python": platform.python_version(), "numpy": np.__version__,
+        "load_average_at_end": list(os.getloadavg()),
+    }
+    print(f"  bare test step: {res['test_step_ms_per_star']:.3f} ms/star; labelling core: "
+          f"{res['labelling_core_ms_per_star']:.3f} ms/star; ratio {res['overhead_ratio']:.3f} "
+          f"(CPU time: {res['cpu_overhead_ratio']:.3f}; target <= 1.10); load "
+          f"{res['load_average_at_end'][0]:.1f}", flush=True)
+    out_path = Path(args.out)
+    if args.quick:
+        out_path = out_path.with_name("labelling_quick.json")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(res, indent=2, default=float) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
