@@ -508,3 +508,52 @@ def test_a_version_1_store_is_read_and_upgraded_its_files_read_once_more(real_la
     assert store.format_version == 2 and len(store) == 3 and (store.meta["source_size"] > 0).all()
     _assert_row_is(store, 1, originals[4])
     assert (ingest(copies, path, n_workers=1, progress=False)["status"] == "already_stored").all()
+
+
+def test_kill_9_while_replacing_a_regenerated_folder_loses_and_duplicates_nothing(
+        real_lamost, tmp_path):
+    """A whole folder regenerated under the same names (each file now holds the next file's
+    star, so every obsid moves to another row), its re-ingest killed with SIGKILL after some
+    replacements were committed, then run again: every row holds its file's current spectrum,
+    each obsid once, no row lost or added."""
+    copies, _ = _copies(real_lamost, tmp_path / "src", 240)
+    store_path = tmp_path / "s.zarr"
+    ingest(tmp_path / "src", store_path, n_workers=1, chunk_size=8, commit_rows=32,
+           chunk_rows=16, progress=False)
+    data = [c.read_bytes() for c in copies]
+    for k, c in enumerate(copies):
+        _rewrite(c, data[(k + 1) % len(copies)])
+    script = tmp_path / "run.py"
+    script.write_text(KILLED_INGEST)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path / "src"),
+                             str(store_path)], env=env)
+    commit = store_path / "COMMIT.json"
+    deadline = time.monotonic() + 120
+    revision = 0
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            revision = json.loads(commit.read_text()).get("revision", 0)
+        except (OSError, ValueError):
+            pass
+        if revision >= 2:
+            break
+        time.sleep(0.002)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the ingest ended before it could be killed"
+    assert 2 <= SpectraStore(store_path).revision < 240 // 32 + 1
+    report = ingest(tmp_path / "src", store_path, n_workers=2, progress=False)
+    assert (report["status"] == "stored").sum() > 0
+    assert report["status"].isin(["stored", "already_stored"]).all()
+    store = SpectraStore(store_path)
+    assert len(store) == 240 and store.meta["obsid"].is_unique
+    sources = store.meta["source"].tolist()
+    assert sorted(sources) == sorted(str(c) for c in copies)
+    flux, ivar = store.read()
+    for k in range(0, 240, 7):
+        f, i = sp.preprocess(sp.read_lamost(sources[k]))
+        np.testing.assert_array_equal(flux[k], f)
+        np.testing.assert_array_equal(ivar[k], i)
+    again = ingest(tmp_path / "src", store_path, n_workers=1, progress=False)
+    assert (again["status"] == "already_stored").all()
