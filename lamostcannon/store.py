@@ -33,6 +33,7 @@ serves the old spectrum for it, never holds two rows for it, and keeps every oth
 the changed file no longer gives a spectrum (unreadable now, or its obsid is stored from another
 file), its row is *retired*: flux 1, ivar 0, ``n_good`` 0, ``obsid`` -1 and no fingerprint
 (so the file is tried again by the next ingest, which puts its spectrum back into that row).
+A stored file that cannot be found any more has not changed: its row is kept as it is.
 Each replacement increments ``revision`` (:attr:`SpectraStore.revision`), which results derived
 from the rows (the catalogue's resumable labelling) compare to notice a changed store.
 
@@ -967,6 +968,12 @@ def ingest(files_or_folder: str | PathLike | Iterable[str | PathLike],
                 size, mtime = source_fingerprints([sources[i] for i in np.flatnonzero(known)])
                 same = ((at["source_size"].to_numpy() == size)
                         & (at["source_mtime_ns"].to_numpy() == mtime) & (size >= 0))
+                # a stored file that is gone (deleted after its ingest) has not changed: its
+                # row is kept, never retired (the store may be the only copy left)
+                gone = (size < 0) & (at["n_good"].to_numpy() > 0)
+                reason[np.flatnonzero(known)[gone]] = ("the file cannot be found now; its "
+                                                       "stored row is kept")
+                same |= gone
                 done = np.zeros(len(sources), bool)
                 done[np.flatnonzero(known)[same]] = True
                 changed = np.flatnonzero(known)[~same]

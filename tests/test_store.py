@@ -396,6 +396,11 @@ def test_a_source_rewritten_under_its_name_is_read_again_into_its_row(real_lamos
     assert not list((path / "meta").glob("patch-*")) and len(store._parts) == 1  # compacted
     third = ingest(copies, path, n_workers=1, progress=False)
     assert (third["status"] == "already_stored").all() and SpectraStore(path).revision == 1
+    copies[5].unlink()  # a file deleted after its ingest has not changed: its row stays
+    fourth = ingest(copies, path, n_workers=1, progress=False).set_index("source")
+    assert (fourth["status"] == "already_stored").all()
+    assert "cannot be found" in fourth.loc[str(copies[5]), "reason"]
+    _assert_row_is(SpectraStore(path), 5, originals[5])
 
 
 def test_a_changed_source_that_now_fails_or_duplicates_retires_its_row(real_lamost, tmp_path):
