@@ -523,7 +523,8 @@ class SpectraStore:
 
     @property
     def revision(self) -> int:
-        """Number of committed replacements of existing rows (0 for an append-only store).
+        """Number of committed replacements that changed existing rows (0 for an append-only
+        store; a replacement that only updates the source fingerprints does not count).
 
         Rows never change while this stays the same; a result derived from rows ``[0, N)``
         (with the same ``len``) is still valid if the revision it was made from is unchanged.
@@ -747,6 +748,9 @@ class SpectraStore:
         staged beyond the committed length, the intent committed, the rows copied into place
         and the replacement committed (see the module docstring): a kill at any moment leaves
         the old rows or the new ones, and opening for writing finishes a committed intent.
+        :attr:`revision` grows by one. When every row equals its stored bits but for the
+        source fingerprint (``source_size``, ``source_mtime_ns``), only the metadata is
+        committed and the revision stays.
 
         Parameters
         ----------
@@ -767,6 +771,26 @@ class SpectraStore:
         order = np.argsort(rows, kind="stable")  # chunk by chunk, in order
         rows, flux, ivar = rows[order], flux[order], ivar[order]
         meta = meta.iloc[order].reset_index(drop=True)
+        # rows whose data and metadata are the same bits as stored (a file touched, or re-read
+        # after a version-1 upgrade) change only their fingerprint: one metadata commit, no copy
+        # and no new revision (results derived from the rows stay valid)
+        old_f, old_i = self.read(rows)
+        same = ((old_f.view(np.uint32) == flux.view(np.uint32)).all(axis=1)
+                & (old_i.view(np.uint32) == ivar.view(np.uint32)).all(axis=1))
+        if same.any():
+            content = [c for c in META_COLUMNS if c not in ("source_size", "source_mtime_ns")]
+            old_meta = self.read_meta(content).iloc[rows].reset_index(drop=True)
+            for col in content:
+                a, b = old_meta[col].to_numpy(), meta[col].to_numpy()
+                same &= (a == b) | (pd.isna(a) & pd.isna(b))
+        if same.all():
+            name = f"patch-{self._n:012d}-{uuid.uuid4().hex[:8]}.parquet"
+            patch = meta.assign(row=rows)
+            _write_atomic(self.path / "meta" / name,
+                          lambda p: patch.to_parquet(p, index=False, engine="pyarrow"))
+            self._write_commit(self._n, self._parts, patches=self._patches + [name])
+            self._meta_cache = None
+            return
         n0, k = self._n, len(rows)
         # 1) stage the new rows beyond the committed length (rolled back if killed here)
         for arr, data in ((self.flux, flux), (self.ivar, ivar)):

@@ -374,6 +374,12 @@ def test_a_source_rewritten_under_its_name_is_read_again_into_its_row(real_lamos
     assert meta.loc[0, "source_size"] == st.st_size
     assert meta.loc[0, "source_mtime_ns"] == st.st_mtime_ns
     assert SpectraStore(path).revision == 0
+    _rewrite(copies[0], copies[0].read_bytes())          # touched: same bits, new fingerprint
+    touched = ingest(copies, path, n_workers=1, progress=False).set_index("source")
+    assert touched.loc[str(copies[0]), "reason"].startswith("replaced row 0")
+    store = SpectraStore(path)
+    assert store.revision == 0                           # rows unchanged: labels stay valid
+    assert store.meta.loc[0, "source_mtime_ns"] == copies[0].stat().st_mtime_ns
 
     _rewrite(copies[2], originals[7].read_bytes())       # another star under the same name
     _rewrite(copies[4], copies[4].read_bytes())          # same bytes, rewritten: same obsid
