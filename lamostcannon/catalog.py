@@ -1016,7 +1016,7 @@ def add_kinematics(stars: pd.DataFrame, gaia=None, distances=None, *,
     disk stars have ``vT < 0`` and ``Jphi < 0``; ``vphi = -vT`` and ``Jphi_prograde = -Jphi`` are
     positive for disk rotation (galpy's sign). ``n_workers``: processes for the chunks of
     :func:`lamostcannon.kinematics.kinematics` (default: the ``LAMOSTCANNON_WORKERS`` setting
-    from 20,000 stars on, else this process).
+    from 50,000 stars on, else this process).
     """
     out = stars.copy()
     for name in KINEMATIC_COLUMNS:
