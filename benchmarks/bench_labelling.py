@@ -114,6 +114,10 @@ def main(argv=None) -> int:
         "test_step_with_ood_ms_per_star": 1e3 * ood_s / n_test,
         "ood_test_step_ratio": ood_s / bare_s, "target_ood_test_step_ratio": 1.10,
         "cpu_ood_test_step_ratio": ood_c / bare_c,
+        # each repeat times bare and ood back to back: the median of their ratios is the least
+        # sensitive to a load that changes between repeats
+        "cpu_ood_test_step_ratio_paired_median": float(np.median(
+            np.array(cpu["ood"]) / np.array(cpu["bare"]))),
         "all_runs_s": times, "all_runs_cpu_s": cpu,
         "quality_flag_fraction_nonzero": float(np.mean(out["quality_flag"] != 0)),
         "ood_threshold": float(ood_cal.threshold),
@@ -126,8 +130,9 @@ def main(argv=None) -> int:
           f"{res['load_average_at_end'][0]:.1f}", flush=True)
     print(f"  test step with the OOD residual statistics (residual_bins): "
           f"{res['test_step_with_ood_ms_per_star']:.3f} ms/star; ratio to the bare test step "
-          f"{res['ood_test_step_ratio']:.3f} (CPU time: {res['cpu_ood_test_step_ratio']:.3f}; "
-          "target <= 1.10)", flush=True)
+          f"{res['ood_test_step_ratio']:.3f} (CPU time: {res['cpu_ood_test_step_ratio']:.3f}, "
+          f"paired median {res['cpu_ood_test_step_ratio_paired_median']:.3f}; target <= 1.10)",
+          flush=True)
     out_path = Path(args.out)
     if args.quick:
         out_path = out_path.with_name("labelling_quick.json")
