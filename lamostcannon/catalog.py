@@ -1015,8 +1015,8 @@ def add_kinematics(stars: pd.DataFrame, gaia=None, distances=None, *,
     Gaia match, distance or radial velocity get NaN. Right-handed frame (as the paper's Table 1):
     disk stars have ``vT < 0`` and ``Jphi < 0``; ``vphi = -vT`` and ``Jphi_prograde = -Jphi`` are
     positive for disk rotation (galpy's sign). ``n_workers``: processes for the chunks of
-    :func:`lamostcannon.kinematics.kinematics` (default: the ``LAMOSTCANNON_WORKERS`` setting
-    from 50,000 stars on, else this process).
+    :func:`lamostcannon.kinematics.kinematics` (default: this process, whose galpy uses every
+    core through OpenMP; worker processes when galpy runs on one thread, from 200,000 stars on).
     """
     out = stars.copy()
     for name in KINEMATIC_COLUMNS:

@@ -235,10 +235,11 @@ def actions(R, z, vR, vT, vz):
     return JR, Jphi, Jz, flag
 
 
-#: Fewest stars for which :func:`kinematics` uses worker processes by default. A spawned
-#: worker pays ~1.5 s of CPU importing galpy (``galpy.potential``) before its first star, and a
-#: star costs ~0.07 ms, so two workers break even with one process near 40,000 stars.
-PARALLEL_MIN_STARS = 50_000
+#: Fewest stars for which :func:`kinematics` may use worker processes by default (only when
+#: galpy runs on one OpenMP thread). A spawned worker pays 1.5-2 s of CPU importing galpy
+#: (``galpy.potential``) before its first star, and a star costs ~0.07 ms of CPU: from 200,000
+#: stars on, the start-up is below ~15% of a worker's share on two cores.
+PARALLEL_MIN_STARS = 200_000
 #: Smallest chunk handed to a worker process (a chunk costs ~0.1 ms per star plus ~0.1 s).
 PARALLEL_MIN_CHUNK = 2_000
 
@@ -260,6 +261,23 @@ def _chunk(ra, dec, dist, pmra, pmdec, rv, with_actions, with_energy):
 def _chunk_payload(payload):
     """Task of a kinematics worker process: :func:`_chunk` of one payload tuple."""
     return _chunk(*payload)
+
+
+def openmp_threads() -> int:
+    """Threads galpy's C extension runs its action loops on (OpenMP), 1 without OpenMP.
+
+    galpy's wheels link OpenMP: ``actionAngleStaeckel(c=True)`` spreads its loops over the
+    stars on ``OMP_NUM_THREADS`` threads (default: every core), so one process already uses
+    the cores (measured on 2 cores, 60,000 stars: 2.13 s against 4.05 s on one thread; 96% of
+    the CPU time in parallel loops). Worker processes help only where it does not (a galpy
+    built without OpenMP, or ``OMP_NUM_THREADS=1`` as batch systems often set).
+    """
+    action_angle()  # loads galpy's C library (and its OpenMP runtime)
+    from threadpoolctl import threadpool_info
+
+    omp = [i for i in threadpool_info() if i.get("internal_api") == "openmp"]
+    mine = [i for i in omp if "galpy" in str(i.get("filepath", ""))] or omp
+    return max((int(i.get("num_threads") or 1) for i in mine), default=1)
 
 
 def _init_worker() -> None:
@@ -288,11 +306,13 @@ def kinematics(ra, dec, distance, pmra, pmdec, rv, *, with_actions=True, with_en
     index : optional index for the returned DataFrame.
     n_workers : int, optional
         Worker processes for the chunks (:func:`lamostcannon.parallel.ordered_map`: spawned,
-        dying with this process; a chunk whose worker dies twice is computed here). Default:
-        the ``LAMOSTCANNON_WORKERS`` setting for :data:`PARALLEL_MIN_STARS` stars or more, else
-        1 (this process). Every star is computed by the same code whatever the chunking, so the
-        results equal the one-process path (to floating-point tolerance; bit for bit on one
-        machine in practice).
+        dying with this process; one OpenMP thread each; a chunk whose worker dies twice is
+        computed here). Default: 1 (this process, whose galpy already runs its action loops
+        on every core through OpenMP, see :func:`openmp_threads`), unless galpy runs on fewer
+        threads than the ``LAMOSTCANNON_WORKERS`` setting and there are at least
+        :data:`PARALLEL_MIN_STARS` stars: then that many workers. Every star is computed by
+        the same code whatever the chunking, so the results equal the one-process path (to
+        floating-point tolerance; bit for bit on one machine in practice).
 
     Returns
     -------
@@ -309,12 +329,13 @@ def kinematics(ra, dec, distance, pmra, pmdec, rv, *, with_actions=True, with_en
                                   (("dec", dec), ("distance", distance), ("pmra", pmra),
                                    ("pmdec", pmdec), ("rv", rv)))
     if n_workers is None:
+        n_workers = 1
         if n >= PARALLEL_MIN_STARS:
             from .config import settings
 
-            n_workers = settings().n_workers
-        else:
-            n_workers = 1
+            cores = settings().n_workers
+            if openmp_threads() < cores:
+                n_workers = cores
     n_workers = int(n_workers)
     if n_workers < 1:
         raise ValueError(f"n_workers must be >= 1, got {n_workers}")

@@ -212,3 +212,11 @@ def test_parallel_chunks_equal_the_one_process_path(rng):
         kin.FLAG_BAD_POSITION, kin.FLAG_BAD_POSITION, kin.FLAG_BAD_VELOCITY,
         kin.FLAG_BAD_VELOCITY, kin.FLAG_UNBOUND]
     assert np.isfinite(par["Jz"]).sum() > 1000          # most stars have actions
+
+
+def test_openmp_threads_follows_the_limit_of_galpys_openmp():
+    from threadpoolctl import threadpool_limits
+
+    assert kin.openmp_threads() >= 1
+    with threadpool_limits(1, user_api="openmp"):
+        assert kin.openmp_threads() == 1
