@@ -66,7 +66,7 @@ import pandas as pd
 from . import calibration as _calibration
 from . import labels as labelsets
 from . import paths
-from .labelling import QUALITY_BITS, Labeller, ModelBundle, quality_flag_description
+from .labelling import QUALITY_BITS, Labeller, ModelBundle, _hash_arrays, quality_flag_description
 
 log = logging.getLogger(__name__)
 
@@ -197,15 +197,6 @@ class LabelContext(Labeller):
                                             errors=errors.get(g), ood=ood.get(g))
                   for g, m in (("dwarf", dwarf), ("giant", giant))}
         return cls(models=models, min_pixels=min_pixels)
-
-
-def _hash_arrays(*arrays) -> str:
-    h = hashlib.sha256()
-    for a in arrays:
-        a = np.ascontiguousarray(a)
-        h.update(str(a.dtype).encode() + str(a.shape).encode())
-        h.update(a.tobytes())
-    return h.hexdigest()[:16]
 
 
 def _model_path(group: str, directory: Path) -> Path:

@@ -556,11 +556,7 @@ def write_calibration(cal: OODCalibration, path) -> Path:
     """Write ``ood_<name>.json`` (temporary name, then renamed into place)."""
     from . import paths
 
-    path = Path(path)
-    paths.ensure(path.parent)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(cal.to_dict(), indent=1, default=_json_default) + "\n")
-    tmp.replace(path)
+    path = paths.write_json(path, cal.to_dict())
     log.info("wrote %s", path)
     return path
 
@@ -573,10 +569,3 @@ def read_calibration(path) -> OODCalibration:
     except (ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"{path} is not an OOD calibration file: {exc}") from exc
 
-
-def _json_default(o):
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")

@@ -43,6 +43,25 @@ def ensure(path: Path) -> Path:
     return path
 
 
+def write_json(path, obj) -> Path:
+    """Write ``obj`` as indented JSON to ``path`` atomically (a temporary name of this process in
+    the same folder, then renamed into place), so a reader never sees half a file. NumPy scalars and arrays are
+    written as numbers and lists."""
+    import json
+
+    def default(o):
+        if hasattr(o, "tolist"):  # np.generic and np.ndarray
+            return o.tolist()
+        raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+    path = Path(path)
+    ensure(path.parent)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # racing writers: the last one wins
+    tmp.write_text(json.dumps(obj, indent=1, default=default) + "\n")
+    tmp.replace(path)
+    return path
+
+
 def data_dir() -> Path:
     """Root of the data tiers (``raw``, ``interim``, ``processed``)."""
     return _env_path("LAMOSTCANNON_DATA", ROOT / "data")

@@ -773,12 +773,11 @@ def pair_differences(labels, errors, pairs, label_names, cv_scatter=None) -> pd.
 
 
 def robust_std(x) -> float:
-    """1.4826 x the median absolute deviation from the median (NaN ignored)."""
-    x = np.asarray(x, float)
-    x = x[np.isfinite(x)]
-    if x.size == 0:
-        return float("nan")
-    return float(1.4826 * np.median(np.abs(x - np.median(x))))
+    """1.4826 x the median absolute deviation from the median (NaN ignored); the same as
+    :func:`lamostcannon.uncertainty.robust_spread`."""
+    from .uncertainty import robust_spread
+
+    return robust_spread(x)
 
 
 def pair_spreads(diffs: pd.DataFrame, label_names) -> pd.DataFrame:

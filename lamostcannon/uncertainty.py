@@ -511,11 +511,7 @@ def write_error_model(model: ErrorModel, path) -> Path:
     """Write ``uncertainty_<name>.json`` (temporary name, then renamed into place)."""
     from . import paths
 
-    path = Path(path)
-    paths.ensure(path.parent)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(model.to_dict(), indent=1, default=_json_default) + "\n")
-    tmp.replace(path)
+    path = paths.write_json(path, model.to_dict())
     log.info("wrote %s", path)
     return path
 
@@ -528,10 +524,3 @@ def read_error_model(path) -> ErrorModel:
     except (ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"{path} is not an uncertainty calibration file: {exc}") from exc
 
-
-def _json_default(o):
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")

@@ -107,9 +107,14 @@ def _as_matrix(values, label_names=None):
 _WORK: dict = {}
 
 
-def _init_worker(work):
-    """Worker start: keep the CV inputs (inherited without copying under fork) and use one BLAS
-    thread per process, so that ``n_jobs`` processes share the cores instead of fighting."""
+def _init_worker(work, parent_pid=None):
+    """Worker start: exit when the parent dies (a killed notebook leaves no fold running), keep
+    the CV inputs (inherited without copying under fork) and use one BLAS thread per process, so
+    that ``n_jobs`` processes share the cores instead of fighting."""
+    if parent_pid is not None:
+        from .parallel import die_with_parent
+
+        die_with_parent(parent_pid)
     _WORK.clear()
     _WORK.update(work)
     try:
@@ -293,7 +298,7 @@ def cross_validate(labels, flux, ivar, label_names, k: int = 12, seed=None, *, f
 
         ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
         with ProcessPoolExecutor(n_jobs, mp_context=ctx, initializer=_init_worker,
-                                 initargs=(work,)) as pool:
+                                 initargs=(work, os.getpid())) as pool:
             futures = [pool.submit(_run_fold, int(f)) for f in fold_ids]
             for fut in as_completed(futures):
                 f, out = fut.result()

@@ -254,7 +254,10 @@ def test_threads_and_chunks_do_not_change_results(trained, test_set):
     _, flux, ivar = test_set
     a = model.test(flux[:50], ivar[:50], chunk_size=7, n_threads=2)
     b = model.test(flux[:50], ivar[:50], chunk_size=64, n_threads=1)
-    np.testing.assert_allclose(a.labels, b.labels, rtol=0, atol=1e-10)
+    # other chunk shapes and thread counts sum in another order (BLAS): the same solution to a
+    # millionth of each star's formal error, not to the bit
+    err = np.sqrt(np.diagonal(b.cov, axis1=1, axis2=2))
+    assert np.all(np.abs(a.labels - b.labels) <= 1e-6 * err), np.max(np.abs(a.labels - b.labels) / err)
     np.testing.assert_array_equal(a.flag, b.flag)
 
 
@@ -545,7 +548,10 @@ def test_test_step_trained_pixel_slices_match_fancy_index(sim):
     assert model._test_arrays()["ok_runs"] is not None
     model._test_arrays()["ok_runs"] = None              # force the fancy-index path
     b = model.test(tflux, tivar, windows=win, chunk_size=45)
-    np.testing.assert_array_equal(a.labels, b.labels)
-    np.testing.assert_array_equal(a.chi2_windows["a"], b.chi2_windows["a"])
+    # the same numbers in arrays at other addresses: bit-identical with OpenBLAS, but a BLAS may
+    # choose its kernels by alignment, so the invariant is agreement far below the formal errors
+    err = np.sqrt(np.diagonal(b.cov, axis1=1, axis2=2))
+    assert np.all(np.abs(a.labels - b.labels) <= 1e-6 * err)
+    np.testing.assert_allclose(a.chi2_windows["a"], b.chi2_windows["a"], rtol=1e-9)
     np.testing.assert_array_equal(a.flag, b.flag)
     assert np.all(np.isfinite(a.labels))

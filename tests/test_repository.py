@@ -47,3 +47,17 @@ def test_no_absolute_paths_or_relative_data_strings_in_notebooks():
         for cell in nb["cells"]:
             src = "".join(cell["source"])
             assert "../data" not in src and "/work/" not in src and "/home/" not in src, nb_path.name
+
+
+def test_write_json_is_atomic_and_writes_numpy_values(tmp_path):
+    """paths.write_json leaves no temporary file and reads back NumPy scalars and arrays."""
+    import json
+
+    import numpy as np
+
+    from lamostcannon import paths
+
+    out = paths.write_json(tmp_path / "sub" / "x.json", {"a": np.float32(1.5), "b": np.arange(3),
+                                                         "c": np.int64(7)})
+    assert json.loads(out.read_text()) == {"a": 1.5, "b": [0, 1, 2], "c": 7}
+    assert sorted(p.name for p in out.parent.iterdir()) == ["x.json"]
