@@ -635,7 +635,8 @@ def run_inference(store_path, ctx: LabelContext | None = None, *, lamost_catalog
     if lamost_catalog is None:
         default = paths.raw_dir() / "lamost" / "catalog.fits"
         lamost_catalog = default if default.exists() else None
-    meta = observation_metadata(StoreReader(store_path), lamost_catalog)
+    reader = StoreReader(store_path)
+    meta = observation_metadata(reader, lamost_catalog)
     n_obs = len(meta)
     chunks = plan_chunks(n_obs, chunk_size)
     run_info = {
@@ -643,6 +644,8 @@ def run_inference(store_path, ctx: LabelContext | None = None, *, lamost_catalog
         "obsid_hash": _hash_arrays(meta["obsid"].to_numpy()),
         "context": ctx.fingerprint(),
     }
+    if reader.store.revision:  # rows replaced in place (their files changed): parts made
+        run_info["store_revision"] = reader.store.revision  # before are not of these rows
     _prepare_parts_dir(parts_dir, run_info, overwrite)
     done = done_chunks(parts_dir)
     pending = [c for c in chunks if c[0] not in done]
@@ -994,14 +997,17 @@ def match_gaia(ra, dec, gaia, radius_arcsec: float = 1.0) -> np.ndarray:
 KINEMATIC_COLUMNS = ("R", "phi", "z", "vR", "vT", "vphi", "vz", "JR", "Jphi", "Jphi_prograde", "Jz")
 
 
-def add_kinematics(stars: pd.DataFrame, gaia=None, distances=None) -> pd.DataFrame:
+def add_kinematics(stars: pd.DataFrame, gaia=None, distances=None, *,
+                   n_workers: int | None = None) -> pd.DataFrame:
     """Galactocentric positions, velocities and actions (paper section 5.1) for matched stars.
 
     Uses :mod:`lamostcannon.kinematics` with Gaia DR2 proper motions, Bailer-Jones ``r_est`` (pc)
     distances and the LAMOST radial velocity (``rv``, km/s; combined over repeats). Stars without a
     Gaia match, distance or radial velocity get NaN. Right-handed frame (as the paper's Table 1):
     disk stars have ``vT < 0`` and ``Jphi < 0``; ``vphi = -vT`` and ``Jphi_prograde = -Jphi`` are
-    positive for disk rotation (galpy's sign).
+    positive for disk rotation (galpy's sign). ``n_workers``: processes for the chunks of
+    :func:`lamostcannon.kinematics.kinematics` (default: this process, whose galpy uses every
+    core through OpenMP; worker processes when galpy runs on one thread, from 200,000 stars on).
     """
     out = stars.copy()
     for name in KINEMATIC_COLUMNS:
@@ -1017,7 +1023,7 @@ def add_kinematics(stars: pd.DataFrame, gaia=None, distances=None) -> pd.DataFra
         d, on="source_id", how="left")
     # Gaia positions (epoch 2015.5, consistent with the proper motions); NaN rows are flagged by
     # kinematics.kinematics, never dropped.
-    kin = kinematics.kinematics_from_table(joined)
+    kin = kinematics.kinematics_from_table(joined, n_workers=n_workers)
     for name in KINEMATIC_COLUMNS:
         if name == "Jphi_prograde":
             out[name] = -kin["Jphi"].to_numpy(float)
