@@ -294,9 +294,13 @@ def observation_metadata(store: StoreReader, lamost_catalog=None) -> pd.DataFram
                 None if name in ("designation", "class") else np.nan)
         elif name in meta:
             out[target] = out[target].where(out[target].notna(), meta[name].to_numpy())
+    # no designation: "obsid<obsid>", or "store-row<row>" for a file without an OBSID card
+    # (each such file its own star, never several merged under one name)
+    fallback = np.where(out["obsid"].to_numpy() >= 0, "obsid" + out["obsid"].astype(str),
+                        "store-row" + pd.Series(np.arange(len(out)), index=out.index).astype(str))
     out["designation"] = out["designation"].astype(object).where(
         out["designation"].notna() & (out["designation"].astype(str).str.strip() != ""),
-        "obsid" + out["obsid"].astype(str)).astype(str).str.strip()
+        fallback).astype(str).str.strip()
     for name in ("ra", "dec", "snr_z", "rv", "teff_lasp", "logg_lasp", "z"):
         out[name] = pd.to_numeric(out[name], errors="coerce").astype("float64")
     out["class"] = out["class"].astype(object).where(out["class"].notna(), "").astype(str)
@@ -790,7 +794,15 @@ def assemble_observations(parts_dir=None, n_chunks: int | None = None, path=None
         run = json.loads((parts_dir / RUN_FILE).read_text())
         n_chunks = len(plan_chunks(run["n_obs"], run["chunk_size"]))
     df = read_parts(parts_dir, n_chunks)
-    if df["obsid"].duplicated().any():
+    # rows the store retired (their file changed and gives no spectrum now: obsid -1, no
+    # pixels) hold no observation; files without an OBSID card (obsid -1) that do are kept
+    retired = (df["obsid"].to_numpy() < 0) & (df["n_pixels"].to_numpy() == 0)
+    if retired.any():
+        log.info("%d retired store rows (no spectrum) left out of the per-observation table",
+                 int(retired.sum()))
+        df = df[~retired].reset_index(drop=True)
+    known = df["obsid"].to_numpy() >= 0
+    if df.loc[known, "obsid"].duplicated().any():
         raise RuntimeError("duplicated obsids in the per-observation table")
     table = to_table(df, kind="observation")
     path = Path(path or paths.processed_dir() / "labels_per_observation.parquet")
