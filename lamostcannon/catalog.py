@@ -294,9 +294,13 @@ def observation_metadata(store: StoreReader, lamost_catalog=None) -> pd.DataFram
                 None if name in ("designation", "class") else np.nan)
         elif name in meta:
             out[target] = out[target].where(out[target].notna(), meta[name].to_numpy())
+    # no designation: "obsid<obsid>", or "store-row<row>" for a file without an OBSID card
+    # (each such file its own star, never several merged under one name)
+    fallback = np.where(out["obsid"].to_numpy() >= 0, "obsid" + out["obsid"].astype(str),
+                        "store-row" + pd.Series(np.arange(len(out)), index=out.index).astype(str))
     out["designation"] = out["designation"].astype(object).where(
         out["designation"].notna() & (out["designation"].astype(str).str.strip() != ""),
-        "obsid" + out["obsid"].astype(str)).astype(str).str.strip()
+        fallback).astype(str).str.strip()
     for name in ("ra", "dec", "snr_z", "rv", "teff_lasp", "logg_lasp", "z"):
         out[name] = pd.to_numeric(out[name], errors="coerce").astype("float64")
     out["class"] = out["class"].astype(object).where(out["class"].notna(), "").astype(str)
@@ -635,7 +639,8 @@ def run_inference(store_path, ctx: LabelContext | None = None, *, lamost_catalog
     if lamost_catalog is None:
         default = paths.raw_dir() / "lamost" / "catalog.fits"
         lamost_catalog = default if default.exists() else None
-    meta = observation_metadata(StoreReader(store_path), lamost_catalog)
+    reader = StoreReader(store_path)
+    meta = observation_metadata(reader, lamost_catalog)
     n_obs = len(meta)
     chunks = plan_chunks(n_obs, chunk_size)
     run_info = {
@@ -643,6 +648,8 @@ def run_inference(store_path, ctx: LabelContext | None = None, *, lamost_catalog
         "obsid_hash": _hash_arrays(meta["obsid"].to_numpy()),
         "context": ctx.fingerprint(),
     }
+    if reader.store.revision:  # rows replaced in place (their files changed): parts made
+        run_info["store_revision"] = reader.store.revision  # before are not of these rows
     _prepare_parts_dir(parts_dir, run_info, overwrite)
     done = done_chunks(parts_dir)
     pending = [c for c in chunks if c[0] not in done]
@@ -787,7 +794,15 @@ def assemble_observations(parts_dir=None, n_chunks: int | None = None, path=None
         run = json.loads((parts_dir / RUN_FILE).read_text())
         n_chunks = len(plan_chunks(run["n_obs"], run["chunk_size"]))
     df = read_parts(parts_dir, n_chunks)
-    if df["obsid"].duplicated().any():
+    # rows the store retired (their file changed and gives no spectrum now: obsid -1, no
+    # pixels) hold no observation; files without an OBSID card (obsid -1) that do are kept
+    retired = (df["obsid"].to_numpy() < 0) & (df["n_pixels"].to_numpy() == 0)
+    if retired.any():
+        log.info("%d retired store rows (no spectrum) left out of the per-observation table",
+                 int(retired.sum()))
+        df = df[~retired].reset_index(drop=True)
+    known = df["obsid"].to_numpy() >= 0
+    if df.loc[known, "obsid"].duplicated().any():
         raise RuntimeError("duplicated obsids in the per-observation table")
     table = to_table(df, kind="observation")
     path = Path(path or paths.processed_dir() / "labels_per_observation.parquet")
@@ -994,14 +1009,17 @@ def match_gaia(ra, dec, gaia, radius_arcsec: float = 1.0) -> np.ndarray:
 KINEMATIC_COLUMNS = ("R", "phi", "z", "vR", "vT", "vphi", "vz", "JR", "Jphi", "Jphi_prograde", "Jz")
 
 
-def add_kinematics(stars: pd.DataFrame, gaia=None, distances=None) -> pd.DataFrame:
+def add_kinematics(stars: pd.DataFrame, gaia=None, distances=None, *,
+                   n_workers: int | None = None) -> pd.DataFrame:
     """Galactocentric positions, velocities and actions (paper section 5.1) for matched stars.
 
     Uses :mod:`lamostcannon.kinematics` with Gaia DR2 proper motions, Bailer-Jones ``r_est`` (pc)
     distances and the LAMOST radial velocity (``rv``, km/s; combined over repeats). Stars without a
     Gaia match, distance or radial velocity get NaN. Right-handed frame (as the paper's Table 1):
     disk stars have ``vT < 0`` and ``Jphi < 0``; ``vphi = -vT`` and ``Jphi_prograde = -Jphi`` are
-    positive for disk rotation (galpy's sign).
+    positive for disk rotation (galpy's sign). ``n_workers``: processes for the chunks of
+    :func:`lamostcannon.kinematics.kinematics` (default: this process, whose galpy uses every
+    core through OpenMP; worker processes when galpy runs on one thread, from 200,000 stars on).
     """
     out = stars.copy()
     for name in KINEMATIC_COLUMNS:
@@ -1017,7 +1035,7 @@ def add_kinematics(stars: pd.DataFrame, gaia=None, distances=None) -> pd.DataFra
         d, on="source_id", how="left")
     # Gaia positions (epoch 2015.5, consistent with the proper motions); NaN rows are flagged by
     # kinematics.kinematics, never dropped.
-    kin = kinematics.kinematics_from_table(joined)
+    kin = kinematics.kinematics_from_table(joined, n_workers=n_workers)
     for name in KINEMATIC_COLUMNS:
         if name == "Jphi_prograde":
             out[name] = -kin["Jphi"].to_numpy(float)

@@ -235,8 +235,60 @@ def actions(R, z, vR, vT, vz):
     return JR, Jphi, Jz, flag
 
 
+#: Fewest stars for which :func:`kinematics` may use worker processes by default (only when
+#: galpy runs on one OpenMP thread). A spawned worker pays 1.5-2 s of CPU importing galpy
+#: (``galpy.potential``) before its first star, and a star costs ~0.07 ms of CPU: from 200,000
+#: stars on, the start-up is below ~15% of a worker's share on two cores.
+PARALLEL_MIN_STARS = 200_000
+#: Smallest chunk handed to a worker process (a chunk costs ~0.1 ms per star plus ~0.1 s).
+PARALLEL_MIN_CHUNK = 2_000
+
+
+def _chunk(ra, dec, dist, pmra, pmdec, rv, with_actions, with_energy):
+    """Every column of :func:`kinematics` for one chunk: ``({column: array}, flag)``."""
+    ps, flag = _phase_space_chunk(ra, dec, dist, pmra, pmdec, rv)
+    out = dict(ps)
+    if with_energy:
+        out["E"] = energy(ps["R"], ps["z"], ps["vR"], ps["vT"], ps["vz"])
+    if with_actions:
+        out["JR"], out["Jphi"], out["Jz"], fa = actions(ps["R"], ps["z"], ps["vR"], ps["vT"],
+                                                        ps["vz"])
+        # only report action problems for rows whose inputs were fine
+        flag = flag | np.where(flag == 0, fa, 0).astype(np.int16)
+    return out, flag
+
+
+def _chunk_payload(payload):
+    """Task of a kinematics worker process: :func:`_chunk` of one payload tuple."""
+    return _chunk(*payload)
+
+
+def openmp_threads() -> int:
+    """Threads galpy's C extension runs its action loops on (OpenMP), 1 without OpenMP.
+
+    galpy's wheels link OpenMP: ``actionAngleStaeckel(c=True)`` spreads its loops over the
+    stars on ``OMP_NUM_THREADS`` threads (default: every core), so one process already uses
+    the cores (measured on 2 cores, 60,000 stars: 2.13 s against 4.05 s on one thread; 96% of
+    the CPU time in parallel loops). Worker processes help only where it does not (a galpy
+    built without OpenMP, or ``OMP_NUM_THREADS=1`` as batch systems often set).
+    """
+    action_angle()  # loads galpy's C library (and its OpenMP runtime)
+    from threadpoolctl import threadpool_info
+
+    omp = [i for i in threadpool_info() if i.get("internal_api") == "openmp"]
+    mine = [i for i in omp if "galpy" in str(i.get("filepath", ""))] or omp
+    return max((int(i.get("num_threads") or 1) for i in mine), default=1)
+
+
+def _init_worker() -> None:
+    """Worker initializer: galpy's imports and the Staeckel set-up once per process (~1.5 s of
+    CPU, almost all importing ``galpy.potential``)."""
+    action_angle()
+    from galpy.orbit import Orbit  # noqa: F401
+
+
 def kinematics(ra, dec, distance, pmra, pmdec, rv, *, with_actions=True, with_energy=False,
-               chunk_size=100_000, index=None):
+               chunk_size=None, index=None, n_workers=None):
     """Galactocentric positions, velocities and actions for arrays of stars.
 
     Parameters
@@ -248,8 +300,19 @@ def kinematics(ra, dec, distance, pmra, pmdec, rv, *, with_actions=True, with_en
     rv : array (S,) [km/s], heliocentric line-of-sight velocity (LAMOST ``rv``).
     with_actions : compute ``JR, Jphi, Jz`` with the Staeckel fudge (~5-10 s per 1e5 stars).
     with_energy : add the energy column ``E`` [km^2/s^2] (MWPotential2014, zero at infinity).
-    chunk_size : stars per chunk (bounds memory; progress is logged per chunk).
+    chunk_size : stars per chunk (bounds the memory of a chunk; progress is logged per chunk).
+        Default: 100,000 in one process; with workers, about four chunks per worker (at least
+        :data:`PARALLEL_MIN_CHUNK`, at most 100,000).
     index : optional index for the returned DataFrame.
+    n_workers : int, optional
+        Worker processes for the chunks (:func:`lamostcannon.parallel.ordered_map`: spawned,
+        dying with this process; one OpenMP thread each; a chunk whose worker dies twice is
+        computed here). Default: 1 (this process, whose galpy already runs its action loops
+        on every core through OpenMP, see :func:`openmp_threads`), unless galpy runs on fewer
+        threads than the ``LAMOSTCANNON_WORKERS`` setting and there are at least
+        :data:`PARALLEL_MIN_STARS` stars: then that many workers. Every star is computed by
+        the same code whatever the chunking, so the results equal the one-process path (to
+        floating-point tolerance; bit for bit on one machine in practice).
 
     Returns
     -------
@@ -265,6 +328,20 @@ def kinematics(ra, dec, distance, pmra, pmdec, rv, *, with_actions=True, with_en
     dec, dist, pmra, pmdec, rv = (_as_1d(name, v, n) for name, v in
                                   (("dec", dec), ("distance", distance), ("pmra", pmra),
                                    ("pmdec", pmdec), ("rv", rv)))
+    if n_workers is None:
+        n_workers = 1
+        if n >= PARALLEL_MIN_STARS:
+            from .config import settings
+
+            cores = settings().n_workers
+            if openmp_threads() < cores:
+                n_workers = cores
+    n_workers = int(n_workers)
+    if n_workers < 1:
+        raise ValueError(f"n_workers must be >= 1, got {n_workers}")
+    if chunk_size is None:
+        chunk_size = (100_000 if n_workers == 1 else
+                      min(100_000, max(PARALLEL_MIN_CHUNK, -(-n // (4 * n_workers)))))
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     cols = list(PHASE_SPACE_COLUMNS) + (list(ACTION_COLUMNS) if with_actions else [])
@@ -272,20 +349,34 @@ def kinematics(ra, dec, distance, pmra, pmdec, rv, *, with_actions=True, with_en
     result = {c: np.full(n, np.nan) for c in cols}
     flag = np.zeros(n, dtype=np.int16)
     t0 = time.perf_counter()
-    for start in range(0, n, chunk_size):
-        sl = slice(start, min(start + chunk_size, n))
-        ps, f = _phase_space_chunk(ra[sl], dec[sl], dist[sl], pmra[sl], pmdec[sl], rv[sl])
-        for c in PHASE_SPACE_COLUMNS:
-            result[c][sl] = ps[c]
-        flag[sl] |= f
-        if with_energy:
-            result["E"][sl] = energy(ps["R"], ps["z"], ps["vR"], ps["vT"], ps["vz"])
-        if with_actions:
-            jr, jp, jz, fa = actions(ps["R"], ps["z"], ps["vR"], ps["vT"], ps["vz"])
-            result["JR"][sl], result["Jphi"][sl], result["Jz"][sl] = jr, jp, jz
-            # only report action problems for rows whose inputs were fine
-            flag[sl] |= np.where(f == 0, fa, 0).astype(np.int16)
+    slices = [slice(a, min(a + chunk_size, n)) for a in range(0, n, chunk_size)]
+
+    def payload(sl):
+        return (ra[sl], dec[sl], dist[sl], pmra[sl], pmdec[sl], rv[sl], with_actions,
+                with_energy)
+
+    def keep(sl, cols_flag):
+        out, f = cols_flag
+        for c in cols:
+            result[c][sl] = out[c]
+        flag[sl] = f
         log.info("kinematics: %d/%d stars (%.1f s)", sl.stop, n, time.perf_counter() - t0)
+
+    if n_workers == 1 or len(slices) <= 1:
+        for sl in slices:
+            keep(sl, _chunk(*payload(sl)))
+    else:
+        from .parallel import ordered_map
+
+        def lost(index, exc):  # the worker died twice on this chunk: compute it here
+            log.warning("kinematics: chunk %d failed in a worker (%s); computing it here",
+                        index, exc)
+            return None
+
+        for k, got in ordered_map(_chunk_payload, (payload(sl) for sl in slices),
+                                  n_workers, initializer=_init_worker, on_error=lost,
+                                  env={"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}):
+            keep(slices[k], got if got is not None else _chunk(*payload(slices[k])))
     df = pd.DataFrame(result, index=index)
     df["kin_flag"] = flag
     n_bad = int((flag != 0).sum())

@@ -429,3 +429,70 @@ def gradient_table(table, labels, *, truth=None, radial_kw=None, vertical_kw=Non
             row["true_dz"] = vertical_gradient(t, lab, **vertical_kw).slope
         rows.append(row)
     return pd.DataFrame(rows).set_index("label")
+
+
+def vertical_profile(table, label, *, R_range=(7.5, 8.5), absz_max=4.0, step=0.25,
+                     min_count=20):
+    """Mean ``label`` against ``|z|`` in an annulus: the column of Fig 10 at fixed R.
+
+    Parameters
+    ----------
+    table : DataFrame or Table with ``R``, ``z`` [kpc] and ``label``
+    R_range : (lo, hi) kpc
+    absz_max, step : float, kpc
+        The profile covers ``0 <= |z| < absz_max`` in bins of ``step``.
+    min_count : int
+        Bins with fewer finite values are NaN.
+
+    Returns
+    -------
+    DataFrame, one row per |z| bin: ``absz`` (bin centre, kpc), ``n``, ``mean``, ``sem``
+    (standard error of the mean).
+    """
+    import pandas as pd
+
+    if not 0 < step < absz_max:
+        raise ValueError(f"need 0 < step < absz_max, got step={step}, absz_max={absz_max}")
+    R, z, v = _col(table, "R"), _col(table, "z"), _col(table, label)
+    edges = np.arange(0.0, absz_max + 0.5 * step, step)
+    sel = (R >= R_range[0]) & (R < R_range[1]) & np.isfinite(v) & np.isfinite(z)
+    idx = np.digitize(np.abs(z[sel]), edges) - 1
+    rows = []
+    for i in range(len(edges) - 1):
+        x = v[sel][idx == i]
+        ok = x.size >= max(min_count, 2)
+        rows.append({"absz": 0.5 * (edges[i] + edges[i + 1]), "n": int(x.size),
+                     "mean": float(np.mean(x)) if ok else np.nan,
+                     "sem": float(np.std(x, ddof=1) / np.sqrt(x.size)) if ok else np.nan})
+    return pd.DataFrame(rows)
+
+
+def transition_height(profile, *, plane=0.5, far=(3.0, 4.0)) -> float:
+    """|z| [kpc] where a vertical profile (:func:`vertical_profile`) first crosses halfway from its
+    mean near the plane (``|z| < plane``) to its mean at ``far`` heights: the centre of a smooth
+    disk-halo change (paper sec. 5.3: at R = 8 kpc "centered on |z| ~ 2 kpc"). Linear
+    interpolation between bin centres; NaN when the profile never crosses or a side is empty.
+    """
+    p = profile[np.isfinite(profile["mean"])]
+    z, m = p["absz"].to_numpy(float), p["mean"].to_numpy(float)
+    near, high = m[z < plane], m[(z >= far[0]) & (z < far[1])]
+    if near.size == 0 or high.size == 0:
+        return float("nan")
+    mid = 0.5 * (near.mean() + high.mean())
+    s = np.sign(m - mid)
+    for i in range(1, len(z)):
+        if s[i - 1] != 0 and s[i] != s[i - 1]:
+            return float(z[i - 1] + (mid - m[i - 1]) * (z[i] - z[i - 1]) / (m[i] - m[i - 1]))
+    return float("nan")
+
+
+def peak_height(profile) -> float:
+    """|z| [kpc] of the largest mean of a vertical profile (:func:`vertical_profile`); NaN when
+    the profile is empty or peaks at its first or last filled bin (no interior maximum)."""
+    p = profile[np.isfinite(profile["mean"])].reset_index(drop=True)
+    if len(p) < 3:
+        return float("nan")
+    i = int(np.argmax(p["mean"].to_numpy()))
+    if i in (0, len(p) - 1):
+        return float("nan")
+    return float(p.loc[i, "absz"])

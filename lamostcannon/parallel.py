@@ -164,8 +164,30 @@ def keep_freed_memory() -> bool:
 # ------------------------------------------------------------------------------------------------
 
 def _worker_main(conn, parent_pid, fn, initializer, initargs):
-    """A worker: set up, then ``(index, payload)`` -> ``(index, ok, result_or_exception)``."""
+    """A worker: set up, then ``(index, payload)`` -> ``(index, ok, result_or_exception)``.
+
+    Tasks are received by a thread of their own, so the pipe towards the worker is always
+    drained: the parent sends a second task while the first runs, and a payload bigger than
+    the pipe's buffer would otherwise block the parent in that send while this worker blocks
+    sending a big result, which the parent reads only after its send (a deadlock; ingest's
+    payloads are file names, but kinematics sends arrays both ways).
+    """
+    import queue
+
     die_with_parent(parent_pid)
+    inbox: queue.SimpleQueue = queue.SimpleQueue()
+
+    def receive():
+        while True:
+            try:
+                msg = conn.recv()
+            except (EOFError, OSError):  # the parent is gone or closed the pipe
+                msg = None
+            inbox.put(msg)
+            if msg is None:
+                return
+
+    threading.Thread(target=receive, name="lamostcannon-worker-inbox", daemon=True).start()
     if initializer is not None:
         try:
             initializer(*initargs)
@@ -173,10 +195,7 @@ def _worker_main(conn, parent_pid, fn, initializer, initargs):
             _send(conn, ("init_failed", None, _portable(exc)))
             return
     while True:
-        try:
-            msg = conn.recv()
-        except (EOFError, OSError):  # the parent is gone or closed the pipe
-            return
+        msg = inbox.get()
         if msg is None:
             return
         index, payload = msg

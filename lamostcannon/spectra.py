@@ -1188,10 +1188,16 @@ def _process_files(sources: Sequence[str], use_ormask: bool, min_good_pixels: in
     -------
     dict
         ``ok``: indices into ``sources`` that succeeded; ``flux``, ``ivar`` (len(ok), 3909)
-        float32; ``meta``: list of dicts; ``failed``: list of (index, reason).
+        float32; ``meta``: list of dicts (with ``source_size``, ``source_mtime_ns``: the
+        file's ``stat`` before it was read); ``failed``: list of (index, reason).
     """
-    read, failed = [], []
+    read, failed, stamp = [], [], {}
     for k, source in enumerate(sources):
+        try:  # the store's fingerprint of the file, taken before reading it (a file rewritten
+            st = os.stat(source)  # meanwhile then differs from its row next time: read again)
+            stamp[k] = (st.st_size, st.st_mtime_ns)
+        except (OSError, ValueError):
+            stamp[k] = (-1, -1)  # reading fails below and says why
         try:
             read.append((k, read_lamost(source)))
         except SpectrumReadError as exc:
@@ -1219,7 +1225,8 @@ def _process_files(sources: Sequence[str], use_ormask: bool, min_good_pixels: in
             continue
         f, i = grid
         ok.append(k)
-        metas.append(dict(spectrum.meta, source=sources[k], n_good=int(np.count_nonzero(i))))
+        metas.append(dict(spectrum.meta, source=sources[k], n_good=int(np.count_nonzero(i)),
+                          source_size=stamp[k][0], source_mtime_ns=stamp[k][1]))
         fluxes.append(f)
         ivars.append(i)
     failed.sort()

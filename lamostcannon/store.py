@@ -11,13 +11,36 @@ Format (a folder, conventionally ``<name>.zarr``)
       ivar/                Zarr 3 array (N, 3909) float32, same chunks
       wavelength/          Zarr 3 array (3909,) float64: the common rest-frame grid (Angstrom)
       meta/part-*.parquet  the metadata table, row-aligned with flux/ivar, in committed parts
-      COMMIT.json          {"n_rows": N, "parts": [[file, first_row, n_rows], ...]}
+      meta/patch-*.parquet replaced metadata rows (column ``row`` + the metadata columns),
+                           applied over the parts in commit order; folded in by compact()
+      COMMIT.json          {"n_rows": N, "parts": [[file, first_row, n_rows], ...],
+                            "patches": [file, ...], "revision": R, "pending": null | {...}}
       ingest_report.csv    the last :func:`ingest` run: one line per input file and its fate
       .lock                the write lock (an OS file lock, see below); holds the pid of the
                            last writer, for messages only
 
 Row ``i`` of ``flux``/``ivar`` is row ``i`` of the metadata table (columns :data:`META_COLUMNS`;
 ``obsid`` is the key, unique when ingested with ``deduplicate=True``).
+
+Changed source files (format version 2)
+---------------------------------------
+Each row records the size and modification time (ns) of the file it was read from
+(``source_size``, ``source_mtime_ns``, taken just before the file was read). :func:`ingest`
+with ``skip_existing=True`` skips a file only when its path *and* both numbers match its row;
+a file that changed since (a mock regenerated under the same names, a re-downloaded file) is
+read again and its row is **replaced in place** (:meth:`SpectraStore.replace`): the store never
+serves the old spectrum for it, never holds two rows for it, and keeps every other row. When
+the changed file no longer gives a spectrum (unreadable now, or its obsid is stored from another
+file), its row is *retired*: flux 1, ivar 0, ``n_good`` 0, ``obsid`` -1 and no fingerprint
+(so the file is tried again by the next ingest, which puts its spectrum back into that row).
+A stored file that cannot be found any more has not changed: its row is kept as it is.
+Each replacement increments ``revision`` (:attr:`SpectraStore.revision`), which results derived
+from the rows (the catalogue's resumable labelling) compare to notice a changed store.
+
+Stores written by format version 1 (no fingerprints) are read as they are (the two columns read
+-1) and upgraded to version 2 when opened for writing; their rows have an unknown fingerprint, so
+the next ingest of their files reads each once more and replaces its row (the cost of one
+rebuild, done in place; rows whose files are not in that ingest stay as they are).
 
 Crash safety (``kill -9`` at any moment)
 ----------------------------------------
@@ -27,7 +50,14 @@ Crash safety (``kill -9`` at any moment)
 only then the new ``COMMIT.json``. Opening a store for writing truncates ``flux``/``ivar`` to
 the committed length and deletes metadata parts that no commit names, so an interrupted append
 leaves no trace and is redone by the next :func:`ingest` (files already stored are skipped).
-Readers see exactly the committed rows. (The files are not fsync'ed: this protects against a
+Readers see exactly the committed rows.
+
+A replacement of existing rows first stages the new rows beyond the committed length and writes
+their metadata patch, then commits its intent (``pending`` in ``COMMIT.json``), copies the
+staged rows onto their places and commits again (patch named, ``pending`` cleared). Opening for
+writing finishes a pending replacement from the staged rows (the copy is idempotent) before
+truncating, so a replacement killed at any moment ends either not done or fully done. A reader
+that runs during the copy may see some replaced rows' new data with their old metadata. (The files are not fsync'ed: this protects against a
 killed process, not against a power cut on a filesystem that reorders writes.)
 
 One writer at a time
@@ -67,30 +97,79 @@ from .spectra import (LOG10_WAVE_START, LOG10_WAVE_STEP, MIN_GOOD_PIXELS, N_PIXE
 log = logging.getLogger(__name__)
 
 __all__ = ["SpectraStore", "StoreBusy", "ingest", "META_COLUMNS", "REPORT_COLUMNS", "FORMAT",
-           "FORMAT_VERSION"]
+           "FORMAT_VERSION", "source_fingerprints"]
 
 FORMAT = "lamostcannon.SpectraStore"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Format versions this code reads (version 1: no source fingerprints; upgraded on writing).
+READABLE_VERSIONS = (1, 2)
 _COMMIT = "COMMIT.json"
 _LOCK = ".lock"
 REPORT_NAME = "ingest_report.csv"
 
 #: Metadata columns and their dtypes (the :class:`~lamostcannon.spectra.LamostSpectrum` meta,
-#: plus ``source``: the absolute path ingested, and ``n_good``: valid pixels on the grid).
+#: plus ``source``: the absolute path ingested, ``n_good``: valid pixels on the grid (0 for a
+#: retired row), ``source_size`` (bytes) and ``source_mtime_ns`` (ns since the epoch): the
+#: source file's fingerprint when it was read (-1: unknown, e.g. a version-1 store's row).
 META_COLUMNS = {
     "obsid": "int64", "designation": "str", "ra": "float64", "dec": "float64", "z": "float64",
     "z_err": "float64", "snru": "float64", "snrg": "float64", "snrr": "float64",
     "snri": "float64", "snrz": "float64", "class": "str", "subclass": "str", "mjd": "int64",
     "data_release": "str", "layout": "str", "filename": "str", "source": "str", "n_good": "int32",
+    "source_size": "int64", "source_mtime_ns": "int64",
 }
+_DEFAULTS = {"int64": -1, "int32": -1, "float64": np.nan, "str": ""}
 #: Columns of the ingest report. ``status``: stored, failed, duplicate (obsid already stored),
-#: already_stored (the same source path is in the store: skipped on resume).
+#: already_stored (the same source path, size and modification time are in the store: skipped
+#: on resume). A file that changed since it was stored is ``stored`` again into its old row,
+#: with ``reason`` "replaced ..." (or failed/duplicate, with its old row retired).
 REPORT_COLUMNS = ("source", "status", "reason", "obsid", "row")
 
 
 def _meta_frame(records) -> pd.DataFrame:
     df = pd.DataFrame.from_records(list(records), columns=list(META_COLUMNS))
+    for col, dtype in META_COLUMNS.items():  # records without a key (a retired row's)
+        if dtype != "float64" and df[col].isna().any():
+            df[col] = df[col].astype(object).where(df[col].notna(), _DEFAULTS[dtype])
     return df.astype(META_COLUMNS)
+
+
+def _with_defaults(df: pd.DataFrame, columns) -> pd.DataFrame:
+    """``df[columns]`` with the dtypes of :data:`META_COLUMNS`; a missing column (a part
+    written by format version 1) gets its default (-1, NaN or "")."""
+    for col in columns:
+        if col not in df:
+            df[col] = _DEFAULTS[META_COLUMNS[col]]
+    return df[list(columns)].astype({c: META_COLUMNS[c] for c in columns})
+
+
+def _read_part(path: Path, columns: list) -> pd.DataFrame:
+    """The columns of one metadata file that it has (a version-1 part lacks the fingerprint)."""
+    import pyarrow.parquet as pq
+
+    have = set(pq.read_schema(path).names)
+    return pd.read_parquet(path, columns=[c for c in columns if c in have])
+
+
+def source_fingerprints(sources: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Size (bytes) and modification time (ns) of each file; -1 and -1 where ``stat`` fails.
+
+    The fingerprint the store keeps per row (``source_size``, ``source_mtime_ns``) to notice a
+    file rewritten under the same name. ~2 us per file on a local disk.
+
+    Returns
+    -------
+    size, mtime_ns : ndarray (N,) int64
+    """
+    size = np.full(len(sources), -1, np.int64)
+    mtime = np.full(len(sources), -1, np.int64)
+    for k, src in enumerate(sources):
+        try:
+            st = os.stat(src)
+        except (OSError, ValueError):
+            continue
+        size[k], mtime[k] = st.st_size, st.st_mtime_ns
+    return size, mtime
 
 
 def _codec():
@@ -280,15 +359,26 @@ class SpectraStore:
         try:
             self._group = zarr.open_group(self.path, mode="r+" if mode == "a" else "r")
             attrs = dict(self._group.attrs)
-            if attrs.get("format") != FORMAT or attrs.get("format_version") != FORMAT_VERSION:
-                raise ValueError(f"{self.path}: not a {FORMAT} v{FORMAT_VERSION} store "
+            if (attrs.get("format") != FORMAT
+                    or attrs.get("format_version") not in READABLE_VERSIONS):
+                raise ValueError(f"{self.path}: not a {FORMAT} store of version "
+                                 f"{' or '.join(map(str, READABLE_VERSIONS))} "
                                  f"(attributes {attrs})")
+            self.format_version = int(attrs["format_version"])
             self.flux = self._group["flux"]
             self.ivar = self._group["ivar"]
             self.chunk_rows = int(self.flux.chunks[0])
             self._read_commit()
             if mode == "a":
                 self._recover()
+                if self.format_version < FORMAT_VERSION:
+                    # rows keep their data; their fingerprints read -1 (unknown), so the next
+                    # ingest of their files reads them again and replaces the rows
+                    log.warning("%s: upgrading a version-%d store to version %d (no source "
+                                "fingerprints: the next ingest re-reads its files once)",
+                                self.path, self.format_version, FORMAT_VERSION)
+                    self._group.attrs["format_version"] = FORMAT_VERSION
+                    self.format_version = FORMAT_VERSION
         except BaseException:
             self.close()
             raise
@@ -414,23 +504,46 @@ class SpectraStore:
         commit = json.loads((self.path / _COMMIT).read_text())
         self._n = int(commit["n_rows"])
         self._parts = [tuple(p) for p in commit["parts"]]
+        self._patches = list(commit.get("patches", []))
+        self._revision = int(commit.get("revision", 0))
+        self._pending = commit.get("pending")
         if sum(p[2] for p in self._parts) != self._n:
             raise ValueError(f"{self.path}/{_COMMIT} is inconsistent: parts hold "
                              f"{sum(p[2] for p in self._parts)} rows, n_rows = {self._n}")
 
-    def _write_commit(self, n_rows: int, parts: list) -> None:
-        payload = json.dumps({"n_rows": n_rows, "parts": [list(p) for p in parts]})
+    def _write_commit(self, n_rows: int, parts: list, *, patches: list | None = None,
+                      revision: int | None = None, pending: dict | None = None) -> None:
+        patches = self._patches if patches is None else list(patches)
+        revision = self._revision if revision is None else int(revision)
+        payload = json.dumps({"n_rows": n_rows, "parts": [list(p) for p in parts],
+                              "patches": patches, "revision": revision, "pending": pending})
         _write_atomic(self.path / _COMMIT, lambda p: p.write_text(payload))
         self._n, self._parts = n_rows, list(parts)
+        self._patches, self._revision, self._pending = patches, revision, pending
+
+    @property
+    def revision(self) -> int:
+        """Number of committed replacements that changed existing rows (0 for an append-only
+        store; a replacement that only updates the source fingerprints does not count).
+
+        Rows never change while this stays the same; a result derived from rows ``[0, N)``
+        (with the same ``len``) is still valid if the revision it was made from is unchanged.
+        """
+        return self._revision
 
     def _recover(self) -> None:
-        """Roll back an interrupted append: truncate the arrays, drop uncommitted parts."""
+        """Finish an interrupted replacement; roll back an interrupted append (truncate the
+        arrays, drop uncommitted metadata files)."""
+        if self._pending:
+            log.warning("%s: finishing an interrupted replacement of %d rows", self.path,
+                        len(self._pending["rows"]))
+            self._apply_pending(None, None)
         for arr in (self.flux, self.ivar):
             if arr.shape[0] != self._n:
                 log.warning("%s: %s holds %d rows but %d are committed; truncating (an append "
                             "was interrupted)", self.path, arr.basename, arr.shape[0], self._n)
                 arr.resize((self._n, N_PIXELS))
-        named = {p[0] for p in self._parts}
+        named = {p[0] for p in self._parts} | set(self._patches)
         for f in (self.path / "meta").iterdir():
             if f.name not in named:
                 log.warning("%s: removing uncommitted metadata file %s", self.path, f.name)
@@ -461,10 +574,23 @@ class SpectraStore:
             Index 0..N-1 (= row of ``flux``/``ivar``); columns :data:`META_COLUMNS`.
         """
         if self._meta_cache is None or len(self._meta_cache) != self._n:
-            frames = [pd.read_parquet(self.path / "meta" / p[0]) for p in self._parts]
-            df = pd.concat(frames, ignore_index=True) if frames else _meta_frame([])
-            self._meta_cache = df.astype(META_COLUMNS)
+            self._meta_cache = self._read_meta_columns(list(META_COLUMNS))
         return self._meta_cache
+
+    def _read_meta_columns(self, columns: list) -> pd.DataFrame:
+        """The committed metadata columns: the parts, then the patches in commit order."""
+        frames = [_with_defaults(_read_part(self.path / "meta" / p[0], columns), columns)
+                  for p in self._parts]
+        df = pd.concat(frames, ignore_index=True) if frames else _meta_frame([])[columns]
+        for name in self._patches:
+            patch = _read_part(self.path / "meta" / name, columns + ["row"])
+            rows = patch["row"].to_numpy(np.int64)
+            patch = _with_defaults(patch, columns)
+            for col in columns:
+                values = df[col].to_numpy(copy=True)
+                values[rows] = patch[col].to_numpy()
+                df[col] = values
+        return df.astype({c: META_COLUMNS[c] for c in columns})
 
     def read_meta(self, columns: Sequence[str] | None = None) -> pd.DataFrame:
         """The metadata table, or only some of its columns (less memory for millions of rows).
@@ -485,10 +611,7 @@ class SpectraStore:
         unknown = set(columns) - set(META_COLUMNS)
         if unknown:
             raise KeyError(f"unknown metadata columns {sorted(unknown)}; have {list(META_COLUMNS)}")
-        frames = [pd.read_parquet(self.path / "meta" / p[0], columns=columns)
-                  for p in self._parts]
-        df = pd.concat(frames, ignore_index=True) if frames else _meta_frame([])[columns]
-        return df.astype({c: META_COLUMNS[c] for c in columns})
+        return self._read_meta_columns(columns)
 
     def rows_for(self, obsids: Sequence[int]) -> np.ndarray:
         """Row numbers of the given obsids (first occurrence); -1 for an obsid not stored."""
@@ -586,25 +709,10 @@ class SpectraStore:
         range
             The new rows.
         """
-        if self.mode != "a":
-            raise PermissionError(f"{self.path} is open read-only; open it with mode='a'")
-        flux = np.asarray(flux, dtype=np.float32)
-        ivar = np.asarray(ivar, dtype=np.float32)
-        if flux.ndim != 2 or flux.shape[1] != N_PIXELS or ivar.shape != flux.shape:
-            raise ValueError(f"flux and ivar must have shape (K, {N_PIXELS}); got {flux.shape} "
-                             f"and {ivar.shape}")
-        meta = meta if isinstance(meta, pd.DataFrame) else pd.DataFrame.from_records(list(meta))
-        if len(meta) != len(flux):
-            raise ValueError(f"meta has {len(meta)} rows but flux has {len(flux)}")
+        flux, ivar, meta = self._checked_rows(flux, ivar, meta)
         k = len(flux)
         if k == 0:
             return range(self._n, self._n)
-        meta = meta.copy()
-        defaults = {"int64": -1, "int32": -1, "float64": np.nan, "str": ""}
-        for col, dtype in META_COLUMNS.items():
-            if col not in meta:
-                meta[col] = defaults[dtype]
-        meta = meta[list(META_COLUMNS)].astype(META_COLUMNS)
         n0 = self._n
         # 1) data rows (beyond the committed length until step 3)
         for arr, data in ((self.flux, flux), (self.ivar, ivar)):
@@ -619,22 +727,139 @@ class SpectraStore:
         self._meta_cache = None  # re-read lazily (concatenating here would cost O(N) per append)
         return range(n0, n0 + k)
 
-    def compact(self) -> None:
-        """Merge the metadata parts into one file (atomically; safe to interrupt)."""
+    def _checked_rows(self, flux, ivar, meta):
         if self.mode != "a":
             raise PermissionError(f"{self.path} is open read-only; open it with mode='a'")
+        flux = np.asarray(flux, dtype=np.float32)
+        ivar = np.asarray(ivar, dtype=np.float32)
+        if flux.ndim != 2 or flux.shape[1] != N_PIXELS or ivar.shape != flux.shape:
+            raise ValueError(f"flux and ivar must have shape (K, {N_PIXELS}); got {flux.shape} "
+                             f"and {ivar.shape}")
+        meta = meta if isinstance(meta, pd.DataFrame) else pd.DataFrame.from_records(list(meta))
+        if len(meta) != len(flux):
+            raise ValueError(f"meta has {len(meta)} rows but flux has {len(flux)}")
+        return flux, ivar, _with_defaults(meta.copy(), list(META_COLUMNS))
+
+    def replace(self, rows: Sequence[int] | np.ndarray, flux: np.ndarray, ivar: np.ndarray,
+                meta: pd.DataFrame | Iterable[dict]) -> None:
+        """Replace committed rows (data and metadata) and commit atomically.
+
+        Used by :func:`ingest` for files that changed since they were stored. The new rows are
+        staged beyond the committed length, the intent committed, the rows copied into place
+        and the replacement committed (see the module docstring): a kill at any moment leaves
+        the old rows or the new ones, and opening for writing finishes a committed intent.
+        :attr:`revision` grows by one. When every row equals its stored bits but for the
+        source fingerprint (``source_size``, ``source_mtime_ns``), only the metadata is
+        committed and the revision stays.
+
+        Parameters
+        ----------
+        rows : sequence of int (K,)
+            Distinct committed rows.
+        flux, ivar : array_like, shape (K, 3909)
+        meta : DataFrame or iterable of dict
+            K rows with the columns of :data:`META_COLUMNS` (missing ones: defaults).
+        """
+        flux, ivar, meta = self._checked_rows(flux, ivar, meta)
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        if len(rows) != len(flux):
+            raise ValueError(f"{len(rows)} rows for {len(flux)} spectra")
+        if len(rows) == 0:
+            return
+        if rows.min() < 0 or rows.max() >= self._n or len(np.unique(rows)) != len(rows):
+            raise ValueError(f"rows must be distinct committed rows in [0, {self._n})")
+        order = np.argsort(rows, kind="stable")  # chunk by chunk, in order
+        rows, flux, ivar = rows[order], flux[order], ivar[order]
+        meta = meta.iloc[order].reset_index(drop=True)
+        # rows whose data and metadata are the same bits as stored (a file touched, or re-read
+        # after a version-1 upgrade) change only their fingerprint: one metadata commit, no copy
+        # and no new revision (results derived from the rows stay valid)
+        old_f, old_i = self.read(rows)
+        same = ((old_f.view(np.uint32) == flux.view(np.uint32)).all(axis=1)
+                & (old_i.view(np.uint32) == ivar.view(np.uint32)).all(axis=1))
+        if same.any():
+            content = [c for c in META_COLUMNS if c not in ("source_size", "source_mtime_ns")]
+            old_meta = self.read_meta(content).iloc[rows].reset_index(drop=True)
+            for col in content:
+                a, b = old_meta[col].to_numpy(), meta[col].to_numpy()
+                same &= (a == b) | (pd.isna(a) & pd.isna(b))
+        if same.all():
+            name = f"patch-{self._n:012d}-{uuid.uuid4().hex[:8]}.parquet"
+            patch = meta.assign(row=rows)
+            _write_atomic(self.path / "meta" / name,
+                          lambda p: patch.to_parquet(p, index=False, engine="pyarrow"))
+            self._write_commit(self._n, self._parts, patches=self._patches + [name])
+            self._meta_cache = None
+            return
+        n0, k = self._n, len(rows)
+        # 1) stage the new rows beyond the committed length (rolled back if killed here)
+        for arr, data in ((self.flux, flux), (self.ivar, ivar)):
+            arr.resize((n0 + k, N_PIXELS))
+            arr[n0:n0 + k] = data
+        # 2) the metadata patch
+        name = f"patch-{n0:012d}-{uuid.uuid4().hex[:8]}.parquet"
+        patch = meta.assign(row=rows)
+        _write_atomic(self.path / "meta" / name,
+                      lambda p: patch.to_parquet(p, index=False, engine="pyarrow"))
+        # 3) the intent: from here on the replacement will be finished, if need be on reopening
+        self._write_commit(n0, self._parts, pending={"rows": rows.tolist(), "staged_at": n0,
+                                                     "patch": name})
+        # 4) copy into place, commit, drop the staged rows
+        self._apply_pending(flux, ivar)
+
+    def _apply_pending(self, flux, ivar) -> None:
+        """Copy a committed pending replacement's rows into place and commit it (idempotent).
+        ``flux``/``ivar``: the staged rows when in memory, else read back from the store."""
+        pending = self._pending
+        rows = np.asarray(pending["rows"], dtype=np.int64)
+        at = int(pending["staged_at"])
+        for arr, data in ((self.flux, flux), (self.ivar, ivar)):
+            if data is None:
+                data = arr[at:at + len(rows)]
+            arr.set_orthogonal_selection((rows, slice(None)), data)
+        self._write_commit(self._n, self._parts, patches=self._patches + [pending["patch"]],
+                           revision=self._revision + 1, pending=None)
+        for arr in (self.flux, self.ivar):
+            arr.resize((self._n, N_PIXELS))
+        self._meta_cache = None
+
+    def compact(self) -> None:
+        """Merge the metadata parts and patches into one file (atomically; safe to interrupt).
+
+        Streamed part by part (memory of one part plus the patches)."""
+        if self.mode != "a":
+            raise PermissionError(f"{self.path} is open read-only; open it with mode='a'")
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        if len(self._parts) <= 1:
+        if len(self._parts) <= 1 and not self._patches:
             return
-        old = [p[0] for p in self._parts]
+        old = [p[0] for p in self._parts] + list(self._patches)
+        columns = list(META_COLUMNS)
+        patches = [_read_part(self.path / "meta" / n, columns + ["row"]) for n in self._patches]
+        patch = None
+        if patches:
+            patch = pd.concat(patches, ignore_index=True)
+            rows = patch["row"].to_numpy(np.int64)
+            patch = _with_defaults(patch, columns).assign(row=rows)
+            patch = patch.drop_duplicates("row", keep="last").set_index("row")
         name = f"part-{0:012d}-{uuid.uuid4().hex[:8]}.parquet"
 
-        def write(tmp):  # streamed part by part: memory of one part, not of the whole table
+        def write(tmp):
             writer = None
             try:
-                for part in old:
-                    table = pq.read_table(self.path / "meta" / part)
+                for part, first, n in self._parts:
+                    df = _with_defaults(_read_part(self.path / "meta" / part, columns), columns)
+                    if patch is not None:
+                        mine = patch.index[(patch.index >= first) & (patch.index < first + n)]
+                        if len(mine):
+                            local = mine.to_numpy() - first
+                            for col in columns:
+                                values = df[col].to_numpy(copy=True)
+                                values[local] = patch.loc[mine, col].to_numpy()
+                                df[col] = values
+                            df = df.astype(META_COLUMNS)
+                    table = pa.Table.from_pandas(df, preserve_index=False)
                     if writer is None:
                         writer = pq.ParquetWriter(tmp, table.schema)
                     writer.write_table(table)
@@ -643,7 +868,8 @@ class SpectraStore:
                     writer.close()
 
         _write_atomic(self.path / "meta" / name, write)
-        self._write_commit(self._n, [(name, 0, self._n)])
+        self._write_commit(self._n, [(name, 0, self._n)], patches=[])
+        self._meta_cache = None
         for f in old:
             (self.path / "meta" / f).unlink(missing_ok=True)
 
@@ -711,8 +937,10 @@ def ingest(files_or_folder: str | PathLike | Iterable[str | PathLike],
     deduplicate : bool
         Store each obsid once (files without an OBSID card, obsid -1, are not deduplicated).
     skip_existing : bool
-        Skip files whose absolute path is already in the store (resume). Files that failed in
-        an earlier run are tried again.
+        Skip files whose absolute path is already in the store with the same size and
+        modification time (resume). A file that changed since it was stored is read again and
+        replaces its row (see the module docstring); files that failed in an earlier run are
+        tried again. ``False``: every file is read and appended (deduplication still applies).
     use_ormask, min_good_pixels
         See :func:`~lamostcannon.spectra.resample`.
 
@@ -748,21 +976,49 @@ def ingest(files_or_folder: str | PathLike | Iterable[str | PathLike],
 
     with SpectraStore.open(store_path, "a", create=True, chunk_rows=chunk_rows) as store:
         todo = np.arange(len(sources))
+        # target[i]: the row that file i replaces (it changed since it was stored), else -1
+        target = np.full(len(sources), -1, dtype=np.int64)
+        was_retired = np.zeros(len(sources), bool)  # its row was retired by an earlier run
+        stored_obsid = (store.read_meta(["obsid"])["obsid"].to_numpy() if deduplicate
+                        else np.zeros(0, np.int64))
         if skip_existing and len(store) and sources:
-            stored = store.read_meta(["source", "obsid"])
-            first = stored.drop_duplicates("source").set_index("source")
-            done = pd.Index(sources).isin(first.index)
-            if done.any():
+            stored = store.read_meta(["source", "obsid", "source_size", "source_mtime_ns",
+                                      "n_good"])
+            first = stored.reset_index(names="row").drop_duplicates("source").set_index("source")
+            index = pd.Index(sources)
+            known = index.isin(first.index) & ~index.duplicated()  # first listing of a path
+            if known.any():
+                at = first.reindex(index[known])
+                size, mtime = source_fingerprints([sources[i] for i in np.flatnonzero(known)])
+                same = ((at["source_size"].to_numpy() == size)
+                        & (at["source_mtime_ns"].to_numpy() == mtime) & (size >= 0))
+                # a stored file that is gone (deleted after its ingest) has not changed: its
+                # row is kept, never retired (the store may be the only copy left)
+                gone = (size < 0) & (at["n_good"].to_numpy() > 0)
+                reason[np.flatnonzero(known)[gone]] = ("the file cannot be found now; its "
+                                                       "stored row is kept")
+                same |= gone
+                done = np.zeros(len(sources), bool)
+                done[np.flatnonzero(known)[same]] = True
+                changed = np.flatnonzero(known)[~same]
+                target[changed] = at["row"].to_numpy(np.int64)[~same]
+                was_retired[changed] = at["n_good"].to_numpy()[~same] == 0
+                # a later listing of a path that is stored unchanged is skipped too
+                done |= index.isin(index[done]) & ~known & index.isin(first.index)
                 status[done] = "already_stored"
-                obsid_col[done] = first["obsid"].reindex(
-                    pd.Index(sources)[done]).to_numpy(np.int64)
+                obsid_col[done] = first["obsid"].reindex(index[done]).to_numpy(np.int64)
                 todo = np.flatnonzero(~done)
-                log.info("%s: %d of %d files already stored; skipping them", store.path,
-                         int(done.sum()), len(sources))
-        seen = _ObsidIndex(store.read_meta(["obsid"])["obsid"].to_numpy() if deduplicate
-                           else [])
+                log.info("%s: %d of %d files already stored; skipping them; %d changed since "
+                         "they were stored: reading them again to replace their rows",
+                         store.path, int(done.sum()), len(sources), len(changed))
+                if len(changed) and deduplicate:  # their old obsids are free again
+                    free = np.ones(len(stored_obsid), bool)
+                    free[target[changed]] = False
+                    stored_obsid = stored_obsid[free]
+        seen = _ObsidIndex(stored_obsid)
         tasks = [todo[i:i + chunk_size] for i in range(0, len(todo), chunk_size)]
         buffer = {"flux": [], "ivar": [], "meta": [], "n": 0}
+        swap = {"rows": [], "flux": [], "ivar": [], "meta": []}  # replacements of changed files
         handed = {"rows": len(store)}  # rows given to the writer (committed or about to be)
         writer = _Appender(store)
 
@@ -772,21 +1028,49 @@ def ingest(files_or_folder: str | PathLike | Iterable[str | PathLike],
                            buffer["meta"])
                 handed["rows"] += buffer["n"]
                 buffer.update(flux=[], ivar=[], meta=[], n=0)
+            if swap["rows"]:
+                writer.put(np.stack(swap["flux"]), np.stack(swap["ivar"]), swap["meta"],
+                           rows=np.asarray(swap["rows"], np.int64))
+                swap.update(rows=[], flux=[], ivar=[], meta=[])
+
+        def retire(i, why):
+            """File i changed and gives no spectrum now: its old row must not serve the old one."""
+            row = int(target[i])
+            reason[i] = f"{why}; the file changed since it was stored: its row {row} was retired"
+            if was_retired[i]:
+                return  # retired by an earlier run: nothing to rewrite
+            swap["rows"].append(row)
+            swap["flux"].append(np.ones(N_PIXELS, np.float32))
+            swap["ivar"].append(np.zeros(N_PIXELS, np.float32))
+            swap["meta"].append({"source": sources[i], "filename": os.path.basename(sources[i]),
+                                 "obsid": -1, "n_good": 0})  # no fingerprint: tried again
 
         def take(task, result):
             keep = []
             for k, why in result["failed"]:
                 status[task[k]], reason[task[k]] = "failed", why
                 log.info("skipping %s: %s", sources[task[k]], why)
+                if target[task[k]] >= 0:
+                    retire(task[k], why)
             for pos, (k, meta) in enumerate(zip(result["ok"], result["meta"])):
                 i = task[k]
                 obsid_col[i] = meta["obsid"]
                 if deduplicate and meta["obsid"] >= 0:
                     if meta["obsid"] in seen:
                         status[i], reason[i] = "duplicate", f"obsid {meta['obsid']} already stored"
+                        if target[i] >= 0:
+                            retire(i, reason[i])
                         continue
                     seen.add(meta["obsid"])
                 status[i] = "stored"
+                if target[i] >= 0:
+                    row_col[i] = target[i]
+                    reason[i] = f"replaced row {target[i]} (the file changed since it was stored)"
+                    swap["rows"].append(int(target[i]))
+                    swap["flux"].append(result["flux"][pos])
+                    swap["ivar"].append(result["ivar"][pos])
+                    swap["meta"].append(meta)
+                    continue
                 row_col[i] = handed["rows"] + buffer["n"] + len(keep)
                 keep.append(pos)
             if keep:
@@ -795,7 +1079,7 @@ def ingest(files_or_folder: str | PathLike | Iterable[str | PathLike],
                 buffer["ivar"].append(result["ivar"] if everything else result["ivar"][keep])
                 buffer["meta"].extend(result["meta"][p] for p in keep)
                 buffer["n"] += len(keep)
-            if buffer["n"] >= commit_rows:
+            if buffer["n"] + len(swap["rows"]) >= commit_rows:
                 flush()
 
         args = (use_ormask, min_good_pixels)
@@ -814,7 +1098,7 @@ def ingest(files_or_folder: str | PathLike | Iterable[str | PathLike],
                 flush()  # results already received are complete and valid: keep them
             finally:
                 writer.close()  # waits for every append; raises the writer's error, if any
-        if len(store._parts) > 1:
+        if len(store._parts) > 1 or store._patches:
             store.compact()
         report = pd.DataFrame({"source": sources, "status": status, "reason": reason,
                                "obsid": obsid_col, "row": row_col})
@@ -863,8 +1147,11 @@ class _Appender:
             if self._error is not None:
                 continue  # a failed append: drop the rest (uncommitted), report at close
             try:
-                flux, ivar, records = item
-                self._store.append(flux, ivar, _meta_frame(records))
+                flux, ivar, records, rows = item
+                if rows is None:
+                    self._store.append(flux, ivar, _meta_frame(records))
+                else:
+                    self._store.replace(rows, flux, ivar, _meta_frame(records))
             except BaseException as exc:  # re-raised in the ingest loop
                 self._error = exc
 
@@ -873,10 +1160,12 @@ class _Appender:
             error, self._error = self._error, None
             raise error
 
-    def put(self, flux: np.ndarray, ivar: np.ndarray, records: list) -> None:
-        """Queue one batch (waits while ``depth`` batches are pending)."""
+    def put(self, flux: np.ndarray, ivar: np.ndarray, records: list,
+            rows: np.ndarray | None = None) -> None:
+        """Queue one batch (waits while ``depth`` batches are pending): an append, or with
+        ``rows`` a replacement of those rows."""
         self._raise()
-        self._queue.put((flux, ivar, records))
+        self._queue.put((flux, ivar, records, rows))
 
     def close(self) -> None:
         """Wait for every queued append; raise the first append error, if any."""

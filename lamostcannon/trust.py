@@ -286,7 +286,7 @@ def reference_repeats(table, lamost_catalog, spectra_dir, store_path, *, n_worke
         return (np.zeros(0, np.int64), np.ones((0, P), np.float32), np.zeros((0, P), np.float32),
                 np.zeros(0, np.int64))
     files = [str(Path(spectra_dir) / f) for f in cat["filename"].astype(str)]
-    _fresh_store(store_path, files)
+    # a file changed since it was stored (a regenerated mock) replaces its row: see store.py
     flux, ivar, meta = load_spectra(files, store_path, n_workers=n_workers)
     ok = meta["ok"].to_numpy(bool)
     star = np.array([row_of[d] for d in cat["designation"].astype(str)], np.int64)
@@ -315,38 +315,6 @@ def cv_repeat_pairs(cv, extra_table, label_names) -> pd.DataFrame:
         good = (extra_table["flag"].to_numpy() == 0) & (cv["flag"].to_numpy()[star] == 0)
         out = out[good].reset_index(drop=True)
     return out
-
-
-def _fresh_store(store_path, files) -> None:
-    """Remove the spectra store ``store_path`` when the files it was made from have changed.
-
-    The store skips a source path it already holds, so after the mock is regenerated under the
-    same file names it would serve the old spectra. A sidecar ``<store>.sources.json`` keeps a
-    hash of the sources' paths, sizes and modification times; on a mismatch the store is rebuilt.
-    """
-    import hashlib
-    import json
-    import os
-    import shutil
-
-    store_path = Path(store_path)
-    h = hashlib.sha256()
-    for f in sorted(str(x) for x in files):
-        try:
-            st = os.stat(f)
-            h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-        except OSError:
-            h.update(f"{f}\0missing\n".encode())
-    tag = h.hexdigest()
-    side = store_path.with_name(store_path.name + ".sources.json")
-    old = json.loads(side.read_text()).get("sources") if side.exists() else None
-    if store_path.exists() and old != tag:
-        log.info("%s was made from other files: rebuilding it", store_path)
-        shutil.rmtree(store_path)
-    if old != tag:
-        tmp = side.with_name(side.name + ".tmp")
-        tmp.write_text(json.dumps({"sources": tag, "n_files": len(files)}))
-        os.replace(tmp, side)
 
 
 def repeat_half(designation) -> np.ndarray:
@@ -419,7 +387,7 @@ def survey_repeat_pairs(models, lamost_catalog, spectra_dir, store_path, *, excl
     if len(cat) == 0:
         return out
     files = [str(Path(spectra_dir) / f) for f in cat["filename"].astype(str)]
-    _fresh_store(store_path, files)
+    # a file changed since it was stored (a regenerated mock) replaces its row: see store.py
     flux, ivar, meta = load_spectra(files, store_path, n_workers=n_workers)
     ok = meta["ok"].to_numpy(bool)
     snr = _ood.spectrum_snr(flux, ivar)

@@ -766,3 +766,72 @@ def skilled_labels(group: str, labels=None, path=None) -> list:
     skill = read_skill(group, path)
     names = list(labels) if labels is not None else list(skill)
     return [n for n in names if skill.get(n, {}).get("skill", True)]
+
+
+def truth_recovery(stars, truth, label_sets, *, key: str = "designation", skill=None,
+                   good=None):
+    """How well a catalogue recovers the mock's true labels, beside what a catalogue that learned
+    nothing would give.
+
+    A catalogue that returns the training mean scatters about the truth by the true labels' own
+    spread and correlates with nothing, so ``scatter`` is to be read against ``spread`` and
+    ``correlation`` against 0 (notebook 05 asserts ``scatter < 0.8 spread`` or
+    ``correlation > 0.5`` for every label with CV skill).
+
+    Parameters
+    ----------
+    stars : astropy Table or DataFrame
+        The per-star catalogue: ``key``, ``giantmodel``, the label columns and, for the default
+        selection, ``quality_flag``.
+    truth : astropy Table or DataFrame
+        ``truth/truth.fits`` of the mock (``key`` and the true label columns).
+    label_sets : dict
+        ``{"dwarf": labels, "giant": labels}``: the labels of each model to compare (labels
+        absent from either table are skipped).
+    key : str
+        Column joining the two tables.
+    skill : dict, optional
+        ``{group: {label: {"skill": bool, ...}}}``; default :func:`read_skill` of each group.
+    good : callable, optional
+        ``good(joined) -> bool array`` selecting the rows (default ``quality_flag == 0``).
+
+    Returns
+    -------
+    DataFrame indexed by ``(model, label)``: ``n``, ``scatter`` (std of inferred - true, in the
+    label's unit), ``spread`` (std of the true values of the same stars), ``correlation``
+    (Pearson, inferred against true) and ``skill``.
+    """
+    import pandas as pd
+
+    from .catalog import _as_frame
+
+    if not isinstance(label_sets, dict) or not set(label_sets) <= {"dwarf", "giant"}:
+        raise ValueError(f"label_sets must be a dict with keys 'dwarf'/'giant', got {label_sets!r}")
+    names = sorted({n for v in label_sets.values() for n in v})
+    s = _as_frame(stars)
+    t = _as_frame(truth, [key, *names])
+    for col in (key, "giantmodel"):
+        if col not in s.columns:
+            raise KeyError(f"stars has no {col!r} column")
+    joined = s.merge(t, on=key, suffixes=("", "_true"))
+    keep = np.asarray(good(joined) if good is not None else joined["quality_flag"] == 0, bool)
+    rows = {}
+    for group, group_labels in label_sets.items():
+        in_group = keep & (joined["giantmodel"].to_numpy(bool) == (group == "giant"))
+        sk = skill[group] if skill is not None else read_skill(group)
+        for n in group_labels:
+            if n not in joined.columns or f"{n}_true" not in joined.columns:
+                continue
+            x = joined.loc[in_group, n].to_numpy(float)
+            y = joined.loc[in_group, f"{n}_true"].to_numpy(float)
+            ok = np.isfinite(x) & np.isfinite(y)
+            if ok.sum() < 3:
+                continue
+            x, y = x[ok], y[ok]
+            corr = float(np.corrcoef(x, y)[0, 1]) if np.ptp(x) > 0 and np.ptp(y) > 0 else 0.0
+            rows[(group, n)] = {"n": int(ok.sum()), "scatter": float(np.std(x - y)),
+                                "spread": float(np.std(y)), "correlation": corr,
+                                "skill": bool(sk.get(n, {}).get("skill", True))}
+    out = pd.DataFrame.from_dict(rows, orient="index")
+    out.index = pd.MultiIndex.from_tuples(out.index, names=["model", "label"])
+    return out

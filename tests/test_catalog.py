@@ -135,6 +135,30 @@ def test_plan_chunks_covers_rows_once():
         catalog.plan_chunks(10, 0)
 
 
+def test_rows_without_obsid_are_separate_stars_and_retired_rows_are_left_out(tmp_path):
+    """Files without an OBSID card (obsid -1) are each their own star; rows the store retired
+    (obsid -1 and no pixels) hold no observation; two known obsids may never repeat."""
+    from lamostcannon.spectra import SpectraStore
+
+    with SpectraStore.create(tmp_path / "s.zarr", chunk_rows=8) as store:
+        store.append(np.ones((4, P), np.float32), np.ones((4, P), np.float32),
+                     pd.DataFrame({"obsid": [5, -1, -1, -1], "designation": ["a", "", "", ""]}))
+    meta = catalog.observation_metadata(catalog.StoreReader(tmp_path / "s.zarr"))
+    assert meta["designation"].tolist() == ["a", "store-row1", "store-row2", "store-row3"]
+    df = catalog._empty_frame(4)
+    df["obsid"] = [5, -1, -1, -1]
+    df["designation"] = meta["designation"]
+    df["n_pixels"] = [3000, 3000, 0, 3000]  # row 2: retired by the store
+    (tmp_path / "parts").mkdir()
+    catalog.write_part(df, tmp_path / "parts", 0)
+    table = catalog.assemble_observations(tmp_path / "parts", n_chunks=1, path=tmp_path / "o.parquet")
+    assert list(table["designation"]) == ["a", "store-row1", "store-row3"]
+    df["obsid"] = [5, 5, -1, -1]
+    catalog.write_part(df, tmp_path / "parts", 0)
+    with pytest.raises(RuntimeError, match="duplicated obsids"):
+        catalog.assemble_observations(tmp_path / "parts", n_chunks=1, path=tmp_path / "o.parquet")
+
+
 def test_parts_done_iff_file_exists(tmp_path):
     df = catalog._empty_frame(3)
     catalog.write_part(df, tmp_path, 7)

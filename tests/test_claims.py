@@ -214,7 +214,9 @@ def test_readme_claims_block_has_the_papers_side():
     by_what = {c.what: c for c in PAPER_CLAIMS.values()}
     seen = set()
     for cells in rows:
-        what = re.sub(r" \([a-z0-9_]+\)$", "", cells[1])
+        # "what (item)": the item may hold spaces and parentheses ("11 < R < 13 kpc")
+        what = cells[1] if cells[1] in by_what else next(
+            w for w in sorted(by_what, key=len, reverse=True) if cells[1].startswith(w + " ("))
         claim = by_what[what]
         seen.add(claim.key)
         unit = f" {claim.unit}" if claim.unit and claim.paper()[-1:].isdigit() else ""

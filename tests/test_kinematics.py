@@ -191,3 +191,32 @@ def test_catalogue_has_both_signs_with_their_conventions():
     for name, word in (("vT", "< 0"), ("vphi", "> 0"), ("Jphi", "< 0"), ("Jphi_prograde", "> 0")):
         unit, desc = catalog._describe(name)
         assert word in desc and len(desc) <= 68, (name, desc)
+
+
+def test_parallel_chunks_equal_the_one_process_path(rng):
+    """Chunks on worker processes (parallel.ordered_map) give the one-process result: same
+    code per star, so equal to float tolerance, flags exactly, rows in input order."""
+    import pandas as pd
+
+    obs = [np.asarray(a) for a in _random_stars(rng, 1500)]
+    obs[2][[3, 700]] = np.nan                          # bad positions
+    obs[5][[10, 1499]] = np.nan                        # no radial velocity
+    obs[5][20] = 3000.0                                # unbound
+    index = np.arange(5000, 6500)
+    one = kin.kinematics(*obs, with_energy=True, n_workers=1, index=index)
+    par = kin.kinematics(*obs, with_energy=True, n_workers=2, chunk_size=400, index=index)
+    assert list(par.columns) == list(one.columns) and list(par.index) == list(index)
+    np.testing.assert_array_equal(par["kin_flag"].to_numpy(), one["kin_flag"].to_numpy())
+    pd.testing.assert_frame_equal(par, one, check_exact=False, rtol=1e-12, atol=1e-9)
+    assert one["kin_flag"].iloc[[3, 700, 10, 1499, 20]].tolist() == [
+        kin.FLAG_BAD_POSITION, kin.FLAG_BAD_POSITION, kin.FLAG_BAD_VELOCITY,
+        kin.FLAG_BAD_VELOCITY, kin.FLAG_UNBOUND]
+    assert np.isfinite(par["Jz"]).sum() > 1000          # most stars have actions
+
+
+def test_openmp_threads_follows_the_limit_of_galpys_openmp():
+    from threadpoolctl import threadpool_limits
+
+    assert kin.openmp_threads() >= 1
+    with threadpool_limits(1, user_api="openmp"):
+        assert kin.openmp_threads() == 1

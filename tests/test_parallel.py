@@ -128,63 +128,19 @@ def test_keep_freed_memory_takes_large_arrays_from_the_heap_under_dasks_malloc_s
     assert got["1"][1] == 0, got  # kept freed memory: it comes from the heap
 
 
-def _slow_die_on(payload):
-    import time
+def _big(payload):
+    """A payload and a result bigger than a pipe's buffer (kinematics sends arrays both ways)."""
+    import numpy as np
 
-    time.sleep(0.05)  # long enough for the next task to be queued in the worker's pipe
-    return _die_on(payload)
-
-
-def test_a_task_queued_behind_a_fatal_one_is_sent_again_without_counting_a_death(tmp_path):
-    """One worker holds two tasks (one running, one waiting in its pipe); when the running one
-    kills it, the waiting one had not started: it runs on the next worker, and only the
-    fatal task is given up."""
-    marker = str(tmp_path / "died_once")
-    errors = {}
-
-    def on_error(index, exc):
-        errors[index] = exc
-        return "lost"
-
-    got = list(ordered_map(_slow_die_on, [(x, marker) for x in (5, 1, 2, 3)], 1,
-                           on_error=on_error, in_flight_per_worker=2))
-    assert [r for _, r in got] == ["lost", 1, 4, 9]
-    assert list(errors) == [0] and errors[0].deaths == 2
+    return np.full(200_000, float(payload.sum()))
 
 
-def _fail_init():
-    raise ValueError("cannot load the model")
+def test_payloads_and_results_bigger_than_the_pipe_do_not_deadlock():
+    """With a second task queued per worker, a big payload sent while the worker sends a big
+    result used to block both sides for ever; the worker now drains its pipe in a thread."""
+    import numpy as np
 
-
-def test_an_initializer_that_raises_stops_the_run():
-    with pytest.raises(ValueError, match="cannot load the model"):
-        list(ordered_map(_square_or_fail, [1, 2], 2, initializer=_fail_init))
-
-
-def test_keep_freed_memory_stops_page_faults_under_dasks_malloc_setting():
-    """Dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536, which makes every large
-    array a fresh mmap (page faults on each use); keep_freed_memory undoes that."""
-    import subprocess
-    import sys
-
-    code = (
-        "import resource, sys, numpy as np\n"
-        "from lamostcannon import parallel\n"
-        "applied = parallel.keep_freed_memory() if sys.argv[1] == '1' else False\n"
-        "a = np.ones(1 << 20); del a\n"
-        "r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
-        "for _ in range(50):\n"
-        "    a = np.ones(1 << 20); del a\n"   # 8 MB, allocated and freed again and again
-        "print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0)\n")
-    env = dict(os.environ, MALLOC_TRIM_THRESHOLD_="65536")
-    faults = {}
-    for fix in ("0", "1"):
-        out = subprocess.run([sys.executable, "-c", code, fix], env=env, check=True,
-                             capture_output=True, text=True).stdout.split()
-        faults[fix] = (out[0] == "True", int(out[1]))
-    if not faults["1"][0]:
-        pytest.skip("not glibc: malloc thresholds cannot be set")
-    # without: each new 8 MB array faults its pages in again (how many depends on the page
-    # size the kernel uses); with: the freed memory is reused, no new faults
-    assert faults["0"][1] > 50 * 100, faults
-    assert faults["1"][1] < faults["0"][1] / 10, faults
+    payloads = [np.full(300_000, float(k)) for k in range(6)]     # 2.4 MB each
+    got = list(ordered_map(_big, payloads, 2, in_flight_per_worker=2))
+    assert [i for i, _ in got] == list(range(6))
+    assert all(r.shape == (200_000,) and r[0] == 300_000.0 * i for i, r in got)

@@ -329,3 +329,242 @@ def test_a_failed_append_in_the_writer_thread_stops_the_ingest_and_a_rerun_compl
         expect_f, expect_i = sp.preprocess(sp.read_lamost(files[k]))
         np.testing.assert_array_equal(flux[row], expect_f)
         np.testing.assert_array_equal(ivar[row], expect_i)
+
+
+# --------------------------------------------- changed source files (a mock regenerated in place)
+
+def _copies(real_lamost, folder, n):
+    """``n`` real DR10 files copied to ``folder`` as s0.fits.gz ... (distinct obsids), and the
+    originals (to rewrite a copy with another file's bytes)."""
+    originals = sorted((real_lamost / "dr10").glob("*.fits.gz"))[:n + 3]
+    folder.mkdir()
+    copies = []
+    for k in range(n):
+        dst = folder / f"s{k}.fits.gz"
+        dst.write_bytes(originals[k].read_bytes())
+        copies.append(dst)
+    return copies, originals
+
+
+def _rewrite(path, data: bytes, bump_ns: int = 10**9):
+    """Write ``data`` to ``path`` under the same name, with a later modification time."""
+    old = path.stat().st_mtime_ns
+    path.write_bytes(data)
+    os.utime(path, ns=(old + bump_ns, old + bump_ns))
+
+
+def _assert_row_is(store, row, path):
+    f, i = store.read(row)
+    expect_f, expect_i = sp.preprocess(sp.read_lamost(path))
+    np.testing.assert_array_equal(f, expect_f)
+    np.testing.assert_array_equal(i, expect_i)
+
+
+def test_a_source_rewritten_under_its_name_is_read_again_into_its_row(real_lamost, tmp_path):
+    """The bug of a stale interim store: files regenerated under the same names were skipped
+    by path, and the store served the old spectra. Now a changed file replaces its row; an
+    unchanged one is skipped; nothing is duplicated or lost; the catalogue can tell."""
+    copies, originals = _copies(real_lamost, tmp_path / "src", 6)
+    path = tmp_path / "s.zarr"
+    first = ingest(copies, path, n_workers=1, chunk_size=2, commit_rows=4, chunk_rows=4,
+                   progress=False).set_index("source")
+    assert (first["status"] == "stored").all()
+    st = os.stat(copies[0])
+    meta = SpectraStore(path).meta
+    assert meta.loc[0, "source_size"] == st.st_size
+    assert meta.loc[0, "source_mtime_ns"] == st.st_mtime_ns
+    assert SpectraStore(path).revision == 0
+    _rewrite(copies[0], copies[0].read_bytes())          # touched: same bits, new fingerprint
+    touched = ingest(copies, path, n_workers=1, progress=False).set_index("source")
+    assert touched.loc[str(copies[0]), "reason"].startswith("replaced row 0")
+    store = SpectraStore(path)
+    assert store.revision == 0                           # rows unchanged: labels stay valid
+    assert store.meta.loc[0, "source_mtime_ns"] == copies[0].stat().st_mtime_ns
+
+    _rewrite(copies[2], originals[7].read_bytes())       # another star under the same name
+    _rewrite(copies[4], copies[4].read_bytes())          # same bytes, rewritten: same obsid
+    again = ingest(copies, path, n_workers=2, chunk_size=2, commit_rows=4,
+                   progress=False).set_index("source")
+    changed = [str(copies[2]), str(copies[4])]
+    assert (again.loc[changed, "status"] == "stored").all()
+    assert again.loc[changed, "reason"].str.startswith("replaced row").all()
+    assert again.loc[changed, "row"].tolist() == first.loc[changed, "row"].tolist()
+    unchanged = [str(c) for k, c in enumerate(copies) if k not in (2, 4)]
+    assert (again.loc[unchanged, "status"] == "already_stored").all()
+    store = SpectraStore(path)
+    assert len(store) == 6 and store.meta["obsid"].is_unique and store.revision == 1
+    assert store.meta["source"].tolist() == [str(c) for c in copies]
+    _assert_row_is(store, int(first.loc[str(copies[2]), "row"]), originals[7])
+    _assert_row_is(store, int(first.loc[str(copies[4]), "row"]), originals[4])
+    for k in (0, 1, 3, 5):
+        _assert_row_is(store, k, originals[k])
+    assert store.meta.loc[2, "source_mtime_ns"] == copies[2].stat().st_mtime_ns
+    assert not list((path / "meta").glob("patch-*")) and len(store._parts) == 1  # compacted
+    third = ingest(copies, path, n_workers=1, progress=False)
+    assert (third["status"] == "already_stored").all() and SpectraStore(path).revision == 1
+    copies[5].unlink()  # a file deleted after its ingest has not changed: its row stays
+    fourth = ingest(copies, path, n_workers=1, progress=False).set_index("source")
+    assert (fourth["status"] == "already_stored").all()
+    assert "cannot be found" in fourth.loc[str(copies[5]), "reason"]
+    _assert_row_is(SpectraStore(path), 5, originals[5])
+
+
+def test_a_changed_source_that_now_fails_or_duplicates_retires_its_row(real_lamost, tmp_path):
+    """A changed file that gives no spectrum now must not leave its old spectrum behind; its
+    row is retired (no data, obsid -1), no obsid is stored twice, and once the file is good
+    again its spectrum goes back into that row."""
+    copies, originals = _copies(real_lamost, tmp_path / "src", 5)
+    path = tmp_path / "s.zarr"
+    ingest(copies, path, n_workers=1, chunk_size=2, commit_rows=4, progress=False)
+    _rewrite(copies[1], b"SIMPLE  = T" + b" " * 100)          # truncated: unreadable now
+    _rewrite(copies[3], copies[0].read_bytes())               # now the obsid of row 0
+    report = ingest(copies, path, n_workers=1, chunk_size=2, progress=False).set_index("source")
+    assert report.loc[str(copies[1]), "status"] == "failed"
+    assert "row 1 was retired" in report.loc[str(copies[1]), "reason"]
+    assert report.loc[str(copies[3]), "status"] == "duplicate"
+    store = SpectraStore(path)
+    meta = store.meta
+    assert len(store) == 5 and meta.loc[[1, 3], "obsid"].tolist() == [-1, -1]
+    assert meta.loc[[1, 3], "n_good"].tolist() == [0, 0]
+    assert meta.loc[meta["obsid"] >= 0, "obsid"].is_unique
+    flux, ivar = store.read([1, 3])
+    assert (ivar == 0).all() and (flux == 1).all()
+    revision = store.revision
+    again = ingest(copies, path, n_workers=1, progress=False).set_index("source")
+    assert again.loc[str(copies[1]), "status"] == "failed"
+    assert SpectraStore(path).revision == revision           # retired once, not per run
+    _rewrite(copies[1], originals[1].read_bytes())
+    _rewrite(copies[3], originals[3].read_bytes())
+    back = ingest(copies, path, n_workers=1, progress=False).set_index("source")
+    assert back.loc[[str(copies[1]), str(copies[3])], "row"].tolist() == [1, 3]
+    store = SpectraStore(path)
+    assert len(store) == 5 and store.meta["obsid"].is_unique
+    for k in range(5):
+        _assert_row_is(store, k, originals[k])
+
+
+def test_an_interrupted_replacement_is_finished_or_undone_and_nothing_is_lost(
+        real_lamost, tmp_path, monkeypatch):
+    """Killed after its intent was committed: the next writer finishes it from the staged rows.
+    Killed before: the old rows stay, and the next ingest replaces them."""
+    copies, originals = _copies(real_lamost, tmp_path / "src", 4)
+    path = tmp_path / "s.zarr"
+    ingest(copies, path, n_workers=1, chunk_size=2, commit_rows=4, progress=False)
+    _rewrite(copies[1], originals[5].read_bytes())
+    _rewrite(copies[2], originals[6].read_bytes())
+
+    def killed(self, flux, ivar):  # the state of a process killed right after the intent
+        raise OSError(5, "killed")
+
+    monkeypatch.setattr(SpectraStore, "_apply_pending", killed)
+    with pytest.raises(OSError, match="killed"):
+        ingest(copies, path, n_workers=1, progress=False)
+    monkeypatch.undo()
+    assert json.loads((path / "COMMIT.json").read_text())["pending"]["rows"] == [1, 2]
+    reader = SpectraStore(path)                   # readers: the committed (old) metadata
+    assert len(reader) == 4 and reader.revision == 0
+    with SpectraStore(path, "a") as store:        # the next writer finishes the replacement
+        assert store.revision == 1 and store.flux.shape == (4, P)
+    store = SpectraStore(path)
+    _assert_row_is(store, 1, originals[5])
+    _assert_row_is(store, 2, originals[6])
+    _assert_row_is(store, 0, originals[0])
+    assert ingest(copies, path, n_workers=1, progress=False)["status"].eq(
+        "already_stored").all()
+
+    _rewrite(copies[3], originals[4].read_bytes())  # killed before the intent: undone
+    original_write = SpectraStore._write_commit
+
+    def no_intent(self, *args, pending=None, **kwargs):
+        if pending is not None:
+            raise OSError(5, "killed")
+        return original_write(self, *args, pending=pending, **kwargs)
+
+    monkeypatch.setattr(SpectraStore, "_write_commit", no_intent)
+    with pytest.raises(OSError, match="killed"):
+        ingest(copies, path, n_workers=1, progress=False)
+    monkeypatch.undo()
+    with SpectraStore(path, "a") as store:
+        assert store.flux.shape == (4, P) and not list((path / "meta").glob("patch-*"))
+    _assert_row_is(SpectraStore(path), 3, originals[3])   # the old row, whole
+    report = ingest(copies, path, n_workers=1, progress=False).set_index("source")
+    assert report.loc[str(copies[3]), "reason"].startswith("replaced row 3")
+    store = SpectraStore(path)
+    assert len(store) == 4 and store.meta["obsid"].is_unique
+    _assert_row_is(store, 3, originals[4])
+
+
+def test_a_version_1_store_is_read_and_upgraded_its_files_read_once_more(real_lamost, tmp_path):
+    """Stores written before the fingerprints: readable as they are; the first ingest reads
+    their files again (their rows' fingerprints are unknown) and replaces the rows in place."""
+    import pyarrow.parquet as pq
+    import zarr
+
+    copies, originals = _copies(real_lamost, tmp_path / "src", 3)
+    path = tmp_path / "s.zarr"
+    ingest(copies, path, n_workers=1, progress=False)
+    zarr.open_group(path, mode="r+").attrs["format_version"] = 1  # as the old code wrote it
+    for part in (path / "meta").glob("part-*.parquet"):
+        table = pq.read_table(part)
+        pq.write_table(table.drop(["source_size", "source_mtime_ns"]), part)
+    commit = json.loads((path / "COMMIT.json").read_text())
+    (path / "COMMIT.json").write_text(json.dumps({"n_rows": commit["n_rows"],
+                                                  "parts": commit["parts"]}))
+    _rewrite(copies[1], originals[4].read_bytes())  # changed while the store was version 1
+    old = SpectraStore(path)
+    assert old.format_version == 1 and (old.meta["source_size"] == -1).all()
+    report = ingest(copies, path, n_workers=1, progress=False)
+    assert (report["status"] == "stored").all() and report["row"].tolist() == [0, 1, 2]
+    store = SpectraStore(path)
+    assert store.format_version == 2 and len(store) == 3 and (store.meta["source_size"] > 0).all()
+    _assert_row_is(store, 1, originals[4])
+    assert (ingest(copies, path, n_workers=1, progress=False)["status"] == "already_stored").all()
+
+
+def test_kill_9_while_replacing_a_regenerated_folder_loses_and_duplicates_nothing(
+        real_lamost, tmp_path):
+    """A whole folder regenerated under the same names (each file now holds the next file's
+    star, so every obsid moves to another row), its re-ingest killed with SIGKILL after some
+    replacements were committed, then run again: every row holds its file's current spectrum,
+    each obsid once, no row lost or added."""
+    copies, _ = _copies(real_lamost, tmp_path / "src", 240)
+    store_path = tmp_path / "s.zarr"
+    ingest(tmp_path / "src", store_path, n_workers=1, chunk_size=8, commit_rows=32,
+           chunk_rows=16, progress=False)
+    data = [c.read_bytes() for c in copies]
+    for k, c in enumerate(copies):
+        _rewrite(c, data[(k + 1) % len(copies)])
+    script = tmp_path / "run.py"
+    script.write_text(KILLED_INGEST)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path / "src"),
+                             str(store_path)], env=env)
+    commit = store_path / "COMMIT.json"
+    deadline = time.monotonic() + 120
+    revision = 0
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            revision = json.loads(commit.read_text()).get("revision", 0)
+        except (OSError, ValueError):
+            pass
+        if revision >= 2:
+            break
+        time.sleep(0.002)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the ingest ended before it could be killed"
+    assert 2 <= SpectraStore(store_path).revision < 240 // 32 + 1
+    report = ingest(tmp_path / "src", store_path, n_workers=2, progress=False)
+    assert (report["status"] == "stored").sum() > 0
+    assert report["status"].isin(["stored", "already_stored"]).all()
+    store = SpectraStore(store_path)
+    assert len(store) == 240 and store.meta["obsid"].is_unique
+    sources = store.meta["source"].tolist()
+    assert sorted(sources) == sorted(str(c) for c in copies)
+    flux, ivar = store.read()
+    for k in range(0, 240, 7):
+        f, i = sp.preprocess(sp.read_lamost(sources[k]))
+        np.testing.assert_array_equal(flux[k], f)
+        np.testing.assert_array_equal(ivar[k], i)
+    again = ingest(tmp_path / "src", store_path, n_workers=1, progress=False)
+    assert (again["status"] == "already_stored").all()

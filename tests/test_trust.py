@@ -406,20 +406,27 @@ def test_survey_repeat_pairs_half_exclusion_eq1_and_pulls(trained, monkeypatch, 
     assert 0.75 < np.quantile(np.abs(z), 0.683) < 1.3
 
 
-def test_stale_spectra_store_is_rebuilt(tmp_path):
-    """A store made from other files (a regenerated mock under the same names) is removed."""
+def test_a_spectra_store_serves_the_current_file_after_it_is_regenerated(real_lamost,
+                                                                          tmp_path):
+    """The trust stores read repeat visits through ``real.load_spectra``: a file regenerated
+    under the same name (a new mock) is read again, not served from the store (see
+    tests/test_store.py for the store's side)."""
     import os
 
-    src = tmp_path / "a.fits"
-    src.write_bytes(b"x")
+    from lamostcannon import spectra as sp
+    from lamostcannon.real import load_spectra
+
+    originals = sorted((real_lamost / "dr10").glob("*.fits.gz"))[:3]
+    src = tmp_path / "visit.fits.gz"
+    src.write_bytes(originals[0].read_bytes())
     store = tmp_path / "s.zarr"
-    store.mkdir()
-    trust._fresh_store(store, [src])
-    assert not store.exists()                       # no record of its sources: rebuilt
-    store.mkdir()
-    (store / "data").write_text("kept")
-    trust._fresh_store(store, [src])
-    assert (store / "data").exists()                # same files: kept
-    os.utime(src, ns=(1, 1))
-    trust._fresh_store(store, [src])
-    assert not store.exists()                       # a source changed: rebuilt
+    flux0, _, _ = load_spectra([src, originals[1]], store, n_workers=1)
+    mtime = src.stat().st_mtime_ns
+    src.write_bytes(originals[2].read_bytes())
+    os.utime(src, ns=(mtime + 10**9, mtime + 10**9))
+    flux, ivar, meta = load_spectra([src, originals[1]], store, n_workers=1)
+    expect_f, expect_i = sp.preprocess(sp.read_lamost(originals[2]))
+    np.testing.assert_array_equal(flux[0], expect_f)
+    np.testing.assert_array_equal(ivar[0], expect_i)
+    np.testing.assert_array_equal(flux[1], flux0[1])
+    assert meta["ok"].all() and meta["status"].tolist() == ["stored", "already_stored"]

@@ -71,7 +71,7 @@ FIGURES = (
                 "where a classifier tells mock twins from real spectra"),
     FigureEntry("realism_cool_dwarf_through_the_model", "01", (), "",
                 "a real cool dwarf and its twin fitted by a real-trained model"),
-    FigureEntry("galah_vs_lamost_spectrum_same_star", "02", (2,)),
+    FigureEntry("galah_vs_lamost_spectrum_same_star", "03", (2,)),
     FigureEntry("kiel_diagram_reference_set", "02", (3,)),
     FigureEntry("model_vs_data_dwarfs", "03", (8,), "panel", "training stars against the model"),
     FigureEntry("model_vs_data_giants", "03", (8,), "panel", "training stars against the model"),
