@@ -480,25 +480,31 @@ def assess_skill(metrics, precision=None, *, min_correlation: float = SKILL_MIN_
                  max_relative_precision: float = SKILL_MAX_RELATIVE_PRECISION) -> dict:
     """Which labels the CV shows skill for (the rule of notebook 04).
 
-    A label has no measurable skill when its CV correlation with the reference labels is below
-    ``min_correlation`` or its precision relative to the unbiased range
-    (:func:`lamostcannon.validation.unbiased_precision`) exceeds ``max_relative_precision``: the
-    model then cannot rank stars by it, or its errors are as wide as the range it can report.
+    A label has skill when its CV correlation with the reference labels lies above
+    ``min_correlation`` by three standard errors (``r - 3 (1 - r^2) / sqrt(n) >= min_correlation``,
+    with ``n`` the CV stars, where ``metrics`` has an ``n`` column; else ``r >= min_correlation``)
+    and its precision relative to the unbiased range
+    (:func:`lamostcannon.validation.unbiased_precision`) is at most ``max_relative_precision``.
+    Otherwise the model cannot rank stars by it, or its errors are as wide as the range it can
+    report. The margin keeps a label whose correlation is at the threshold from changing its
+    verdict from one realisation (or one reference set) to the next.
 
     Returns
     -------
     dict label -> {"skill": bool, "correlation": float, "relative_precision": float or None,
     "rule": str}
     """
-    rule = (f"skill = CV correlation >= {min_correlation:g} and relative precision <= "
-            f"{max_relative_precision:g}")
+    rule = (f"skill = CV correlation - 3 standard errors >= {min_correlation:g} and relative "
+            f"precision <= {max_relative_precision:g}")
     out = {}
     for n in metrics.index:
         r = float(metrics.loc[n, "correlation"])
         rp = None
         if precision is not None and n in precision.index:
             rp = float(precision.loc[n, "relative_precision"])
-        ok = np.isfinite(r) and r >= min_correlation
+        n_cv = float(metrics.loc[n, "n"]) if "n" in metrics.columns else np.inf
+        margin = 3.0 * (1.0 - r ** 2) / np.sqrt(n_cv) if n_cv > 0 else np.inf
+        ok = np.isfinite(r) and r - margin >= min_correlation
         if rp is not None and np.isfinite(rp):
             ok = ok and rp <= max_relative_precision
         out[n] = {"skill": bool(ok), "correlation": r,

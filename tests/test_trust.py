@@ -101,6 +101,11 @@ def test_assess_skill_rule():
     skill = uncertainty.assess_skill(metrics, precision)
     assert [n for n, v in skill.items() if v["skill"]] == ["teff"]
     assert "0.3" in skill["teff"]["rule"]
+    # with n: a correlation just above the threshold is not yet skill, one clearly above it is
+    m = pd.DataFrame({"correlation": [0.33, 0.45, 0.33], "n": [800, 800, 100_000]},
+                     index=["a", "b", "c"])
+    assert {n: v["skill"] for n, v in uncertainty.assess_skill(m).items()} == {
+        "a": False, "b": True, "c": True}
 
 
 def test_pull_summary_bins_and_within_one(rng):
