@@ -49,7 +49,6 @@ thresholds and provenance.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -563,9 +562,11 @@ def write_calibration(cal: OODCalibration, path) -> Path:
 
 def read_calibration(path) -> OODCalibration:
     """Read :func:`write_calibration` output; a clear error for a broken file."""
-    path = Path(path)
+    from . import paths
+
+    data = paths.read_json(path, "an OOD calibration")
     try:
-        return OODCalibration.from_dict(json.loads(path.read_text()))
-    except (ValueError, KeyError, TypeError) as exc:
+        return OODCalibration.from_dict(data)
+    except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"{path} is not an OOD calibration file: {exc}") from exc
 

@@ -62,6 +62,18 @@ def write_json(path, obj) -> Path:
     return path
 
 
+def read_json(path, what: str):
+    """The JSON object in ``path``; a ValueError naming ``what`` the file should have been when it
+    is not JSON (a truncated or foreign file)."""
+    import json
+
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except ValueError as exc:
+        raise ValueError(f"{path} is not {what} file: {exc}") from exc
+
+
 def data_dir() -> Path:
     """Root of the data tiers (``raw``, ``interim``, ``processed``)."""
     return _env_path("LAMOSTCANNON_DATA", ROOT / "data")

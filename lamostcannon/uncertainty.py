@@ -64,7 +64,6 @@ command's ``<output>.errors.csv``), with the parameters per label, the CV skill 
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -524,9 +523,11 @@ def write_error_model(model: ErrorModel, path) -> Path:
 
 def read_error_model(path) -> ErrorModel:
     """Read :func:`write_error_model` output; a clear error for a broken file."""
-    path = Path(path)
+    from . import paths
+
+    data = paths.read_json(path, "an uncertainty calibration")
     try:
-        return ErrorModel.from_dict(json.loads(path.read_text()))
-    except (ValueError, KeyError, TypeError) as exc:
+        return ErrorModel.from_dict(data)
+    except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"{path} is not an uncertainty calibration file: {exc}") from exc
 

@@ -61,3 +61,18 @@ def test_write_json_is_atomic_and_writes_numpy_values(tmp_path):
                                                          "c": np.int64(7)})
     assert json.loads(out.read_text()) == {"a": 1.5, "b": [0, 1, 2], "c": 7}
     assert sorted(p.name for p in out.parent.iterdir()) == ["x.json"]
+
+
+def test_broken_calibration_files_give_a_clear_error(tmp_path):
+    """A truncated or foreign calibration file names itself in a ValueError."""
+    import pytest
+
+    from lamostcannon import ood, uncertainty
+
+    (tmp_path / "half.json").write_text('{"labels": {"teff": ')
+    (tmp_path / "other.json").write_text('{"something": "else"}')
+    for reader, what in ((ood.read_calibration, "OOD calibration"),
+                         (uncertainty.read_error_model, "uncertainty calibration")):
+        for name in ("half.json", "other.json"):
+            with pytest.raises(ValueError, match=what):
+                reader(tmp_path / name)
