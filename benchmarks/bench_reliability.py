@@ -75,23 +75,10 @@ def _old_lock_open_and_hold(path, barrier, queue, hold_s):
 
 
 def old_lock_openings(path, n_pairs: int, hold_s: float = 0.02) -> dict:
-    import multiprocessing as mp
+    import reliability_harness as rh
 
-    ctx = mp.get_context("fork")
-    double = 0
-    for _ in range(n_pairs):
-        barrier, queue = ctx.Barrier(2), ctx.Queue()
-        procs = [ctx.Process(target=_old_lock_open_and_hold, args=(path, barrier, queue, hold_s))
-                 for _ in range(2)]
-        for p in procs:
-            p.start()
-        got = [queue.get(timeout=60) for _ in procs]
-        for p in procs:
-            p.join(30)
-        held = [g for g in got if g[0] == "held"]
-        if len(held) == 2 and held[0][2] < held[1][3] and held[1][2] < held[0][3]:
-            double += 1
-    return {"pairs": n_pairs, "openings": 2 * n_pairs, "double": double}
+    out = rh.simultaneous_openings(path, n_pairs, hold_s, opener=_old_lock_open_and_hold)
+    return {"pairs": n_pairs, "openings": 2 * n_pairs, "double": out["double"]}
 
 
 # -- the measurements --------------------------------------------------------------------------

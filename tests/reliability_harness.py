@@ -213,7 +213,8 @@ def _open_and_hold(path, barrier, queue, hold_s):
         queue.put(("error", f"{type(exc).__name__}: {exc}", 0.0, 0.0))
 
 
-def simultaneous_openings(path, n_pairs: int, hold_s: float = 0.02) -> dict:
+def simultaneous_openings(path, n_pairs: int, hold_s: float = 0.02, *,
+                          opener=None) -> dict:
     """Open ``path`` for writing from ``n_pairs`` pairs of forked processes released together.
 
     Returns counts: ``double`` (pairs whose two holds overlapped in time), ``held``, ``busy``,
@@ -224,7 +225,7 @@ def simultaneous_openings(path, n_pairs: int, hold_s: float = 0.02) -> dict:
            "errors": 0, "first_error": "", "busy_message": ""}
     for _ in range(n_pairs):
         barrier, queue = ctx.Barrier(2), ctx.Queue()
-        procs = [ctx.Process(target=_open_and_hold, args=(path, barrier, queue, hold_s))
+        procs = [ctx.Process(target=opener or _open_and_hold, args=(path, barrier, queue, hold_s))
                  for _ in range(2)]
         for p in procs:
             p.start()
