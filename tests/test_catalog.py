@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 
 from lamostcannon import catalog, labels
+from quadratic_teacher import teacher
 
 P = 3909
 
@@ -295,30 +296,6 @@ N_OBS = 800
 CHUNK = 8          # many small chunks, so that a kill lands mid-run
 
 
-def _teacher(names, rng, n=500, return_data=False):
-    """A CannonModel trained on spectra of a random quadratic model (simulate, then recover)."""
-    from lamostcannon import cannon, spectra
-
-    L, T = len(names), cannon.n_terms(len(names))
-    theta = np.zeros((P, T))
-    theta[:, 0] = 1 - 0.3 * rng.random(P) ** 3
-    theta[:, 1:L + 1] = 0.02 * rng.standard_normal((P, L))
-    theta[:, L + 1:] = 0.003 * rng.standard_normal((P, T - L - 1))
-    x = 0.8 * rng.standard_normal((n, L))
-    centre = {"teff": 5800.0, "logg": 4.3, "vmic": 1.2, "fe_h": -0.2}
-    if "mg_fe" in names:
-        centre.update(teff=4700.0, logg=2.5)
-    scale = {"teff": 300.0, "logg": 0.3, "vmic": 0.3, "fe_h": 0.3}
-    lab = (np.array([centre.get(k, 0.1) for k in names])
-           + x * np.array([scale.get(k, 0.1) for k in names]))
-    flux = cannon.vectorize(x) @ theta.T + 0.01 * rng.standard_normal((n, P))
-    model = cannon.CannonModel(names, wavelength=spectra.common_wavelength())
-    model.train(lab, flux, np.full((n, P), 1e4))
-    if return_data:
-        return model, lab, flux
-    return model, lab
-
-
 @pytest.fixture(scope="module")
 def survey(tmp_path_factory):
     """Trained dwarf and giant models on disk, a SpectraStore of N_OBS spectra drawn from them,
@@ -333,7 +310,7 @@ def survey(tmp_path_factory):
     from lamostcannon import trust, validation
 
     for group, names in (("dwarf", labels.DWARF_LABELS), ("giant", labels.GIANT_LABELS)):
-        model, lab, tflux = _teacher(names, rng, return_data=True)
+        model, lab, tflux = teacher(names, rng, return_data=True)
         model.write(root / f"model_{group}.fits")
         models[group] = (model, lab)
         # every calibration beside the model, so that the whole labelling core runs below

@@ -29,32 +29,13 @@ import pandas as pd
 import pytest
 
 from lamostcannon import catalog, labels
+from quadratic_teacher import teacher
 
 pytestmark = pytest.mark.slow
 
 P = 3909
 N_OBS = 480
 CHUNK = 60
-
-
-def _model(names, rng, n=300):
-    """A CannonModel trained on spectra of a random quadratic model (simulate, then recover)."""
-    from lamostcannon import cannon, spectra
-
-    L, T = len(names), cannon.n_terms(len(names))
-    theta = np.zeros((P, T))
-    theta[:, 0] = 1 - 0.3 * rng.random(P) ** 3
-    theta[:, 1:L + 1] = 0.02 * rng.standard_normal((P, L))
-    theta[:, L + 1:] = 0.003 * rng.standard_normal((P, T - L - 1))
-    x = 0.8 * rng.standard_normal((n, L))
-    centre = {"teff": 4700.0 if "mg_fe" in names else 5800.0, "logg": 4.3, "vmic": 1.2,
-              "fe_h": -0.2}
-    scale = {"teff": 300.0, "logg": 0.3, "vmic": 0.3, "fe_h": 0.3}
-    lab = (np.array([centre.get(k, 0.1) for k in names])
-           + x * np.array([scale.get(k, 0.1) for k in names]))
-    flux = cannon.vectorize(x) @ theta.T + 0.01 * rng.standard_normal((n, P))
-    model = cannon.CannonModel(names, wavelength=spectra.common_wavelength())
-    return model.train(lab, flux, np.full((n, P), 1e4)), lab
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +46,7 @@ def survey(tmp_path_factory):
     root = tmp_path_factory.mktemp("cluster_survey")
     draws, models = {}, {}
     for group, names in (("dwarf", labels.DWARF_LABELS), ("giant", labels.GIANT_LABELS)):
-        models[group], draws[group] = _model(names, rng)
+        models[group], draws[group] = teacher(names, rng, n=300)
         models[group].write(root / f"model_{group}.fits")
     giant = rng.random(N_OBS) < 0.4
     flux = np.empty((N_OBS, P), np.float32)
