@@ -1,4 +1,4 @@
-"""Temperature calibration of the dwarf abundances with stars born together (beyond the paper).
+r"""Temperature calibration of the dwarf abundances with stars born together (beyond the paper).
 
 The paper's dwarf abundances carry spurious trends with effective temperature (section 5.2,
 appendix B, Fig 17): the members of Praesepe, which share one chemistry, show a trend of

@@ -210,7 +210,7 @@ def test_gain_uncertainty_from_the_bootstrap_describes_the_error(rng):
     ref[LABEL] = 0.0
     fits = [calibration.fit(sim(np.random.default_rng(s)), [LABEL], reference=ref,
                             terms=calibration.TERMS_TEFF_LOGG, gain_terms=("u", "u2"), seed=s,
-                            n_boot=40) for s in (11, 12, 13, 14)]
+                            n_boot=30, lambdas=calibration.LAMBDAS[::3]) for s in (11, 12, 13)]
     vals = np.array([f.correction(LABEL, grid, values=0.2)[0] for f in fits])
     sig = np.array([f.correction(LABEL, grid, values=0.2)[1] for f in fits])
     spread = vals.std(axis=0, ddof=1)
