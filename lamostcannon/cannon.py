@@ -53,9 +53,13 @@ of a fixed set of starting points (the training mean and k-means centres of the 
 ranked by evaluating chi2 at all of them with one more product); ``n_starts - 1`` further runs
 start at the next-ranked points and stop early when they fall into a basin already found. Labels
 are kept inside ``[min - bound, max + bound]`` of the training labels in standardised units. The
-formal covariance is the inverse Hessian of ``chi2 / 2`` at the best fit, in physical units. The
-reported chi2 is the minimised objective at the best fit; chi2 in pixel windows is recomputed
-from the explicit residuals there. Memory is bounded by ``chunk_size`` spectra per thread.
+formal covariance is the inverse Hessian of ``chi2 / 2`` at the best fit, in physical units.
+The degree 2-4 coefficients come from that product in float32 (twice as fast; the linear ones in
+float64), which moves the polynomial's minimum by ~1e-5 of a formal error (at most ~1e-3); each
+converged fit off the bounds is then polished by one Newton step on the exact float64 gradient
+(from the weights: two thin products), which lands on the exact chi2's minimum to ~1e-8 of a
+formal error. The reported chi2 is the exact chi2 at the best fit; chi2 in pixel windows is
+recomputed from the explicit residuals there. Memory is bounded by ``chunk_size`` spectra per thread.
 
 Flag bits of :attr:`TestResult.flag` (see :data:`FLAG_BITS`)
 --------------------------------------------------------------
@@ -1122,7 +1126,8 @@ class CannonModel:
         if fit.any():
             fi = np.flatnonzero(fit)
             pf = poly if fi.size == n else poly[fi]
-            exact = _ExactChi2(w if fi.size == n else w[fi], lin[fi], c[fi], arrs)
+            exact = _ExactChi2(w if fi.size == n else w[fi], lin[fi], c[fi], arrs,
+                               _work_buffer(arrs, "pred", (fi.size, n_ok)))
             xs, chi, it, cv, fl, hess = _fit_labels(
                 pf, arrs["starts_m4"], arrs["starts"], lo, hi, tab, n_starts, max_iter,
                 None if x_init is None else x_init[fi], exact=exact)
@@ -1787,14 +1792,16 @@ class _ExactChi2:
     against ~4 M for the polynomial.
     """
 
-    def __init__(self, w, lin, c, arrs):
-        self.w, self.lin, self.c = w, lin, c
+    def __init__(self, w, lin, c, arrs, work=None):
+        self.w, self.lin, self.c, self.work = w, lin, c, work
         self.theta_c, self.theta_ct = arrs["theta_c"], arrs["theta_ct"]
 
     def value_grad(self, x, rows):
-        """chi2 (m,) and gradient (m, L) at x (m, L) for the spectra ``rows``."""
+        """chi2 (m,) and gradient (m, L) at x (m, L) for the spectra ``rows`` (all: None)."""
         eta = vectorize(x)
-        wp = eta @ self.theta_ct                                  # pred (m, P)
+        m = eta.shape[0]
+        out = self.work[:m] if self.work is not None and len(self.work) >= m else None
+        wp = np.matmul(eta, self.theta_ct, out=out)               # pred (m, P)
         wp *= self.w if rows is None else self.w[rows]
         u = (self.lin if rows is None else self.lin[rows]) - wp @ self.theta_c
         c = self.c if rows is None else self.c[rows]
