@@ -214,7 +214,11 @@ def _run_child(kind: str, *args, package_root: str | None = None) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", kind, *map(str, args)]
     env = None
     if package_root is not None:
+        from lamostcannon import paths
+
         env = dict(os.environ)
+        # the baseline finds the real spectra relative to its own folder otherwise
+        env["LAMOSTCANNON_LAMOST_DIR"] = str(paths.real_lamost_dir())
         env["PYTHONPATH"] = os.pathsep.join(
             [str(Path(package_root).resolve())] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH")
                                                    else []))

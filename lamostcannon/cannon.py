@@ -899,7 +899,7 @@ class CannonModel:
         windows : dict str -> bool (P,), optional
             Pixel masks; chi2 is also reported inside each (``chi2_windows``).
         chunk_size : int
-            Spectra per batch; memory is about ``chunk_size * (6 P + 60 T) * 8`` bytes,
+            Spectra per batch; memory is about ``chunk_size * (8 P + 60 T) * 8`` bytes,
             independent of S.
         n_starts : int
             Newton runs per spectrum, from the best of the stored starting points (plus ``init``).
