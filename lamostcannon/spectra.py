@@ -876,9 +876,9 @@ def _resample_many(spectra: Sequence[LamostSpectrum], use_ormask: bool = True,
         rows = [rows[r] for r in keep]
     u = np.stack(us)
     inside = u >= 0
-    j = np.floor(u)  # u >= -1: the lower clip is 0 - as np.clip(j, 0, sizes - 2), exactly
-    np.maximum(j, 0.0, out=j)
-    np.minimum(j, (sizes - 2)[:, None], out=j)
+    j = np.floor(u)  # as np.clip(j, 0, sizes - 2) on the integers; NaN (a NaN wavelength) -> 0
+    np.fmax(j, 0.0, out=j)
+    np.fmin(j, (sizes - 2)[:, None], out=j)
     t = u - j
     j = j.astype(np.intp)
     f = np.where(good, flux, 0.0)  # float32, as for one spectrum
