@@ -52,7 +52,9 @@ exact Hessian come from the polynomial, and a bounded Newton iteration with a tr
 of a fixed set of starting points (the training mean and k-means centres of the training labels,
 ranked by evaluating chi2 at all of them with one more product); ``n_starts - 1`` further runs
 start at the next-ranked points and stop early when they fall into a basin already found. Labels
-are kept inside ``[min - bound, max + bound]`` of the training labels in standardised units. The
+are kept inside ``[min - bound, max + bound]`` of the training labels in standardised units (a
+label on its bound whose gradient points outward is held there and the Newton step solves for the
+others, so a fit on a bound is the minimum over the free labels). The
 formal covariance is the inverse Hessian of ``chi2 / 2`` at the best fit, in physical units.
 The degree 2-4 coefficients come from that product in float32 (twice as fast; the linear ones in
 float64), which moves the polynomial's minimum by ~1e-5 of a formal error (at most ~1e-3); each
@@ -1697,7 +1699,10 @@ def _newton(quartic: _Quartic, x0, lo, hi, max_iter, xtol_newton=1e-3, xtol=1e-9
 
     Each iteration takes the Newton step ``-H^-1 grad`` (batched Cholesky); where the Hessian is
     not positive definite (far from a minimum) it takes the saddle-free step with the absolute
-    eigenvalues of H (a descent direction). The step is shortened to the star's trust radius (standardised units,
+    eigenvalues of H (a descent direction). A label on its bound whose gradient pushes outward is
+    held there (projected Newton: its row and column of H replaced by the identity, its gradient
+    by 0), so that a fit on a bound converges to the minimum over the other labels. The step is
+    shortened to the star's trust radius (standardised units,
     2-norm), ``x + dx`` is clipped to the bounds and accepted if chi2 did not rise. An accepted
     step that was shortened doubles the radius; a rejected step sets it to a quarter of the step
     length. Converged: an accepted, full, positive-definite Newton step shorter than
@@ -1720,13 +1725,24 @@ def _newton(quartic: _Quartic, x0, lo, hi, max_iter, xtol_newton=1e-3, xtol=1e-9
     q = quartic
     xa, fa, ga, ha = x.copy(), f, g, h
     tol_f = 1e-13 * np.maximum(np.abs(q.p0), 1.0)
+    lo_b, hi_b = lo + 1e-9 * (hi - lo), hi - 1e-9 * (hi - lo)     # on a bound (as AT_BOUND)
+    diag = np.arange(L)
     for _ in range(max_iter):
+        # projected Newton: a label on its bound whose gradient pushes outward is held there
+        # (identity row and column, no gradient) and the step solves for the other labels, so
+        # that a fit on a bound converges to the minimum over the free labels
+        hs, gs = ha, ga
+        held = ((xa <= lo_b) & (ga > 0)) | ((xa >= hi_b) & (ga < 0))
+        if held.any():
+            hs = np.where(held[:, :, None] | held[:, None, :], 0.0, ha)
+            hs[:, diag, diag] += held
+            gs = np.where(held, 0.0, ga)
         rows = np.flatnonzero(live)
         if rows.size == live.size:
-            step, posdef = _newton_step(ha, ga)
+            step, posdef = _newton_step(hs, gs)
             pd = posdef
         else:
-            st, pd = _newton_step(ha[rows], ga[rows])
+            st, pd = _newton_step(hs[rows], gs[rows])
             step = np.zeros_like(xa)
             step[rows] = st
             posdef = np.zeros(xa.shape[0], dtype=bool)
@@ -1735,10 +1751,10 @@ def _newton(quartic: _Quartic, x0, lo, hi, max_iter, xtol_newton=1e-3, xtol=1e-9
             # indefinite Hessian (far from the minimum): saddle-free step with |eigenvalues|
             r2 = rows[~pd]
             with np.errstate(invalid="ignore"):
-                e, v = np.linalg.eigh(np.nan_to_num(ha[r2]))
+                e, v = np.linalg.eigh(np.nan_to_num(hs[r2]))
             e = np.abs(e)
             e = np.maximum(e, 1e-6 * e.max(axis=1, keepdims=True) + 1e-300)
-            step[r2] = -np.einsum("nij,nj->ni", v, np.einsum("nji,nj->ni", v, ga[r2]) / e)
+            step[r2] = -np.einsum("nij,nj->ni", v, np.einsum("nji,nj->ni", v, gs[r2]) / e)
         bad = ~np.all(np.isfinite(step), axis=1)
         if bad.any():                       # NaN/inf in the polynomial: give up on these
             step[bad] = 0.0
@@ -1815,7 +1831,7 @@ class _ExactChi2:
 _POLISH_MAX = 1e-2
 
 
-def _polish_exact(exact, x, hess, eligible, lo, hi):
+def _polish_exact(exact, x, hess, eligible, lo, hi, pinned=None):
     """One Newton step ``-H^-1 grad`` with the exact gradient at the best fits ``x`` (n, L).
 
     The Newton iteration runs on the polynomial whose degree 2-4 coefficients are rounded to
@@ -1823,9 +1839,10 @@ def _polish_exact(exact, x, hess, eligible, lo, hi):
     the minimum of the exact chi2. Newton converges quadratically, so one step with the exact
     gradient (the Hessian's rounding only scales the remaining error by ~1e-4) lands on the
     exact minimum to ~1e-8 formal errors, closer than the float64 iteration's own convergence
-    tolerance (``xtol_newton``). Stepped: ``eligible`` spectra (converged, off the bounds) with a
-    positive definite Hessian, a step below :data:`_POLISH_MAX` that stays strictly inside the
-    bounds. Returns ``(x, chi2, moved)``, chi2 exact (at the polished point to second order,
+    tolerance (``xtol_newton``). Labels on a bound (``pinned`` (n, L)) stay there and the step is
+    taken in the others (their block of the Hessian), as in :func:`_newton`. Stepped:
+    ``eligible`` spectra (converged) with a positive definite Hessian (block), a step below
+    :data:`_POLISH_MAX` that keeps every other label strictly inside its bounds. Returns ``(x, chi2, moved)``, chi2 exact (at the polished point to second order,
     ``chi2 - g^T H^-1 g / 2``; the neglected term is cubic in a ~1e-3 step).
     """
     x = np.array(x, dtype=float)
@@ -1839,12 +1856,18 @@ def _polish_exact(exact, x, hess, eligible, lo, hi):
     xf = x if rows is None else x[rows]
     c2, g = exact.value_grad(xf, rows)
     chi2[finite] = c2
-    step, pd = _newton_step(hess[finite], g)
+    h = hess[finite]
+    pin = np.zeros(xf.shape, dtype=bool) if pinned is None else pinned[finite]
+    if pin.any():  # labels on a bound: identity in their rows and columns, no gradient
+        h = np.where(pin[:, :, None] | pin[:, None, :], 0.0, h)
+        h[:, np.arange(xf.shape[1]), np.arange(xf.shape[1])] += pin
+        g = np.where(pin, 0.0, g)
+    step, pd = _newton_step(h, g)
     cand = eligible[finite] & pd & np.all(np.isfinite(step), axis=1)
     cand &= np.max(np.abs(step), axis=1) < _POLISH_MAX
     span = hi - lo
     new = xf + step
-    cand &= np.all((new > lo + 1e-9 * span) & (new < hi - 1e-9 * span), axis=1)
+    cand &= np.all(pin | ((new > lo + 1e-9 * span) & (new < hi - 1e-9 * span)), axis=1)
     idx = np.flatnonzero(finite)[cand]
     x[idx] = new[cand]
     chi2[idx] = c2[cand] + 0.5 * np.einsum("ml,ml->m", g[cand], step[cand])
@@ -1896,7 +1919,8 @@ def _fit_labels(poly, cand_m4, cand, lo, hi, tab, n_starts, max_iter, x_init=Non
     conv = np.stack([r[3] for r in results])[best, pick]
     flags = np.where(conv, 0, FLAG_NOT_CONVERGED)
     span = hi - lo
-    at_bound = np.any((x <= lo + 1e-9 * span) | (x >= hi - 1e-9 * span), axis=1)
+    pinned = (x <= lo + 1e-9 * span) | (x >= hi - 1e-9 * span)      # (n, L)
+    at_bound = np.any(pinned, axis=1)
     flags |= np.where(at_bound, FLAG_AT_BOUND, 0)
     if len(results) > 1:
         xs = np.stack([r[0] for r in results])
@@ -1907,7 +1931,7 @@ def _fit_labels(poly, cand_m4, cand, lo, hi, tab, n_starts, max_iter, x_init=Non
         flags |= np.where(other.any(axis=0), FLAG_MULTIPLE_MINIMA, 0)
     chi2, _, hess = quartic.all(x)
     if exact is not None:
-        x, chi2, moved = _polish_exact(exact, x, hess, conv & ~at_bound, lo, hi)
+        x, chi2, moved = _polish_exact(exact, x, hess, conv, lo, hi, pinned)
         if moved.any():
             hess[moved] = quartic.subset(moved).all(x[moved])[2]
     return x, chi2, n_iter, conv, flags, hess
