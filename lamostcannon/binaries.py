@@ -89,14 +89,28 @@ def chemical_distance(delta, sigma, *, pair_scaling=False):
     return float(d[0]) if one else d
 
 
-def pair_distance(pairs, elements, sigma, *, pair_scaling=False):
+def pair_distance(pairs, elements, sigma, *, pair_scaling=False, errors=None):
     """Eq. 6 for a pair table: ``elements`` are label names like ``"o_fe"``; ``sigma`` a dict
-    ``{element: CV scatter}`` or an array in the order of ``elements``. Returns array (N,)."""
+    ``{element: CV scatter}`` or an array in the order of ``elements``. Returns array (N,).
+
+    ``errors`` (beyond the paper): a list of error columns, one per element (e.g.
+    ``["e_o_fe", ...]``); each difference is then divided by its own pair's error,
+    ``sqrt(e_1^2 + e_2^2)``, instead of by ``sigma`` (which is then only validated), so a star
+    whose abundances are noisier (a cool dwarf, or a calibrated value divided by a gain below 1)
+    weighs less. Pairs with a non-finite or non-positive error get NaN."""
     elements = list(elements)
     s = _sigma_vector(sigma, elements)
     delta = np.column_stack([np.asarray(pairs[f"{e}_1"], float) - np.asarray(pairs[f"{e}_2"], float)
                              for e in elements]) if elements else np.zeros((len(pairs), 0))
-    return chemical_distance(delta, s, pair_scaling=pair_scaling)
+    if errors is None:
+        return chemical_distance(delta, s, pair_scaling=pair_scaling)
+    errors = list(errors)
+    if len(errors) != len(elements):
+        raise ValueError(f"{len(errors)} error columns for {len(elements)} elements")
+    err = np.column_stack([np.hypot(np.asarray(pairs[f"{c}_1"], float),
+                                    np.asarray(pairs[f"{c}_2"], float)) for c in errors])
+    err = np.where(np.isfinite(err) & (err > 0), err, np.nan)
+    return np.sqrt(np.sum((delta / err) ** 2, axis=1))
 
 
 # ----------------------------------------------------------------------------- selection
@@ -519,7 +533,7 @@ def separation(d_binary, d_field) -> Separation:
 
 def compare_with_field(catalog, binaries, elements, sigma, *, max_delta_teff=MAX_DELTA_TEFF,
                        field=None, n_per_binary=20, seed=0, match_star=("snr_z", "r_est"),
-                       match_delta_teff=True, exclude_ids=None):
+                       match_delta_teff=True, exclude_ids=None, errors=None):
     """Wide binaries against matched field pairs in eq. 6 distance over ``elements``.
 
     Parameters
@@ -536,6 +550,9 @@ def compare_with_field(catalog, binaries, elements, sigma, *, max_delta_teff=MAX
         Candidate field stars; default the dwarfs of ``catalog`` with finite ``elements``.
     n_per_binary : field pairs per binary.
     exclude_ids : ids left out of the field; default both members of every pair in ``binaries``.
+    errors : list of error columns, one per element, optional
+        Scale each pair's differences by its own errors (:func:`pair_distance`); pairs need
+        finite positive errors too.
 
     Returns
     -------
@@ -546,20 +563,21 @@ def compare_with_field(catalog, binaries, elements, sigma, *, max_delta_teff=MAX
     cat = _to_frame(catalog)
     bins = _to_frame(binaries)
     pairs = binary_pairs(cat, bins, max_delta_teff=max_delta_teff)
-    cols = [f"{e}_{k}" for e in elements for k in (1, 2)]
+    needed = elements + (list(errors) if errors is not None else [])
+    cols = [f"{e}_{k}" for e in needed for k in (1, 2)]
     pairs = pairs[np.isfinite(pairs[cols].to_numpy(float)).all(axis=1)].reset_index(drop=True)
     if len(pairs) < 2:
-        raise ValueError(f"only {len(pairs)} binaries with finite {elements}")
+        raise ValueError(f"only {len(pairs)} binaries with finite {needed}")
     if field is None:
-        field = cat[is_dwarf(cat) & np.isfinite(cat[elements].to_numpy(float)).all(axis=1)]
+        field = cat[is_dwarf(cat) & np.isfinite(cat[needed].to_numpy(float)).all(axis=1)]
     if exclude_ids is None:
         exclude_ids = np.concatenate([bins["source_id1"], bins["source_id2"]])
     matched = field_pairs(field, pairs, n_pairs=n_per_binary * len(pairs), seed=seed,
                           max_delta_teff=max_delta_teff, exclude_ids=exclude_ids,
                           match_star=match_star, match_delta_teff=match_delta_teff)
     s = _sigma_vector(sigma, elements)
-    d_b = pair_distance(pairs, elements, s)
-    d_f = pair_distance(matched, elements, s)
+    d_b = pair_distance(pairs, elements, s, errors=errors)
+    d_f = pair_distance(matched, elements, s, errors=errors)
     return {"pairs": pairs, "field_pairs": matched, "d_binary": d_b, "d_field": d_f,
             "separation": separation(d_b, d_f)}
 
@@ -671,13 +689,16 @@ def teff_trend(teff, abundance):
 
 
 def calibration_comparison(catalog, binaries_table, elements, sigma, *, suffix="_cal", seed=0,
-                           max_delta_teff=MAX_DELTA_TEFF, null=True, **kwargs):
+                           max_delta_teff=MAX_DELTA_TEFF, null=True, errors=False, **kwargs):
     """Binaries against matched field pairs, raw and calibrated, with and without the teff cut.
 
     Runs :func:`compare_with_field` for the four cases (``elements`` or ``<element><suffix>``;
     ``max_delta_teff`` or no cut), each with its null control (:func:`shuffle_within_bins` of
     the same columns, same seed). Pass the binaries that judge (the ``"judge"`` half of
-    :func:`binary_split`), never those that calibrated.
+    :func:`binary_split`), never those that calibrated. ``errors=True`` scales each pair's
+    differences by its stars' own errors (``e_<element>`` and ``e_<element><suffix>``,
+    :func:`pair_distance`) instead of by ``sigma``; the null control shuffles the errors with
+    the values.
 
     Returns
     -------
@@ -692,10 +713,11 @@ def calibration_comparison(catalog, binaries_table, elements, sigma, *, suffix="
     elements = list(elements)
     rows, results = [], {}
     for values, cols in (("raw", elements), ("calibrated", [f"{e}{suffix}" for e in elements])):
-        shuffled = shuffle_within_bins(catalog, cols, seed=seed) if null else None
+        ecols = [f"e_{c}" for c in cols] if errors else None
+        shuffled = shuffle_within_bins(catalog, cols + (ecols or []), seed=seed) if null else None
         for cut in (max_delta_teff, None):
             res = compare_with_field(catalog, binaries_table, cols, sigma, max_delta_teff=cut,
-                                     seed=seed, **kwargs)
+                                     seed=seed, errors=ecols, **kwargs)
             sep = res["separation"]
             row = dict(values=values, cut=np.nan if cut is None else float(cut),
                        n_binary=sep.n_binary, n_field=sep.n_field, auc=sep.auc,
@@ -703,7 +725,8 @@ def calibration_comparison(catalog, binaries_table, elements, sigma, *, suffix="
                        median_field=sep.median_field, ratio=sep.ratio, mw_pvalue=sep.mw_pvalue)
             if null:
                 res["null"] = compare_with_field(shuffled, binaries_table, cols, sigma,
-                                                 max_delta_teff=cut, seed=seed, **kwargs)
+                                                 max_delta_teff=cut, seed=seed, errors=ecols,
+                                                 **kwargs)
                 ns = res["null"]["separation"]
                 row.update(null_auc=ns.auc, null_auc_err=ns.auc_err, null_ratio=ns.ratio,
                            null_mw_pvalue=ns.mw_pvalue)

@@ -1,4 +1,4 @@
-"""Temperature calibration of the dwarf abundances with stars born together (beyond the paper).
+r"""Temperature calibration of the dwarf abundances with stars born together (beyond the paper).
 
 The paper's dwarf abundances carry spurious trends with effective temperature (section 5.2,
 appendix B, Fig 17): the members of Praesepe, which share one chemistry, show a trend of
@@ -12,36 +12,61 @@ Model
 For calibrator star *i* of group *g* (the high-probability members of one open cluster, or the
 two stars of one wide binary), each dwarf abundance label *y* (``alpha_fe``, ``sc_fe``, ...) is
 
-.. math:: y_i = \\mu_g + f(T_i, g_i, S_i, F_i) + \\epsilon_i, \\qquad
-          f = \\sum_k c_k \\phi_k,
+.. math:: y_i = \mu_g\,(1 + h_i) + f(T_i, g_i, S_i, F_i) + \epsilon_i, \qquad
+          f = \sum_k c_k \phi_k, \qquad h = \sum_j a_j (\psi_j - \langle\psi_j\rangle_{\rm ref}),
 
-where :math:`\\mu_g` is the group's birth composition (a nuisance parameter, one per group) and
-:math:`f` a smooth correction (terms :math:`\\phi_k` without a constant, :func:`design`): a cubic
-in ``u = (teff - 5500 K) / 1000 K`` with ``v = logg - 4.4`` and ``u v`` (the correction in teff
-and logg); ``l, l u, l u^2`` with ``l = log10(S/N_z / 100)``, because the model's own trends
-change with S/N (on the mock, cool dwarfs' [O/Fe] is biased by -0.2 dex at S/N 30 and by +0.05
-at S/N 500); and ``F u, F u^2`` with ``F`` the star's [Fe/H], because the trends change with
-metallicity. A term that is constant within a group (a pure [Fe/H] term) cannot enter: the group
-means would absorb it. Inputs are clipped to the calibrators' ranges, so the correction never
-extrapolates a polynomial. :math:`\\epsilon_i \\sim N(0, e_i^2 + s^2)` with :math:`e_i` the
-catalogue's uncertainty and :math:`s` an extra scatter estimated from the residuals. Profiling
-out the :math:`\\mu_g` turns the fit into weighted least squares on *within-group* deviations, so
+where :math:`\mu_g` is the group's birth composition (a nuisance parameter, one per group),
+:math:`f` a smooth additive correction and :math:`1 + h` a smooth *gain*. The additive terms
+:math:`\phi_k` (:func:`design`, no constant): a cubic in ``u = (teff - 5500 K) / 1000 K`` with
+``v = logg - 4.4`` and ``u v``; ``l, l u, l u^2`` with ``l = log10(S/N_z / 100)``, because the
+model's own trends change with S/N (on the mock, cool dwarfs' [O/Fe] is biased by -0.2 dex at S/N
+30 and by +0.05 at S/N 500); and ``F u, F u^2`` with ``F`` the star's [Fe/H]. A term that is
+constant within a group (a pure [Fe/H] term) cannot enter: the group means would absorb it.
+
+Why a gain: the model's response to a star's true abundance is compressed, by a factor that
+changes with teff (on the small mock the slope of the raw on the true value, dwarfs with S/N >
+100, is 0.47-1.01 for [alpha/Fe] and 0.07-0.49 for [Sc/Fe] between 4000 and 6500 K, largest
+near 5000 K). Then a cluster's trend with teff depends on its own chemistry, :math:`h'(T)\,\mu_g`,
+which no additive :math:`f` can remove for every cluster. The gain terms :math:`\psi_j` are
+leading terms of :data:`GAIN_TERMS` (``u``, ``u^2``), per label (:data:`GAIN_LABELS`); they enter
+less their mean over the reference set, so the gain averages 1 there. The fit alternates between
+the group means with ``c`` (exact, for the current gain) and ``a`` (exact, for the current means
+and ``c``), each step lowering the same penalised loss (:func:`_solve_gain`). The binaries, two
+stars each with :math:`\mu_g` spread over the field's chemistry, and the clusters' different
+compositions constrain the gain.
+
+Inputs are clipped to the calibrators' ranges, so the correction never extrapolates a polynomial.
+:math:`\epsilon_i \sim N(0, e_i^2 + s^2)` with :math:`e_i` the catalogue's uncertainty and
+:math:`s` an extra scatter estimated from the residuals. Profiling out the :math:`\mu_g` turns
+each step into weighted least squares on *within-group* deviations, so
 
 * a group-level shift (a cluster richer in alpha than another, a binary richer than the field)
-  never enters the fit and can never be fitted away: the correction only sees how abundances
-  change with teff and logg *among stars of one composition*;
-* the coefficients carry a ridge penalty :math:`\\lambda \\sum_k (s_k c_k)^2` (``s_k`` the
-  within-group spread of term *k*), with :math:`\\lambda` chosen by leave-groups-out
-  cross-validation (groups, never single stars, are held out); large :math:`\\lambda` means
-  "no correction", so a calibration set without trends leaves the abundances alone;
+  never enters the additive fit and can never be fitted away;
+* the coefficients carry a ridge penalty :math:`\lambda \sum_k (s_k c_k)^2` (``s_k`` the
+  within-group spread of term *k*; the same for ``a``), with :math:`\lambda` chosen by
+  leave-groups-out cross-validation (groups, never single stars, are held out); large
+  :math:`\lambda` means "no correction";
 * one round of sigma clipping (default 4 sigma) removes non-members and unresolved companions.
 
-The abundance scale stays GALAH's: the applied correction is :math:`f - \\langle f \\rangle_{\\rm ref}`,
-whose mean over the reference set (the training stars, on the scale of the GALAH labels) is zero.
-Its uncertainty comes from a bootstrap over groups (groups resampled with replacement, the fit
-repeated with the chosen :math:`\\lambda`): the covariance :math:`\\Sigma_c` of the coefficients
-gives :math:`\\sigma_f^2 = (\\phi - \\bar\\phi_{\\rm ref})^T \\Sigma_c (\\phi - \\bar\\phi_{\\rm ref})`, and
-the catalogue's calibrated uncertainty is :math:`e_{\\rm cal} = \\sqrt{e^2 + \\sigma_f^2}`.
+A star is calibrated by inverting the model: :math:`x_{\rm cal} = (x - f) / (1 + h) + c_0`, the
+gain floored at :data:`GAIN_MIN`. The abundance scale stays GALAH's: :math:`c_0` makes the mean
+change :math:`x_{\rm cal} - x` over the reference set (its own training labels and terms) zero.
+The uncertainty comes from a bootstrap over groups (groups resampled with replacement, the fit
+repeated with the chosen :math:`\lambda`): the covariance :math:`\Sigma` of ``(c, a, c0)``,
+propagated linearly through the inversion, gives :math:`\sigma_f`, and the catalogue's
+calibrated uncertainty is :math:`e_{\rm cal} = \sqrt{(e / (1 + h))^2 + \sigma_f^2}`.
+
+How the form was chosen (small mock, seed 2020), never on Praesepe: leave-one-cluster-out over
+the five calibrating clusters (each fitted without it and then judged by its members' residual
+slope with teff, :func:`cluster_trends`) and two-fold CV over the calibrating binaries (their
+within-pair differences). Per label the gain form with the lowest mean (slope / error)^2 over the
+held-out clusters was kept among none, ``u`` and ``u, u^2`` (gain floors 0.2 and 0.5, and a cubic,
+were tried too), provided the held-out clusters' dispersions did not grow on average and the
+held-out binaries' mean squared difference did not grow by more than 10%: (slope / error)^2
+additive -> chosen, [O/Fe] 12.5 -> 11.1 (``u, u^2``), [alpha/Fe] 10.7 -> 8.0 (``u, u^2``),
+[Sc/Fe] 6.8 -> 1.0 (``u``), [Eu/Fe] 7.6 -> 4.5 (``u``); for [s/Fe] every gain raised the
+dispersions (1.06-1.30 of raw against 0.88 additive), so it stays additive. Dropping the
+``F u, F u^2`` terms raised the (slope / error)^2 of [O/Fe] and [alpha/Fe] to 18.8 and 15.8.
 
 Held out by design: the clusters in ``test_clusters`` (Praesepe, ``NGC_2632``, by default) are
 never used for fitting, and the wide binaries are split deterministically
@@ -95,9 +120,20 @@ TERMS_EXTRA = ("u4", "lu3", "l2", "l2u")
 _INPUT_OF = {**{k: ("teff", "logg") for k in TERMS_TEFF_LOGG + ("u4",)},
              **{k: ("teff", "snr_z") for k in TERMS_SNR + ("lu3", "l2", "l2u")},
              **{k: ("teff", "fe_h") for k in TERMS_FEH}}
+#: Default terms of the gain ``1 + h`` (:func:`fit`): a quadratic in ``u`` (chosen by
+#: leave-one-cluster-out CV over the calibrating clusters, see the module docstring).
+GAIN_TERMS = ("u", "u2")
+#: Labels that get a gain by default, with its terms (the others, [s/Fe], are corrected
+#: additively): chosen by leave-one-cluster-out CV over the calibrating clusters and two-fold CV
+#: over the calibrating binaries (module docstring).
+GAIN_LABELS = {"o_fe": ("u", "u2"), "alpha_fe": ("u", "u2"), "sc_fe": ("u",), "eu_fe": ("u",)}
+#: Smallest gain the inversion divides by (guards a fitted gain that would cross zero).
+GAIN_MIN = 0.5
+#: Most alternating steps of the gain fit (:func:`_solve_gain`).
+GAIN_ITERATIONS = 50
 #: Ridge strengths tried by the leave-groups-out cross-validation (dimensionless).
 LAMBDAS = tuple(np.r_[0.0, np.logspace(-4, 2, 25)])
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 # ----------------------------------------------------------------------------- basis
@@ -198,8 +234,12 @@ def _wloss(r, w):
 class LabelCalibration:
     """The fitted correction of one label (see the module docstring).
 
-    ``coef`` (K,) and ``cov`` (K, K): coefficients of the terms and their bootstrap covariance;
-    ``anchor`` (K,): mean of the terms over the reference set; ``lam``: the chosen ridge;
+    ``coef`` (K,): coefficients ``c`` of the additive terms; ``gain_coef`` (J,): coefficients
+    ``a`` of the gain terms; ``offset``: ``c0`` (dex), which makes the mean change over the
+    reference set zero; ``cov`` (K+J+1, K+J+1): bootstrap covariance of ``(c, a, c0)``;
+    ``anchor`` (K,), ``gain_anchor`` (J,): means of the additive and gain terms over the
+    reference set (the gain terms enter less this mean, so the gain averages 1 there);
+    ``ref_mean``: the reference set's mean value of the label (dex); ``lam``: the chosen ridge;
     ``cv_lambdas``, ``cv_loss``: the leave-groups-out CV curve (weighted within-group variance
     of held-out groups, dex^2); ``loss_none``: the same without correction; ``extra_scatter``:
     ``s`` (dex); ``n_stars``, ``n_groups``, ``n_clipped``; ``rms_before``, ``rms_after``: weighted
@@ -210,6 +250,10 @@ class LabelCalibration:
     coef: np.ndarray
     cov: np.ndarray
     anchor: np.ndarray
+    gain_coef: np.ndarray
+    gain_anchor: np.ndarray
+    offset: float
+    ref_mean: float
     lam: float
     cv_lambdas: np.ndarray
     cv_loss: np.ndarray
@@ -233,7 +277,7 @@ class LabelCalibration:
     @classmethod
     def from_dict(cls, d: dict) -> "LabelCalibration":
         d = dict(d)
-        for k in ("coef", "cov", "anchor", "cv_lambdas", "cv_loss"):
+        for k in ("coef", "cov", "anchor", "gain_coef", "gain_anchor", "cv_lambdas", "cv_loss"):
             d[k] = np.asarray(d[k], float)
         return cls(**d)
 
@@ -247,14 +291,16 @@ class Calibration:
     labels : dict ``{label: LabelCalibration}``
     ranges : dict ``{column: (lo, hi)}``: the calibrators' ranges of teff, logg (and snr_z,
         fe_h); inputs are clipped to them.
-    terms : tuple of str, the basis (:func:`design`).
+    terms : tuple of str, the additive basis ``f`` (:func:`design`).
     provenance : dict (package version, date, model training hash, groups used and held out, ...)
+    gain_terms : tuple of str, the basis of the gain ``1 + h`` (empty: additive only).
     """
 
     labels: dict
     ranges: dict
     terms: tuple = TERMS
     provenance: dict = field(default_factory=dict)
+    gain_terms: tuple = GAIN_TERMS
 
     @property
     def label_names(self) -> tuple:
@@ -263,38 +309,71 @@ class Calibration:
     @property
     def inputs(self) -> tuple:
         """Catalogue columns the correction reads (besides the label)."""
-        return inputs(self.terms)
+        return inputs(self.terms + tuple(self.gain_terms))
 
     def design(self, table) -> np.ndarray:
-        """:func:`design` with this calibration's terms and ranges."""
+        """:func:`design` with this calibration's additive terms and ranges."""
         return design(table, self.terms, self.ranges)
 
-    def correction(self, label, table):
-        """Correction ``f - <f>_ref`` (dex, to be *subtracted*) and its uncertainty.
+    def design_gain(self, table) -> np.ndarray:
+        """:func:`design` with this calibration's gain terms and ranges (not less their anchor)."""
+        return design(table, self.gain_terms, self.ranges)
+
+    def gain(self, label, table) -> np.ndarray:
+        """The gain ``1 + h`` (S,) of ``label`` at the rows of ``table`` (>= :data:`GAIN_MIN`)."""
+        lc = self.labels[label]
+        return _gain(self.design_gain(table) - lc.gain_anchor, lc.gain_coef)
+
+    def _invert(self, label, table, values=None):
+        """Raw and calibrated values, gain and the calibration's uncertainty, (S,) each."""
+        if label not in self.labels:
+            raise KeyError(f"no calibration for {label!r}; calibrated labels: {self.label_names}")
+        lc = self.labels[label]
+        X = self.design(table)
+        P = self.design_gain(table) - lc.gain_anchor
+        if values is None:
+            try:
+                values = np.asarray(table[label], float)
+            except (KeyError, ValueError, IndexError):
+                values = np.full(len(X), lc.ref_mean)
+        x = np.broadcast_to(np.asarray(values, float), (len(X),))
+        g = _gain(P, lc.gain_coef)
+        z = x - X @ lc.coef
+        x_cal = z / g + lc.offset
+        # gradient of x_cal with respect to (c, a, c0); the gain floor has no gradient
+        live = (g > GAIN_MIN)[:, None]
+        jac = np.column_stack([-X / g[:, None], -(z / g**2)[:, None] * P * live,
+                               np.ones(len(X))])
+        sigma = np.sqrt(np.maximum(np.einsum("ik,kl,il->i", jac, lc.cov, jac), 0.0))
+        return x, x_cal, g, sigma
+
+    def correction(self, label, table, values=None):
+        """Correction ``x - x_cal`` (dex, to be *subtracted*) and its uncertainty.
 
         Parameters
         ----------
         label : str
         table : DataFrame, Table or dict with the :attr:`inputs` columns, (S,) rows
+        values : array (S,) or float, optional
+            The raw values ``x`` of the label (the correction depends on them through the
+            gain); default ``table[label]``, or the reference set's mean value when the table
+            has no such column (e.g. a grid in teff).
 
         Returns
         -------
-        delta, sigma : arrays (S,), dex
+        delta, sigma : arrays (S,), dex. ``sigma`` is the calibration's uncertainty (bootstrap
+        over groups, propagated linearly); the star's own error scales by ``1 / gain`` on top.
         """
-        if label not in self.labels:
-            raise KeyError(f"no calibration for {label!r}; calibrated labels: {self.label_names}")
-        lc = self.labels[label]
-        X = self.design(table) - lc.anchor
-        delta = X @ lc.coef
-        sigma = np.sqrt(np.maximum(np.einsum("ik,kl,il->i", X, lc.cov, X), 0.0))
-        return delta, sigma
+        x, x_cal, _, sigma = self._invert(label, table, values)
+        return x - x_cal, sigma
 
     def calibrate(self, table, labels=None) -> pd.DataFrame:
         """``<x>_cal`` and ``e_<x>_cal`` for every row of ``table`` (DataFrame, (S,) rows).
 
         Rows with ``giantmodel`` true, or with a missing input (teff, logg, snr_z, fe_h), get NaN:
-        the calibration is for dwarfs only. ``e_<x>_cal = sqrt(e_<x>^2 + sigma_f^2)``; without an
-        ``e_<x>`` column it is ``sigma_f``.
+        the calibration is for dwarfs only. ``<x>_cal = (x - f) / (1 + h) + c0`` and
+        ``e_<x>_cal = sqrt((e_<x> / (1 + h))^2 + sigma_f^2)`` (``sigma_f`` the calibration's own
+        uncertainty, :meth:`correction`); without an ``e_<x>`` column the first term is 0.
         """
         df = _frame(table)
         labels = self.label_names if labels is None else tuple(labels)
@@ -305,17 +384,18 @@ class Calibration:
         for name in labels:
             if name not in df.columns:
                 raise KeyError(f"table has no column {name!r} to calibrate")
-            delta, sigma = self.correction(name, df)
             raw = df[name].to_numpy(float)
+            _, x_cal, g, sigma = self._invert(name, df, raw)
             e = df[f"e_{name}"].to_numpy(float) if f"e_{name}" in df.columns else np.zeros(len(df))
             ok = dwarf & np.isfinite(raw)
-            out[f"{name}_cal"] = np.where(ok, raw - delta, np.nan)
-            out[f"e_{name}_cal"] = np.where(ok, np.hypot(e, sigma), np.nan)
+            out[f"{name}_cal"] = np.where(ok, x_cal, np.nan)
+            out[f"e_{name}_cal"] = np.where(ok, np.hypot(e / g, sigma), np.nan)
         return pd.DataFrame(out, index=df.index)
 
     # -- persistence --------------------------------------------------------------------------
     def to_dict(self) -> dict:
         return {"format": FORMAT_VERSION, "terms": list(self.terms),
+                "gain_terms": list(self.gain_terms), "gain_min": GAIN_MIN,
                 "pivots": {"teff0": TEFF0, "teff_scale": TEFF_SCALE, "logg0": LOGG0,
                            "snr0": SNR0},
                 "ranges": {k: [float(a), float(b)] for k, (a, b) in self.ranges.items()},
@@ -346,8 +426,13 @@ class Calibration:
             raise ValueError(f"{path} is not a version-{FORMAT_VERSION} calibration file "
                              f"(format={d.get('format') if isinstance(d, dict) else None})")
         terms = tuple(d.get("terms", ()))
-        if not terms or any(k not in _INPUT_OF for k in terms):
-            raise ValueError(f"{path} has unknown basis terms {terms}; known: {TERMS}")
+        gain_terms = tuple(d.get("gain_terms", ()))
+        if not terms or any(k not in _INPUT_OF for k in terms + gain_terms):
+            raise ValueError(f"{path} has unknown basis terms {terms} / gain {gain_terms}; "
+                             f"known: {TERMS + TERMS_EXTRA}")
+        if d.get("gain_min") != GAIN_MIN:
+            raise ValueError(f"{path} was written with gain floor {d.get('gain_min')}, this code "
+                             f"uses {GAIN_MIN}")
         want = {"teff0": TEFF0, "teff_scale": TEFF_SCALE, "logg0": LOGG0, "snr0": SNR0}
         if d.get("pivots") != want:
             raise ValueError(f"{path} uses basis pivots {d.get('pivots')}, this code {want}")
@@ -356,10 +441,13 @@ class Calibration:
             ranges = {k: tuple(v) for k, v in d["ranges"].items()}
         except (KeyError, TypeError) as err:
             raise ValueError(f"{path} lacks a field of a calibration: {err}") from None
+        n = len(terms) + len(gain_terms) + 1
         for k, lc in labels.items():
-            if lc.coef.shape != (len(terms),) or lc.cov.shape != (len(terms), len(terms)):
-                raise ValueError(f"{path}: {k} has {lc.coef.shape} coefficients for {len(terms)} terms")
-        return cls(labels, ranges, terms, d.get("provenance", {}))
+            if (lc.coef.shape != (len(terms),) or lc.gain_coef.shape != (len(gain_terms),)
+                    or lc.cov.shape != (n, n)):
+                raise ValueError(f"{path}: {k} has {lc.coef.shape} + {lc.gain_coef.shape} "
+                                 f"coefficients for {len(terms)} + {len(gain_terms)} terms")
+        return cls(labels, ranges, terms, d.get("provenance", {}), gain_terms)
 
 
 def default_path(directory=None) -> Path:
@@ -465,20 +553,81 @@ def _folds(n_groups, k, rng):
     return fold
 
 
-def _fit_label(X, y, e, codes, n_groups, lambdas, n_folds, n_boot, clip, rng):
-    """Fit one label: weights, CV over lambda, clipping, refit, bootstrap. See :func:`fit`."""
-    ok = np.isfinite(y) & np.isfinite(X).all(axis=1)
-    X, y, codes = X[ok], y[ok], codes[ok]
+def _group_project(values, g, codes, weights, n_groups):
+    """``z - g * m_g(z)`` with ``m_g = sum w g z / sum w g^2`` per group: the residual of ``z``
+    (S,) or (S, K) after its best fit by ``mu_g * g`` (``g = 1``: within-group deviations)."""
+    v = np.asarray(values, float)
+    two_d = v.ndim == 2
+    vv = v if two_d else v[:, None]
+    wg = weights * g
+    den = np.bincount(codes, weights=wg * g, minlength=n_groups)
+    num = np.column_stack([np.bincount(codes, weights=wg * vv[:, k], minlength=n_groups)
+                           for k in range(vv.shape[1])])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        m = np.nan_to_num(num / den[:, None])
+    out = vv - g[:, None] * m[codes]
+    return out if two_d else out[:, 0]
+
+
+def _group_means(z, g, codes, weights, n_groups):
+    """``mu_g = sum w g z / sum w g^2`` per group (G,)."""
+    wg = weights * g
+    den = np.bincount(codes, weights=wg * g, minlength=n_groups)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.nan_to_num(np.bincount(codes, weights=wg * z, minlength=n_groups) / den)
+
+
+def _solve_gain(X, P, y, w, codes, n_groups, lam, a0=None, n_iter=GAIN_ITERATIONS, tol=1e-4):
+    """Fit ``y_i = mu_g (1 + P_i a) + X_i c`` by alternating least squares (see :func:`fit`).
+
+    Each step solves the group means and ``c`` exactly for the current gain (profiling the
+    means out), then ``a`` for the current means and ``c``; both steps minimise the same
+    penalised weighted loss, which therefore never increases. ``P`` with no columns is the
+    additive model (one step). Returns ``(c, a, mu)``.
+    """
+    J = P.shape[1]
+    a = np.zeros(J) if a0 is None else np.asarray(a0, float).copy()
+    for _ in range(n_iter if J else 1):
+        g = np.maximum(1.0 + P @ a, GAIN_MIN) if J else np.ones(len(y))
+        c = _solve(_group_project(X, g, codes, w, n_groups), _group_project(y, g, codes, w, n_groups),
+                   w, lam)
+        mu = _group_means(y - X @ c, g, codes, w, n_groups)
+        if not J:
+            break
+        a_new = _solve(mu[codes][:, None] * P, y - mu[codes] - X @ c, w, lam)
+        done = np.max(np.abs(a_new - a)) < tol
+        a = a_new
+        if done:
+            break
+    g = np.maximum(1.0 + P @ a, GAIN_MIN) if J else np.ones(len(y))
+    c = _solve(_group_project(X, g, codes, w, n_groups), _group_project(y, g, codes, w, n_groups),
+               w, lam)
+    mu = _group_means(y - X @ c, g, codes, w, n_groups)
+    return c, a, mu
+
+
+def _gain(P, a):
+    return np.maximum(1.0 + P @ a, GAIN_MIN) if P.shape[1] else np.ones(len(P))
+
+
+def _fit_label(X, P, y, e, codes, n_groups, lambdas, n_folds, n_boot, clip, rng, ref):
+    """Fit one label: weights, CV over lambda, clipping, refit, bootstrap. See :func:`fit`.
+
+    ``X`` (S, K) the additive terms, ``P`` (S, J) the gain terms less their reference mean,
+    ``ref = (X_ref, P_ref, x_ref)``: the reference set's terms and labels (anchor).
+    """
+    ok = np.isfinite(y) & np.isfinite(X).all(axis=1) & np.isfinite(P).all(axis=1)
+    X, P, y, codes = X[ok], P[ok], y[ok], codes[ok]
     e = np.where(np.isfinite(e[ok]), e[ok], np.nan)
     # keep groups with at least two stars
     cnt = np.bincount(codes, minlength=n_groups)
     ok2 = cnt[codes] >= 2
-    X, y, e, codes = X[ok2], y[ok2], e[ok2], codes[ok2]
+    X, P, y, e, codes = X[ok2], P[ok2], y[ok2], e[ok2], codes[ok2]
     uniq, codes = np.unique(codes, return_inverse=True)
     G = len(uniq)
-    if G < 3 or len(y) < 3 * X.shape[1]:
+    if G < 3 or len(y) < 3 * (X.shape[1] + P.shape[1]):
         raise ValueError(f"too few calibrators: {len(y)} stars in {G} groups (need >= 3 groups "
-                         f"and >= {3 * X.shape[1]} stars)")
+                         f"and >= {3 * (X.shape[1] + P.shape[1])} stars)")
     e_med = np.nanmedian(e) if np.isfinite(e).any() else 0.0
     e = np.where(np.isfinite(e), e, e_med)
     fold = _folds(G, min(n_folds, G), rng)
@@ -488,13 +637,13 @@ def _fit_label(X, y, e, codes, n_groups, lambdas, n_folds, n_boot, clip, rng):
         for f in range(fold.max() + 1):
             test = fold[codes] == f
             train = ~test
-            Xc = _group_center(X[train], codes[train], w[train], G)
-            yc = _group_center(y[train], codes[train], w[train], G)
-            Xt = _group_center(X[test], codes[test], w[test], G)
-            yt = _group_center(y[test], codes[test], w[test], G)
+            a = None
             for j, lam in enumerate(lambdas):
-                c = _solve(Xc, yc, w[train], lam)
-                losses[j] += np.sum(w[test] * (yt - Xt @ c) ** 2)
+                c, a, _ = _solve_gain(X[train], P[train], y[train], w[train], codes[train], G, lam,
+                                      a0=a)
+                gt = _gain(P[test], a)
+                r = _group_project(y[test] - X[test] @ c, gt, codes[test], w[test], G)
+                losses[j] += np.sum(w[test] * r**2)
         return losses / np.sum(w)
 
     # two passes: unit weights, then 1/(e^2 + s^2); each estimates s and clips the outliers
@@ -503,10 +652,8 @@ def _fit_label(X, y, e, codes, n_groups, lambdas, n_folds, n_boot, clip, rng):
     for _ in range(2):
         losses = cv_curve(w)
         lam = float(lambdas[int(np.argmin(losses))])
-        Xc = _group_center(X, codes, w, G)
-        yc = _group_center(y, codes, w, G)
-        c = _solve(Xc, yc, w, lam)
-        r = yc - Xc @ c
+        c, a, mu = _solve_gain(X, P, y, w, codes, G, lam)
+        r = y - mu[codes] * _gain(P, a) - X @ c
         n_g = np.bincount(codes, weights=keep.astype(float), minlength=G)
         infl = np.sqrt(n_g[codes] / np.maximum(n_g[codes] - 1, 1))  # dof of the group means
         r_corr = r * infl
@@ -520,31 +667,47 @@ def _fit_label(X, y, e, codes, n_groups, lambdas, n_folds, n_boot, clip, rng):
     losses = cv_curve(w)
     j = int(np.argmin(losses))
     lam = float(lambdas[j])
-    Xc = _group_center(X, codes, w, G)
-    yc = _group_center(y, codes, w, G)
-    coef = _solve(Xc, yc, w, lam)
+    coef, gain_coef, mu = _solve_gain(X, P, y, w, codes, G, lam)
+    X_ref, P_ref, x_ref = ref
+
+    def offset(c, a):  # zero mean change over the reference set
+        return float(np.mean(x_ref - (x_ref - X_ref @ c) / _gain(P_ref, a)))
+
+    c0 = offset(coef, gain_coef)
     # bootstrap over groups: resampled groups enter with their multiplicity as weight
-    boots = np.empty((n_boot, X.shape[1]))
+    boots = np.empty((n_boot, X.shape[1] + P.shape[1] + 1))
     for b in range(n_boot):
         mult = np.bincount(rng.integers(G, size=G), minlength=G).astype(float)
         wb = w * mult[codes]
         sel = wb > 0
-        cb = codes[sel]
-        boots[b] = _solve(_group_center(X[sel], cb, wb[sel], G), _group_center(y[sel], cb, wb[sel], G),
-                          wb[sel], lam)
-    cov = np.cov(boots, rowvar=False) if n_boot > 1 else np.zeros((X.shape[1],) * 2)
+        cb, ab, _ = _solve_gain(X[sel], P[sel], y[sel], wb[sel], codes[sel], G, lam, a0=gain_coef)
+        boots[b] = np.r_[cb, ab, offset(cb, ab)]
+    cov = np.cov(boots, rowvar=False) if n_boot > 1 else np.zeros((boots.shape[1],) * 2)
     # in-sample rms before and after (weighted, within groups, kept stars)
+    yc = _group_center(y, codes, w, G)
+    r_after = y - mu[codes] * _gain(P, gain_coef) - X @ coef
     before = np.sqrt(_wloss(yc, w))
-    after = np.sqrt(_wloss(yc - Xc @ coef, w))
+    after = np.sqrt(_wloss(r_after, w))
     loss_none = float(np.sum(w * yc**2) / np.sum(w))
-    return dict(coef=coef, cov=cov, lam=lam, cv_lambdas=np.asarray(lambdas, float),
-                cv_loss=losses, loss_none=loss_none, extra_scatter=float(np.sqrt(s2)),
-                n_stars=int(keep.sum()), n_groups=int(G), n_clipped=n_clipped,
-                rms_before=float(before), rms_after=float(after))
+    return dict(coef=coef, gain_coef=gain_coef, offset=c0, cov=cov, lam=lam,
+                cv_lambdas=np.asarray(lambdas, float), cv_loss=losses, loss_none=loss_none,
+                extra_scatter=float(np.sqrt(s2)), n_stars=int(keep.sum()), n_groups=int(G),
+                n_clipped=n_clipped, rms_before=float(before), rms_after=float(after))
+
+
+def _n_gain_terms(name, gain_terms, gain_labels) -> int:
+    """How many leading ``gain_terms`` label ``name`` is fitted with (see :func:`fit`)."""
+    if gain_labels is None or not gain_terms:
+        return len(gain_terms)
+    mine = tuple(dict(gain_labels).get(name, ())) if hasattr(gain_labels, "keys") else (
+        tuple(gain_terms) if name in gain_labels else ())
+    if mine != tuple(gain_terms)[:len(mine)]:
+        raise ValueError(f"gain terms of {name}, {mine}, must be leading terms of {tuple(gain_terms)}")
+    return len(mine)
 
 
 def fit(calib: pd.DataFrame, labels=DWARF_ABUNDANCES, *, reference=None, terms=TERMS,
-        lambdas=LAMBDAS, n_folds=5, n_boot=200, clip=4.0, seed=0, provenance=None) -> Calibration:
+        gain_terms=GAIN_TERMS, gain_labels=GAIN_LABELS, lambdas=LAMBDAS, n_folds=5, n_boot=200, clip=4.0, seed=0, provenance=None) -> Calibration:
     """Fit the temperature calibration of each label from calibrator groups.
 
     Parameters
@@ -561,6 +724,13 @@ def fit(calib: pd.DataFrame, labels=DWARF_ABUNDANCES, *, reference=None, terms=T
     terms : sequence of str
         Basis terms (:func:`design`); :data:`TERMS_TEFF_LOGG` for a correction in teff and logg
         only.
+    gain_terms : sequence of str
+        Terms of the gain ``h`` (:func:`design`, less their mean over the reference set, so the
+        gain averages 1 there); empty for the additive model ``y = mu_g + f``.
+    gain_labels : dict ``{label: terms}``, sequence of str or None
+        Which labels get a gain, and with which of ``gain_terms`` (leading terms, e.g. ``("u",)``
+        of ``("u", "u2")``); a sequence: those labels with all ``gain_terms``; None: every label
+        with all. The others get ``h = 0`` (the additive model).
     lambdas : sequence of float
         Ridge strengths tried by leave-groups-out CV (``n_folds`` folds of groups).
     n_boot : int
@@ -579,44 +749,65 @@ def fit(calib: pd.DataFrame, labels=DWARF_ABUNDANCES, *, reference=None, terms=T
     df = _frame(calib)
     labels = tuple(labels)
     terms = tuple(terms)
-    need = inputs(terms)
+    gain_terms = tuple(gain_terms)
+    need = inputs(terms + gain_terms)
     for col in ("group", *need, *labels):
         if col not in df.columns:
             raise KeyError(f"calibrator table needs {col!r}; it has {list(df.columns)}")
-    X0 = design(df, terms)
+    X0 = np.column_stack([design(df, terms), design(df, gain_terms)])
     fin = np.isfinite(X0).all(axis=1)
     if fin.sum() < 6:
         raise ValueError(f"need calibrators with finite {need}, got {int(fin.sum())}")
     ranges = {c: (float(np.nanmin(df[c].to_numpy(float)[fin])),
                   float(np.nanmax(df[c].to_numpy(float)[fin]))) for c in need}
-    cal = Calibration({}, ranges, terms)
+    cal = Calibration({}, ranges, terms, gain_terms=gain_terms)
     X = cal.design(df)
+    P = cal.design_gain(df)
     X[~fin] = np.nan
+    P[~fin] = np.nan
     codes, group_names = pd.factorize(df["group"].astype(str))
     if reference is not None:
         ref = _frame(reference)
         missing = [c for c in need if c not in ref.columns]
         if missing:
-            raise KeyError(f"the reference set needs {missing} for the terms {terms}")
-        R = cal.design(ref)
-        rok = np.isfinite(R).all(axis=1)
+            raise KeyError(f"the reference set needs {missing} for the terms {terms + gain_terms}")
+        R, RP = cal.design(ref), cal.design_gain(ref)
+        rok = np.isfinite(R).all(axis=1) & np.isfinite(RP).all(axis=1)
         if not rok.any():
             raise ValueError(f"the reference set has no star with finite {need}")
-        anchor = R[rok].mean(axis=0)
         n_ref = int(rok.sum())
     else:
-        anchor = X[fin].mean(axis=0)
+        ref, R, RP, rok = df, X, P, fin
         n_ref = 0
+    anchor, gain_anchor = R[rok].mean(axis=0), RP[rok].mean(axis=0)
     rng = np.random.default_rng(seed)
     for name in labels:
         y = df[name].to_numpy(float)
         e = df[f"e_{name}"].to_numpy(float) if f"e_{name}" in df.columns else np.full(len(df), np.nan)
-        out = _fit_label(X, y, e, codes, len(group_names), np.asarray(lambdas, float), n_folds,
-                         n_boot, clip, rng)
-        cal.labels[name] = LabelCalibration(label=name, anchor=anchor.copy(), **out)
+        # the reference set's own values of the label (its training labels) fix the offset; a
+        # reference without them takes the calibrators' mean value for every star
+        x_ref = (ref[name].to_numpy(float)[rok] if name in ref.columns
+                 else np.full(int(rok.sum()), np.nanmean(y)))
+        x_ref = np.where(np.isfinite(x_ref), x_ref, np.nanmean(x_ref) if np.isfinite(x_ref).any()
+                         else np.nanmean(y))
+        J = _n_gain_terms(name, gain_terms, gain_labels)
+        out = _fit_label(X, (P - gain_anchor)[:, :J], y, e, codes, len(group_names),
+                         np.asarray(lambdas, float), n_folds, n_boot, clip, rng,
+                         (R[rok], (RP[rok] - gain_anchor)[:, :J], x_ref))
+        if J < len(gain_terms):  # the gain terms this label does not use are exactly zero
+            K, n_all = X.shape[1], X.shape[1] + len(gain_terms) + 1
+            cov = np.zeros((n_all, n_all))
+            keep = np.r_[np.arange(K + J), n_all - 1]
+            cov[np.ix_(keep, keep)] = out["cov"]
+            out.update(gain_coef=np.r_[out["gain_coef"], np.zeros(len(gain_terms) - J)], cov=cov)
+        cal.labels[name] = LabelCalibration(label=name, anchor=anchor.copy(),
+                                            gain_anchor=gain_anchor.copy(),
+                                            ref_mean=float(np.mean(x_ref)), **out)
+        g = out["gain_coef"]
         log.info("%s: lambda %.3g, within-group rms %.4f -> %.4f dex (%d stars, %d groups, "
-                 "%d clipped)", name, out["lam"], out["rms_before"], out["rms_after"],
-                 out["n_stars"], out["n_groups"], out["n_clipped"])
+                 "%d clipped), gain coefficients %s", name, out["lam"], out["rms_before"],
+                 out["rms_after"], out["n_stars"], out["n_groups"], out["n_clipped"],
+                 np.round(g, 3).tolist())
     from . import __version__
 
     kind = df["kind"].to_numpy() if "kind" in df.columns else np.full(len(df), "")
@@ -625,6 +816,9 @@ def fit(calib: pd.DataFrame, labels=DWARF_ABUNDANCES, *, reference=None, terms=T
         "lamostcannon_version": __version__,
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "seed": int(seed), "n_folds": int(n_folds), "n_boot": int(n_boot), "clip": clip,
+        "gain_min": GAIN_MIN,
+        "gain_terms_of_label": {n: list(gain_terms[:_n_gain_terms(n, gain_terms, gain_labels)])
+                                for n in labels},
         "n_reference": n_ref,
         "clusters_used": {str(k): int(v) for k, v in
                           df.loc[cl, "group"].value_counts().sort_index().items()},
@@ -648,8 +842,9 @@ def model_training_hash(directory=None) -> str | None:
 def reference_dwarfs(reference=None) -> pd.DataFrame:
     """The dwarfs of the reference set with the inputs of the correction (their own labels).
 
-    ``teff``, ``logg``, ``fe_h`` are the training (GALAH) labels, ``snr_z`` the LAMOST
-    ``lamost_snrz``: the stars over which the correction has zero mean.
+    ``teff``, ``logg``, ``fe_h`` and the abundances (:data:`DWARF_ABUNDANCES`) are the training
+    (GALAH) labels, ``snr_z`` the LAMOST ``lamost_snrz``: the stars over which the correction
+    has zero mean.
     """
     if reference is None:
         from .cleaning import read_reference_set
@@ -658,7 +853,7 @@ def reference_dwarfs(reference=None) -> pd.DataFrame:
     ref = _frame(reference)
     if "giant" in ref.columns:
         ref = ref.loc[~ref["giant"].to_numpy(bool)]
-    out = ref[[c for c in ("teff", "logg", "fe_h") if c in ref.columns]].copy()
+    out = ref[[c for c in ("teff", "logg", "fe_h", *DWARF_ABUNDANCES) if c in ref.columns]].copy()
     if "snr_z" in ref.columns:
         out["snr_z"] = ref["snr_z"].to_numpy(float)
     elif "lamost_snrz" in ref.columns:
@@ -667,7 +862,7 @@ def reference_dwarfs(reference=None) -> pd.DataFrame:
 
 
 def calibrate(catalog, *, raw_dir=None, directory=None, reference=None, labels=DWARF_ABUNDANCES,
-              terms=TERMS, test_clusters=TEST_CLUSTERS, min_proba=MIN_PROBA, good=None, seed=0,
+              terms=TERMS, gain_terms=GAIN_TERMS, gain_labels=GAIN_LABELS, test_clusters=TEST_CLUSTERS, min_proba=MIN_PROBA, good=None, seed=0,
               n_boot=200, write=True) -> Calibration:
     """The whole fitting step of notebook 05: calibrators from the raw tables, fit, write.
 
@@ -685,7 +880,8 @@ def calibrate(catalog, *, raw_dir=None, directory=None, reference=None, labels=D
         ``interim/reference_set.fits``.
     good : boolean array, optional
         Catalogue rows usable for science (default :func:`lamostcannon.maps.quality_mask`).
-    labels, terms, test_clusters, min_proba, seed, n_boot : see :func:`calibrators`, :func:`fit`.
+    labels, terms, gain_terms, gain_labels, test_clusters, min_proba, seed, n_boot : see
+        :func:`calibrators`, :func:`fit`.
 
     Returns
     -------
@@ -702,7 +898,8 @@ def calibrate(catalog, *, raw_dir=None, directory=None, reference=None, labels=D
         good = maps.quality_mask(catalog)
     calib = calibrators(catalog, members, wide, labels=labels, min_proba=min_proba,
                         test_clusters=test_clusters, good=good)
-    cal = fit(calib, labels, reference=reference_dwarfs(reference), terms=terms, seed=seed,
+    cal = fit(calib, labels, reference=reference_dwarfs(reference), terms=terms,
+              gain_terms=gain_terms, gain_labels=gain_labels, seed=seed,
               n_boot=n_boot,
               provenance={"model_training_hash": model_training_hash(directory),
                           "test_clusters": list(test_clusters), "min_proba": min_proba,
@@ -882,7 +1079,8 @@ def true_labels(truth, labels=DWARF_ABUNDANCES, *, reference=None) -> pd.DataFra
 
 
 def compare_with_truth(catalog, truth, labels=DWARF_ABUNDANCES, *, reference=None,
-                       exclude_ids=None, key="designation", suffix="_cal") -> pd.DataFrame:
+                       exclude_ids=None, key="designation", suffix="_cal", teff_bin=300.0,
+                       min_per_bin=50) -> pd.DataFrame:
     """Raw and calibrated dwarf abundances against the mock's truth (mock only).
 
     Parameters
@@ -894,7 +1092,12 @@ def compare_with_truth(catalog, truth, labels=DWARF_ABUNDANCES, *, reference=Non
     Returns
     -------
     DataFrame indexed by label: ``n``, ``rms_raw``, ``rms_cal`` (root mean square of inferred
-    minus true, dex), ``bias_raw``, ``bias_cal`` (means), ``sd_raw``, ``sd_cal`` (scatter).
+    minus true, dex), ``bias_raw``, ``bias_cal`` (means), ``sd_raw``, ``sd_cal`` (scatter);
+    ``trend_raw``, ``trend_cal``: the systematic with teff, the root mean square over teff bins
+    (``teff_bin`` K wide, those with at least ``min_per_bin`` stars) of the bin's mean inferred
+    minus true value (dex), what the calibration is meant to remove; ``response_raw``,
+    ``response_cal``: the least-squares slope of the inferred on the true values (1 for values
+    on the true scale; the model compresses, so raw values sit below 1).
     """
     from .binaries import is_dwarf
 
@@ -909,8 +1112,21 @@ def compare_with_truth(catalog, truth, labels=DWARF_ABUNDANCES, *, reference=Non
         d_raw = j[name].to_numpy(float) - j[f"{name}_true"].to_numpy(float)
         d_cal = j[f"{name}{suffix}"].to_numpy(float) - j[f"{name}_true"].to_numpy(float)
         ok = np.isfinite(d_raw) & np.isfinite(d_cal)
+        tbin = np.floor(j["teff"].to_numpy(float)[ok] / teff_bin)
+        true = j[f"{name}_true"].to_numpy(float)[ok]
+
+        def trend(d):
+            m = pd.Series(d).groupby(tbin).agg(["mean", "size"])
+            m = m.loc[m["size"] >= min_per_bin, "mean"]
+            return float(np.sqrt(np.mean(m**2))) if len(m) else np.nan
+
+        def response(d):
+            return float(np.polyfit(true, true + d, 1)[0]) if np.ptp(true) > 0 else np.nan
+
         rows[name] = dict(n=int(ok.sum()), rms_raw=float(np.sqrt(np.mean(d_raw[ok] ** 2))),
                           rms_cal=float(np.sqrt(np.mean(d_cal[ok] ** 2))),
                           bias_raw=float(np.mean(d_raw[ok])), bias_cal=float(np.mean(d_cal[ok])),
-                          sd_raw=float(np.std(d_raw[ok])), sd_cal=float(np.std(d_cal[ok])))
+                          sd_raw=float(np.std(d_raw[ok])), sd_cal=float(np.std(d_cal[ok])),
+                          trend_raw=trend(d_raw[ok]), trend_cal=trend(d_cal[ok]),
+                          response_raw=response(d_raw[ok]), response_cal=response(d_cal[ok]))
     return pd.DataFrame.from_dict(rows, orient="index")

@@ -146,6 +146,17 @@ def _with_binaries(rng, df, n_pairs=300):
     return full, wide
 
 
+def test_pair_distance_with_each_pairs_own_errors():
+    pairs = pd.DataFrame({"o_fe_1": [0.3, 0.1], "o_fe_2": [0.0, 0.1], "e_o_fe_1": [0.3, 0.1],
+                          "e_o_fe_2": [0.4, np.nan]})
+    d = binaries.pair_distance(pairs, ["o_fe"], [0.1], errors=["e_o_fe"])
+    assert d[0] == pytest.approx(0.3 / 0.5)
+    assert np.isnan(d[1])  # no error, no distance
+    assert binaries.pair_distance(pairs, ["o_fe"], [0.1])[0] == pytest.approx(3.0)
+    with pytest.raises(ValueError, match="error columns"):
+        binaries.pair_distance(pairs, ["o_fe"], [0.1], errors=[])
+
+
 def test_field_pairs_match_snr_distance_and_delta_teff(rng):
     cat, wide = _with_binaries(rng, _population(rng))
     pairs = binaries.binary_pairs(cat, wide, max_delta_teff=None)
