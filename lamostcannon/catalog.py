@@ -1577,8 +1577,8 @@ def _partition(source: _ObservationSource, bucket_dir: Path, bucket_rows: int) -
             elif df.schema != schema:
                 df = df.cast(schema)
             n_in += df.num_rows
-            names = df.column("designation").to_numpy(zero_copy_only=False)
-            which = np.searchsorted(edges, _designations(names), side="right")
+            stars = df.column("designation").to_numpy(zero_copy_only=False)
+            which = np.searchsorted(edges, _designations(stars), side="right")
             order = np.argsort(which, kind="stable")
             counts = np.bincount(which, minlength=n_buckets)
             ends = np.cumsum(counts)
@@ -1889,6 +1889,8 @@ def _stream_buckets(source, lock, stages, gaia, distances, fits_path, parquet_pa
         paths.ensure(target.parent)
         _remove_dead_temps(target)
     tmps = {k: _tmp_name(v) for k, v in targets.items()}
+    for old in bucket_dir.glob(".scratch.*.fits"):   # a killed build's (we hold the lock)
+        old.unlink(missing_ok=True)
     rss0 = _rss_mb()
     with stages("gaia"):
         index = GaiaIndex(gaia) if gaia is not None else None
@@ -1961,6 +1963,8 @@ def _stream_buckets(source, lock, stages, gaia, distances, fits_path, parquet_pa
                 pass
         for tmp in tmps.values():
             tmp.unlink(missing_ok=True)
+        for old in bucket_dir.glob(f".scratch.{os.getpid()}.fits"):
+            old.unlink(missing_ok=True)
         raise
     for kind, target in targets.items():
         os.replace(tmps[kind], target)
