@@ -48,6 +48,19 @@ Repeats (:func:`combine_repeats`)
 Products (``processed/``): ``labels_per_observation.parquet``, ``catalog.parquet`` and
 ``catalog.fits`` (paper Table 1 with units and descriptions; the header lists the labels without
 CV skill). Part files live in ``interim/catalog_parts/``.
+
+Survey scale (memory bounded by the bucket, not the survey)
+    The per-star stages run in memory for a DataFrame or Table (notebooks; ~5 kB per
+    observation at the peak), or streaming (``build_catalog(path, ...)`` on the per-observation
+    Parquet file or the parts folder, or ``stream=True``): :func:`partition_observations` puts
+    every visit of a star into one Parquet bucket of ~:data:`BUCKET_ROWS` observations
+    (``interim/catalog_buckets/``; bucket boundaries are designations, so the buckets in order
+    are in designation order), then each bucket is combined, matched to Gaia
+    (:class:`GaiaIndex`), given kinematics (:class:`KinematicsInputs`) and appended to
+    ``catalog.parquet`` (a row group per bucket) and ``catalog.fits`` (header written for the
+    known number of stars). Same rows, same order, same values as in memory (tested). Memory: one
+    bucket plus the Gaia index and distances (~200 bytes per Gaia source).
+    ``assemble_observations(..., stream=True)`` writes the per-observation file part by part.
 """
 
 from __future__ import annotations
@@ -1038,6 +1051,12 @@ class GaiaIndex:
         a, d = np.radians(a), np.radians(d)
         return np.column_stack([np.cos(d) * np.cos(a), np.cos(d) * np.sin(a), np.sin(d)])
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the index's arrays (ids, magnitudes, the tree's points and order)."""
+        tree = 0 if self.tree is None else self.tree.data.nbytes + self.tree.indices.nbytes
+        return int(self.ids.nbytes + self.gmag.nbytes + tree)
+
     def match(self, ra, dec, radius_arcsec: float = 1.0) -> np.ndarray:
         """``source_id`` of the brightest source within the radius of each (ra, dec); (S,) int64."""
         ra = np.asarray(ra, dtype=float)
@@ -1102,6 +1121,12 @@ class KinematicsInputs:
         d = _as_frame(distances, ["source_id", "r_est"]).drop_duplicates("source_id")
         self.gaia = g.set_index("source_id")
         self.distances = d.set_index("source_id")
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the two indexed tables (values and ``source_id`` index)."""
+        return int(self.gaia.memory_usage(index=True).sum()
+                   + self.distances.memory_usage(index=True).sum())
 
     def join(self, source_id, rv) -> pd.DataFrame:
         """``source_id, rv, ra, dec, pmra, pmdec, r_est`` of each star (NaN where not found)."""
@@ -1804,6 +1829,8 @@ class CatalogStream:
     stage_peak_rss_mb: dict
     #: Resident memory the Gaia index and distances take (MB, ``track_memory=True``).
     reference_mb: float = float("nan")
+    #: Bytes of their arrays (scales with the number of Gaia sources).
+    reference_nbytes: int = 0
 
     def __len__(self) -> int:
         return self.n_stars
@@ -1875,6 +1902,20 @@ def _build_catalog_stream(obs, gaia, distances, fits_path, parquet_path, radius_
 
 def _stream_buckets(source, lock, stages, gaia, distances, fits_path, parquet_path,
                     radius_arcsec, ctx, calibration, bucket_dir, bucket_rows, track_memory):
+    # the reference catalogues first (their memory is measured alone): Gaia index, distances
+    rss0 = _rss_mb()
+    with stages("gaia"):
+        if isinstance(gaia, (str, Path)):
+            gaia = _as_frame(gaia, ["source_id", "ra", "dec", "pmra", "pmdec", "phot_g_mean_mag"])
+        index = GaiaIndex(gaia) if gaia is not None else None
+    with stages("kinematics"):
+        inputs = (KinematicsInputs(gaia, distances)
+                  if gaia is not None and distances is not None else None)
+    del gaia
+    reference_mb = _rss_mb() - rss0
+    reference_nbytes = sum(x.nbytes for x in (index, inputs) if x is not None)
+    if inputs is None:
+        log.warning("no Gaia sources or distances: kinematic columns are NaN")
     with stages("partition"):
         manifest = _partition(source, bucket_dir, bucket_rows)
     buckets = manifest["buckets"]
@@ -1891,15 +1932,6 @@ def _stream_buckets(source, lock, stages, gaia, distances, fits_path, parquet_pa
     tmps = {k: _tmp_name(v) for k, v in targets.items()}
     for old in bucket_dir.glob(".scratch.*.fits"):   # a killed build's (we hold the lock)
         old.unlink(missing_ok=True)
-    rss0 = _rss_mb()
-    with stages("gaia"):
-        index = GaiaIndex(gaia) if gaia is not None else None
-    with stages("kinematics"):
-        inputs = (KinematicsInputs(gaia, distances)
-                  if gaia is not None and distances is not None else None)
-    reference_mb = _rss_mb() - rss0
-    if inputs is None:
-        log.warning("no Gaia sources or distances: kinematic columns are NaN")
     header = trust_header(ctx)
     writers = {}
     if "parquet" in tmps:
@@ -1947,7 +1979,7 @@ def _stream_buckets(source, lock, stages, gaia, distances, fits_path, parquet_pa
                 n_done += len(out)
                 del table, out
         if first_meta is None:   # no observations at all: the empty table of the in-memory path
-            table = _build_catalog_memory(_empty_frame(0), gaia, distances, radius_arcsec, ctx,
+            table = _build_catalog_memory(_empty_frame(0), None, None, radius_arcsec, ctx,
                                           calibration)
             for w in writers.values():
                 w.write(table)
@@ -1974,7 +2006,8 @@ def _stream_buckets(source, lock, stages, gaia, distances, fits_path, parquet_pa
         fits_path=targets.get("fits"), parquet_path=targets.get("parquet"),
         bucket_dir=bucket_dir, buckets_resumed=manifest["resumed"],
         stage_seconds=stages.seconds, stage_cpu_seconds=stages.cpu,
-        stage_peak_rss_mb=stages.peak, reference_mb=reference_mb if track_memory else float("nan"))
+        stage_peak_rss_mb=stages.peak, reference_mb=reference_mb if track_memory else float("nan"),
+        reference_nbytes=reference_nbytes)
 
 
 def build_catalog(obs, gaia=None, distances=None, fits_path=None,
@@ -2047,12 +2080,12 @@ def build_catalog(obs, gaia=None, distances=None, fits_path=None,
         gaia = gaia_dir / "gaia_source.fits"
     if distances is None and (gaia_dir / "distances.fits").exists():
         distances = gaia_dir / "distances.fits"
-    if isinstance(gaia, (str, Path)):
-        gaia = _as_frame(gaia, ["source_id", "ra", "dec", "pmra", "pmdec", "phot_g_mean_mag"])
     if stream:
         return _build_catalog_stream(obs, gaia, distances, fits_path, parquet_path,
                                      radius_arcsec, ctx, calibration, bucket_dir, bucket_rows,
                                      track_memory)
+    if isinstance(gaia, (str, Path)):
+        gaia = _as_frame(gaia, ["source_id", "ra", "dec", "pmra", "pmdec", "phot_g_mean_mag"])
     if isinstance(obs, (str, Path)):
         obs = _ObservationSource(obs)
         obs = pd.concat(list(obs.batches()), ignore_index=True) if obs.n_rows else _empty_frame(0)
