@@ -53,8 +53,8 @@ Survey scale (memory bounded by the bucket, not the survey)
     The per-star stages run in memory for a DataFrame or Table (notebooks; ~5 kB per
     observation at the peak), or streaming (``build_catalog(path, ...)`` on the per-observation
     Parquet file or the parts folder, or ``stream=True``): :func:`partition_observations` puts
-    every visit of a star into one Parquet bucket of ~:data:`BUCKET_ROWS` observations
-    (``interim/catalog_buckets/``; bucket boundaries are designations, so the buckets in order
+    every visit of a star into one bucket (an Arrow IPC stream file) of ~:data:`BUCKET_ROWS`
+    observations (``interim/catalog_buckets/``; bucket boundaries are designations, so the buckets in order
     are in designation order), then each bucket is combined, matched to Gaia
     (:class:`GaiaIndex`), given kinematics (:class:`KinematicsInputs`) and appended to
     ``catalog.parquet`` (a row group per bucket) and ``catalog.fits`` (header written for the
@@ -1374,7 +1374,7 @@ BUCKET_ROWS = 50_000
 PARTITION_BATCH_ROWS = 65_536
 #: Designations sampled per bucket to place the bucket boundaries.
 _SAMPLE_PER_BUCKET = 64
-BUCKET_PATTERN = "bucket-{:05d}.parquet"
+BUCKET_PATTERN = "bucket-{:05d}.arrows"
 BUCKET_MANIFEST = "buckets.json"
 
 
@@ -1425,9 +1425,8 @@ class _ObservationSource:
                 df = pd.read_parquet(part_path(self.path, i), columns=_with_retired(columns))
                 yield _drop_retired(df, columns)
         elif self.kind == "parquet":
-            with pq.ParquetFile(self.path) as f:
-                for batch in f.iter_batches(batch_size=self.batch_rows, columns=columns):
-                    yield batch.to_pandas()
+            for table in self._row_groups(columns):
+                yield table.to_pandas()
         else:
             for start in range(0, self.n_rows, self.batch_rows):
                 part = self.obs[start:start + self.batch_rows]
@@ -1435,6 +1434,19 @@ class _ObservationSource:
                     part = part.to_pandas()
                 yield (part[columns] if columns else part).reset_index(drop=True)
 
+
+    def _row_groups(self, columns=None):
+        """The Parquet file one row group at a time, in slices of ``batch_rows`` rows (pyarrow's
+        ``iter_batches`` reads ahead: ~0.6 kB per row of the file, measured; a row group at a
+        time is bounded by the largest row group)."""
+        import pyarrow.parquet as pq
+
+        with pq.ParquetFile(self.path) as f:
+            for i in range(f.metadata.num_row_groups):
+                table = f.read_row_group(i, columns=columns)
+                for start in range(0, table.num_rows, self.batch_rows):
+                    yield table.slice(start, self.batch_rows)
+                del table
 
     def arrow_batches(self):
         """The same rows as :meth:`batches`, as pyarrow Tables (no pandas conversion)."""
@@ -1448,9 +1460,7 @@ class _ObservationSource:
                            & (t.column("n_pixels").to_numpy() == 0))
                 yield t.filter(pa.array(~retired)) if retired.any() else t
         elif self.kind == "parquet":
-            with pq.ParquetFile(self.path) as f:
-                for batch in f.iter_batches(batch_size=self.batch_rows):
-                    yield pa.Table.from_batches([batch])
+            yield from self._row_groups()
         else:
             for df in self.batches():
                 yield pa.Table.from_pandas(df, preserve_index=False)
@@ -1513,15 +1523,30 @@ def _lock(path: Path):
     return fh
 
 
+def read_bucket(path, columns=None) -> pd.DataFrame:
+    """The observations of one bucket of :func:`partition_observations` (an Arrow IPC stream
+    file), in their input order; ``columns``: only those."""
+    import pyarrow as pa
+
+    with pa.ipc.open_stream(str(path)) as reader:
+        table = reader.read_all()
+    if columns is not None:
+        table = table.select(list(columns))
+    return table.to_pandas()
+
+
 def partition_observations(obs, bucket_dir=None, *, bucket_rows: int = BUCKET_ROWS,
                            batch_rows: int = PARTITION_BATCH_ROWS) -> dict:
-    """Partition the per-observation rows into Parquet buckets by star (``designation``).
+    """Partition the per-observation rows into buckets by star (``designation``).
 
     Every observation of a star lands in the same bucket, so repeats combine within a bucket;
     bucket ``j`` holds the designations ``boundaries[j-1] <= d < boundaries[j]`` (Python string
     order), so the buckets one after another, each sorted by designation, give the order of
     :func:`combine_repeats` on the whole table. Within a bucket the rows keep their input order.
-    Memory: one batch of ``batch_rows`` input rows plus the Parquet writers' buffers.
+    Buckets are Arrow IPC stream files (``bucket-NNNNN.arrows``, LZ4-compressed record batches;
+    :func:`read_bucket`). Memory: one batch of ``batch_rows`` input rows (and, for a Parquet
+    input, its largest row group: the streamed :func:`assemble_observations` writes one per
+    part), whatever the number of observations.
 
     Parameters
     ----------
@@ -1572,7 +1597,7 @@ def _partition(source: _ObservationSource, bucket_dir: Path, bucket_rows: int) -
             log.info("reusing %d buckets of %s", len(old["buckets"]), bucket_dir)
             return {**old, "resumed": True}
     manifest_path.unlink(missing_ok=True)
-    for p in [*bucket_dir.glob("bucket-*.parquet"), *bucket_dir.glob(".bucket-*.tmp")]:
+    for p in [*bucket_dir.glob("bucket-*.arrows"), *bucket_dir.glob(".bucket-*.tmp")]:
         p.unlink()
     n_buckets = max(1, -(-source.n_rows // bucket_rows))
     bounds = _bucket_boundaries(source, n_buckets)
@@ -1581,17 +1606,16 @@ def _partition(source: _ObservationSource, bucket_dir: Path, bucket_rows: int) -
     names = [BUCKET_PATTERN.format(j) for j in range(n_buckets)]
     tmps = [bucket_dir / f".{n}.{os.getpid()}.tmp" for n in names]
     writers, schema, n_in = {}, None, 0
-    # rows wait per bucket until a row group of ``group`` rows is full, or until all the waiting
-    # rows pass the batch size (then the fullest buckets are written): memory ~2 batches
-    pending, n_pending, group = {}, 0, max(1, min(8192, source.batch_rows // 4))
+    # Arrow IPC streams: each piece is appended as one record batch; unlike a Parquet writer,
+    # which keeps every row group's metadata until it closes (~0.3-0.6 kB per observation
+    # with many small row groups, measured), nothing accumulates per write
+    codec = next((c for c in ("lz4", "zstd") if pa.Codec.is_available(c)), None)
+    options = pa.ipc.IpcWriteOptions(compression=codec)
 
-    def flush(j):
-        nonlocal n_pending
-        table = pa.concat_tables(pending.pop(j))
-        n_pending -= table.num_rows
+    def writer(j):
         if j not in writers:
-            writers[j] = pq.ParquetWriter(tmps[j], schema)
-        writers[j].write_table(table)
+            writers[j] = pa.ipc.new_stream(str(tmps[j]), schema, options=options)
+        return writers[j]
 
     try:
         for df in source.arrow_batches():
@@ -1609,27 +1633,20 @@ def _partition(source: _ObservationSource, bucket_dir: Path, bucket_rows: int) -
             ends = np.cumsum(counts)
             for j in np.flatnonzero(counts):
                 rows = order[ends[j] - counts[j]:ends[j]]
-                pending.setdefault(j, []).append(df.take(pa.array(rows)))
-                n_pending += len(rows)
-                if sum(t.num_rows for t in pending[j]) >= group:
-                    flush(j)
+                writer(j).write_table(df.take(pa.array(rows)))
             del df
-            while n_pending > source.batch_rows:
-                flush(max(pending, key=lambda k: sum(t.num_rows for t in pending[k])))
-        for j in sorted(pending):
-            flush(j)
+        if schema is not None:
+            for j in range(n_buckets):   # an empty bucket: a stream with the schema only
+                writer(j)
     finally:
         for w in writers.values():
             w.close()
     buckets = []
     for j, (name, tmp) in enumerate(zip(names, tmps)):
-        if j not in writers:   # an empty bucket: an empty file of the same schema
-            if schema is None:
-                continue
-            pq.write_table(schema.empty_table(), tmp)
+        if j not in writers:
+            continue
         os.replace(tmp, bucket_dir / name)
-        d = pd.read_parquet(bucket_dir / name, columns=["designation"])["designation"]
-        d = d.astype(str)
+        d = read_bucket(bucket_dir / name, columns=["designation"])["designation"].astype(str)
         buckets.append({"file": name, "n_obs": int(len(d)), "n_stars": int(d.nunique()),
                         "max_designation": int(d.str.len().max()) if len(d) else 0})
     manifest = {"n_obs": int(n_in), "bucket_rows": int(bucket_rows), "boundaries": bounds,
@@ -1946,7 +1963,7 @@ def _stream_buckets(source, lock, stages, gaia, distances, fits_path, parquet_pa
             if bucket["n_obs"] == 0:
                 continue
             with stages("combine"):
-                df = pd.read_parquet(bucket_dir / bucket["file"])
+                df = read_bucket(bucket_dir / bucket["file"])
                 if source.kind == "parts":
                     known = df["obsid"].to_numpy() >= 0
                     if df.loc[known, "obsid"].duplicated().any():

@@ -122,7 +122,7 @@ def test_streaming_catalogue_equals_in_memory(survey, tmp_path):
 def test_every_visit_of_a_star_lands_in_one_bucket_in_designation_order(survey, tmp_path):
     obs = survey["obs"].iloc[::-1].reset_index(drop=True)        # visits in another order
     manifest = catalog.partition_observations(obs, tmp_path, bucket_rows=40, batch_rows=25)
-    frames = [pd.read_parquet(tmp_path / b["file"]) for b in manifest["buckets"]]
+    frames = [catalog.read_bucket(tmp_path / b["file"]) for b in manifest["buckets"]]
     assert len(frames) >= 10 and not manifest["resumed"]
     assert sum(len(f) for f in frames) == len(obs) == manifest["n_obs"]
     seen = [set(f["designation"]) for f in frames]
@@ -233,7 +233,7 @@ def test_partition_killed_midway_is_rebuilt(survey, tmp_path):
     assert_tables_equal(memory, result.read())
     # buckets half written (no manifest): rebuilt from the input
     (tmp_path / "b" / catalog.BUCKET_MANIFEST).unlink()
-    (tmp_path / "b" / "bucket-00000.parquet").write_bytes(b"half")
+    (tmp_path / "b" / "bucket-00000.arrows").write_bytes(b"half")
     again = catalog.build_catalog(survey["parts"], gaia=None, distances=None, fits_path=False,
                                   parquet_path=tmp_path / "c.parquet", bucket_dir=tmp_path / "b",
                                   bucket_rows=100)
