@@ -611,6 +611,63 @@ def extrapolation_flags(values, boundaries):
     return pd.DataFrame(out)
 
 
+def _one_sided(t, i, masks) -> float:
+    """Fraction of the stars in ``masks`` whose truth lies on the majority side of the inferred
+    value, the majority taken in each mask separately; NaN when the masks are empty."""
+    n = sum(int(m.sum()) for m in masks)
+    if n == 0:
+        return float("nan")
+    hits = sum(max(np.sum(t[m] < i[m]), np.sum(t[m] > i[m])) for m in masks)
+    return float(hits / n)
+
+
+def boundary_check(cv, boundaries) -> "pd.DataFrame":
+    """Do the extrapolation boundaries mark where the model is biased? (held-out CV stars)
+
+    A boundary is where ``p(l_true | l_inferred)`` first puts ``level`` (0.9) of its mass on one
+    side of ``l_inferred``; beyond it the truth should lie on one side of the inferred value (the
+    side of the bias: outward for a compressed response, inward for an over-dispersed one) about
+    that often or more. Inside, the same count in the halves above and below the median inferred
+    value is the comparison: a label with less than perfect correlation is somewhat one-sided
+    there too. How many stars lie beyond depends on the sample size (Silverman's bandwidth
+    shrinks as ``S^(-1/6)``, so a larger reference set resolves boundaries that a smaller one
+    smooths away); the one-sided fraction beyond them does not.
+
+    Parameters
+    ----------
+    cv : DataFrame of :func:`cross_validate` (``true_<label>``, ``inferred_<label>``)
+    boundaries : dict label -> (low, high), from :func:`extrapolation_boundaries`
+
+    Returns
+    -------
+    DataFrame indexed by label: ``flagged`` (fraction of the CV stars beyond a boundary),
+    ``n_beyond``, ``one_sided_beyond`` (fraction of those whose truth lies on the majority side of
+    the inferred value, counted beyond each boundary separately; NaN when none),
+    ``one_sided_inside`` (the same for the others, in the halves above and below the median).
+    """
+    import pandas as pd
+
+    rows = {}
+    for name, (low, high) in boundaries.items():
+        if f"true_{name}" not in cv or f"inferred_{name}" not in cv:
+            continue
+        t = np.asarray(cv[f"true_{name}"], dtype=float)
+        i = np.asarray(cv[f"inferred_{name}"], dtype=float)
+        ok = np.isfinite(t) & np.isfinite(i)
+        t, i = t[ok], i[ok]
+        if t.size == 0:
+            continue
+        above, below = i > high, i < low
+        inside = ~(above | below)
+        centre = np.median(i)
+        n_beyond = int(above.sum() + below.sum())
+        rows[name] = {"flagged": n_beyond / t.size, "n_beyond": n_beyond,
+                      "one_sided_beyond": _one_sided(t, i, [above, below]),
+                      "one_sided_inside": _one_sided(t, i, [inside & (i > centre),
+                                                            inside & (i <= centre)])}
+    return pd.DataFrame.from_dict(rows, orient="index")
+
+
 def unbiased_precision(metrics, boundaries, inferred=None):
     """Precision relative to the unbiased range (Fig 7).
 

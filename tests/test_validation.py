@@ -176,6 +176,32 @@ def test_boundaries_of_a_clipped_model_land_at_the_clip(rng):
     assert high80 < validation.boundary_1d(true, inferred, 0.9)[1]
 
 
+def test_boundary_check_finds_the_bias_beyond_the_boundaries(rng):
+    # a compressed response: beyond the boundaries the truth lies outward ~90% of the time or
+    # more; an unbiased label has (almost) nothing beyond them
+    true = rng.normal(size=(3000, 2))
+    inferred = np.column_stack([0.5 * true[:, 0] + rng.normal(0, 0.1, 3000),
+                                true[:, 1] + rng.normal(0, 0.1, 3000)])
+    cv = pd.DataFrame({"true_a": true[:, 0], "inferred_a": inferred[:, 0],
+                       "true_b": true[:, 1], "inferred_b": inferred[:, 1]})
+    b = validation.extrapolation_boundaries(cv)
+    check = validation.boundary_check(cv, b)
+    assert list(check.index) == ["a", "b"]
+    a = check.loc["a"]
+    assert a["n_beyond"] > 100 and a["flagged"] == pytest.approx(a["n_beyond"] / 3000)
+    assert a["one_sided_beyond"] > 0.85 and a["one_sided_beyond"] > a["one_sided_inside"] + 0.1
+    assert check.loc["b", "flagged"] < 0.01
+    # hand-made boundaries: counted exactly
+    cv2 = pd.DataFrame({"true_x": [0.0, 3.0, 1.0, 0.0, 1.0, 0.3],
+                        "inferred_x": [2.0, 2.5, 2.2, -2.0, 0.2, 0.4]})
+    c = validation.boundary_check(cv2, {"x": (-1.0, 1.0), "missing": (0, 1)})
+    assert list(c.index) == ["x"]
+    # above: two of three below the inferred value; below: one of one; inside (both under the
+    # median inferred value, 1.2): one truth above, one below
+    assert c.loc["x", "n_beyond"] == 4 and c.loc["x", "one_sided_beyond"] == pytest.approx(3 / 4)
+    assert c.loc["x", "one_sided_inside"] == pytest.approx(1 / 2)
+
+
 def test_extrapolation_boundaries_flags_and_json(rng, tmp_path):
     true = rng.normal(size=(800, 2))
     inferred = np.column_stack([np.clip(true[:, 0], -1, 1), true[:, 1] + rng.normal(0, .1, 800)])
