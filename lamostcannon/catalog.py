@@ -1418,8 +1418,6 @@ class _ObservationSource:
 
     def batches(self, columns=None):
         """DataFrames of consecutive rows (only ``columns`` when given)."""
-        import pyarrow.parquet as pq
-
         if self.kind == "parts":
             for i in range(self.n_chunks):
                 df = pd.read_parquet(part_path(self.path, i), columns=_with_retired(columns))
@@ -1433,7 +1431,6 @@ class _ObservationSource:
                 if not isinstance(part, pd.DataFrame):
                     part = part.to_pandas()
                 yield (part[columns] if columns else part).reset_index(drop=True)
-
 
     def _row_groups(self, columns=None):
         """The Parquet file one row group at a time, in slices of ``batch_rows`` rows (pyarrow's
@@ -1584,7 +1581,6 @@ def partition_observations(obs, bucket_dir=None, *, bucket_rows: int = BUCKET_RO
 def _partition(source: _ObservationSource, bucket_dir: Path, bucket_rows: int) -> dict:
     """:func:`partition_observations` under the caller's lock of ``bucket_dir``."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     if bucket_rows < 1:
         raise ValueError(f"bucket_rows must be >= 1, got {bucket_rows}")

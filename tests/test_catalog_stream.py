@@ -6,7 +6,6 @@ failed runs leave no half-written catalogue and resume from their buckets."""
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pandas as pd
