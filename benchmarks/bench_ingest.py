@@ -14,6 +14,13 @@ memory (max RSS of the parent and of each worker) is its own.
 Run: ``python benchmarks/bench_ingest.py [--files 20000] [--files-1core 6000] [--plain 200]``
 (20,000 files so that starting the two workers, ~0.4 s, is a few per cent of the run), or
 ``--quick`` (3,000 / 1,500 / 50).
+
+``--baseline DIR`` (a folder holding another version's ``lamostcannon/`` package, e.g. a
+``git worktree`` of an earlier commit) also measures that version in the same run, alternating
+with this one: the per-stage CPU on one core (best of 3, twice each) and the CPU per spectrum
+of a 2-worker ingest of ``--files-baseline`` files (default 4,000; parent and workers, twice
+each), and reports the ratios new / baseline (``baseline`` in the results). CPU time, not wall
+time, so that a loaded machine changes the ratio little.
 Writes ``benchmarks/results/ingest.json``. Needs the real spectra (``LAMOSTCANNON_LAMOST_DIR``).
 """
 
@@ -68,6 +75,12 @@ def _max_rss_mb(who) -> float:
     return resource.getrusage(who).ru_maxrss / 1024.0  # Linux: kB
 
 
+def _package() -> str:
+    import lamostcannon
+
+    return str(Path(lamostcannon.__file__).resolve().parent)
+
+
 def child_ingest(n_files: int, n_workers: int) -> dict:
     """One ingest run (in its own process)."""
     from lamostcannon.store import SpectraStore, ingest
@@ -91,7 +104,8 @@ def child_ingest(n_files: int, n_workers: int) -> dict:
             "spectra_per_s": stored / wall, "spectra_per_cpu_s": stored / cpu,
             "disk_bytes_per_spectrum": disk / stored,
             "max_rss_parent_mb": _max_rss_mb(resource.RUSAGE_SELF),
-            "max_rss_worker_mb": _max_rss_mb(resource.RUSAGE_CHILDREN) if n_workers > 1 else 0.0}
+            "max_rss_worker_mb": _max_rss_mb(resource.RUSAGE_CHILDREN) if n_workers > 1 else 0.0,
+            "package": _package()}
 
 
 def child_plain(n_files: int) -> dict:
@@ -191,13 +205,59 @@ def child_stages(n_files: int) -> dict:
     return {"read_bytes_ms": read, "gunzip_ms": gunzip, "gunzip_ms_with_zlib": gunzip_zlib,
             "gunzip_library": sp.GZIP_LIBRARY, "parse_ms": parse, "interpret_ms": interpret,
             "resample_ms_batch32": resample, "normalise_ms_batch32": normalise,
-            "worker_task_ms_batch32": total}
+            "worker_task_ms_batch32": total, "package": _package()}
 
 
-def _run_child(kind: str, *args) -> dict:
+def _run_child(kind: str, *args, package_root: str | None = None) -> dict:
+    """Run one measurement in a fresh process; with ``package_root``, that folder's
+    ``lamostcannon`` is imported (PYTHONPATH, inherited by the ingest workers)."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", kind, *map(str, args)]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    env = None
+    if package_root is not None:
+        from lamostcannon import paths
+
+        env = dict(os.environ)
+        # the baseline finds the real spectra relative to its own folder otherwise
+        env["LAMOSTCANNON_LAMOST_DIR"] = str(paths.real_lamost_dir())
+        env["PYTHONPATH"] = os.pathsep.join(
+            [str(Path(package_root).resolve())] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH")
+                                                   else []))
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    if package_root is not None:
+        want = Path(package_root).resolve() / "lamostcannon"
+        if Path(res["package"]) != want:
+            raise SystemExit(f"bench_ingest: the baseline run imported {res['package']}, "
+                             f"not {want}")
+    return res
+
+
+def compare_baseline(root: str, n_files: int) -> dict:
+    """CPU per spectrum of this package and of the one in ``root``, alternating (module
+    docstring); the best of two runs each."""
+    runs = {"new": {"stages": [], "ingest": []}, "baseline": {"stages": [], "ingest": []}}
+    for rep in range(2):
+        order = (("new", None), ("baseline", root)) if rep == 0 else (("baseline", root),
+                                                                      ("new", None))
+        for tag, pkg in order:
+            runs[tag]["stages"].append(_run_child("stages", 500, package_root=pkg))
+            runs[tag]["ingest"].append(_run_child("ingest", n_files, 2, package_root=pkg))
+
+    def best(tag):
+        st = runs[tag]["stages"]
+        out = {k: min(r[k] for r in st) for k, v in st[0].items() if isinstance(v, float)}
+        ing = [(r["cpu_parent_s"] + r["cpu_children_s"]) / r["n_files"] * 1e3
+               for r in runs[tag]["ingest"]]
+        parent = [r["cpu_parent_s"] / r["n_files"] * 1e3 for r in runs[tag]["ingest"]]
+        out.update(cpu_ms_per_spectrum_2workers=min(ing), cpu_ms_per_spectrum_parent=min(parent))
+        return out
+
+    new, base = best("new"), best("baseline")
+    return {"root": str(Path(root).resolve()), "n_files_2workers": n_files,
+            "new": {k: round(v, 4) for k, v in new.items()},
+            "baseline": {k: round(v, 4) for k, v in base.items()},
+            "ratio_new_over_baseline": {k: round(new[k] / base[k], 3) for k in new
+                                        if base.get(k)}}
 
 
 def main(argv=None) -> dict:
@@ -206,6 +266,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--files-1core", type=int, default=6000, help="files for the 1-core run")
     parser.add_argument("--plain", type=int, default=200, help="files for the astropy loop")
     parser.add_argument("--quick", action="store_true", help="3,000 / 1,500 / 50 files")
+    parser.add_argument("--baseline", help="folder with another version's lamostcannon/ to "
+                        "compare against in the same run (CPU per spectrum)")
+    parser.add_argument("--files-baseline", type=int, default=4000,
+                        help="files per 2-worker run of the baseline comparison")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
@@ -241,6 +305,12 @@ def main(argv=None) -> dict:
     log.info("  per spectrum on one core (ms): %s",
              ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
                        for k, v in stages.items()))
+    baseline = None
+    if args.baseline:
+        log.info("bench_ingest: against the baseline %s (CPU per spectrum, alternating) ...",
+                 args.baseline)
+        baseline = compare_baseline(args.baseline, args.files_baseline)
+        log.info("  new / baseline: %s", baseline["ratio_new_over_baseline"])
     peak = two["max_rss_parent_mb"] + 2 * two["max_rss_worker_mb"]
     result = {
         "ingest_spectra_per_s_2cores": round(two["spectra_per_s"], 1),
@@ -267,6 +337,7 @@ def main(argv=None) -> dict:
         "cpu_ms_per_spectrum_2cores_parent": round(two["cpu_parent_s"] / args.files * 1e3, 3),
         "cpu_ms_per_spectrum_2cores_workers": round(two["cpu_children_s"] / args.files * 1e3,
                                                     3),
+        "baseline": baseline,
         "n_files_2cores": args.files, "n_files_1core": args.files_1core,
         "n_files_plain": args.plain,
         "wall_s_2cores": round(two["wall_s"], 2), "wall_s_1core": round(one["wall_s"], 2),

@@ -19,6 +19,12 @@ each on one thread, three times (the fastest run counts), by wall clock and by C
 sensitive to a shared machine's load). The target: the core costs at most 10% more than the
 bare test step (``overhead_ratio <= 1.10``).
 
+The bare test step is also timed with its degree 2-4 polynomial coefficients from a float64
+product (``cannon.POLY_FLOAT32 = False``, the test step before issue 17's CPU work; both runs
+polish their fits on the exact chi2), back to back with the float32 default in each repeat:
+``cpu_float32_poly_ratio`` (paired median of new / old CPU time) and the labels' largest
+difference between the two in units of each star's formal error (unflagged stars).
+
 Run ``python benchmarks/bench_labelling.py`` (about 2-4 minutes on 2 cores) or ``--quick``.
 Results: ``benchmarks/results/labelling.json``.
 """
@@ -88,12 +94,20 @@ def main(argv=None) -> int:
         for a in range(0, n_test, chunk):
             labeller.label(flux[a:a + chunk], ivar[a:a + chunk])
 
-    times = {"bare": [], "ood": [], "core": []}
-    cpu = {"bare": [], "ood": [], "core": []}
+    def bare_float64():  # the polynomial from a float64 product (the previous test step)
+        cannon.POLY_FLOAT32 = False
+        try:
+            bare()
+        finally:
+            cannon.POLY_FLOAT32 = True
+
+    times = {"bare": [], "ood": [], "core": [], "bare64": []}
+    cpu = {"bare": [], "ood": [], "core": [], "bare64": []}
     with threadpool_limits(1):
         labeller.label(flux[:256], ivar[:256])           # warm-up (caches, imports)
         for _ in range(repeats):
-            for name, fn in (("bare", bare), ("ood", with_ood), ("core", core)):
+            for name, fn in (("bare", bare), ("bare64", bare_float64), ("ood", with_ood),
+                             ("core", core)):
                 t, c = time.perf_counter(), time.process_time()
                 fn()
                 times[name].append(time.perf_counter() - t)
@@ -102,6 +116,16 @@ def main(argv=None) -> int:
     bare_c, core_c = min(cpu["bare"]), min(cpu["core"])
     ood_s, ood_c = min(times["ood"]), min(cpu["ood"])
     out = labeller.label(flux[:chunk], ivar[:chunk])
+    with threadpool_limits(1):
+        r32 = model.test(flux[:chunk], ivar[:chunk], windows=p["windows"], chunk_size=256)
+        cannon.POLY_FLOAT32 = False
+        try:
+            r64 = model.test(flux[:chunk], ivar[:chunk], windows=p["windows"], chunk_size=256)
+        finally:
+            cannon.POLY_FLOAT32 = True
+    clean = (r32.flag == 0) & (r64.flag == 0)
+    label_diff = float(np.max(np.abs(r32.labels[clean] - r64.labels[clean])
+                              / r64.errors[clean])) if clean.any() else float("nan")
     res = {
         "quick": args.quick, "n_train": n_train, "n_test": n_test, "n_pixels": n_pix,
         "n_labels": len(LABELS), "threads": 1, "repeats": repeats,
@@ -118,6 +142,11 @@ def main(argv=None) -> int:
         # sensitive to a load that changes between repeats
         "cpu_ood_test_step_ratio_paired_median": float(np.median(
             np.array(cpu["ood"]) / np.array(cpu["bare"]))),
+        "cpu_test_step_float64_poly_ms_per_star": 1e3 * min(cpu["bare64"]) / n_test,
+        "cpu_float32_poly_ratio": float(np.median(np.array(cpu["bare"])
+                                                  / np.array(cpu["bare64"]))),
+        "float32_poly_max_label_diff_in_formal_errors": label_diff,
+        "float32_poly_flags_equal": bool(np.array_equal(r32.flag, r64.flag)),
         "all_runs_s": times, "all_runs_cpu_s": cpu,
         "quality_flag_fraction_nonzero": float(np.mean(out["quality_flag"] != 0)),
         "ood_threshold": float(ood_cal.threshold),
@@ -132,6 +161,11 @@ def main(argv=None) -> int:
           f"{res['test_step_with_ood_ms_per_star']:.3f} ms/star; ratio to the bare test step "
           f"{res['ood_test_step_ratio']:.3f} (CPU time: {res['cpu_ood_test_step_ratio']:.3f}, "
           f"paired median {res['cpu_ood_test_step_ratio_paired_median']:.3f}; target <= 1.10)",
+          flush=True)
+    print(f"  test step, CPU: {res['cpu_test_step_ms_per_star']:.3f} ms/star; with a float64 "
+          f"polynomial product {res['cpu_test_step_float64_poly_ms_per_star']:.3f}; paired "
+          f"median ratio {res['cpu_float32_poly_ratio']:.3f}; labels differ by at most "
+          f"{label_diff:.1e} formal errors (flags equal: {res['float32_poly_flags_equal']})",
           flush=True)
     out_path = Path(args.out)
     if args.quick:

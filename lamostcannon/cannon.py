@@ -52,10 +52,16 @@ exact Hessian come from the polynomial, and a bounded Newton iteration with a tr
 of a fixed set of starting points (the training mean and k-means centres of the training labels,
 ranked by evaluating chi2 at all of them with one more product); ``n_starts - 1`` further runs
 start at the next-ranked points and stop early when they fall into a basin already found. Labels
-are kept inside ``[min - bound, max + bound]`` of the training labels in standardised units. The
-formal covariance is the inverse Hessian of ``chi2 / 2`` at the best fit, in physical units. The
-reported chi2 is the minimised objective at the best fit; chi2 in pixel windows is recomputed
-from the explicit residuals there. Memory is bounded by ``chunk_size`` spectra per thread.
+are kept inside ``[min - bound, max + bound]`` of the training labels in standardised units (a
+label on its bound whose gradient points outward is held there and the Newton step solves for the
+others, so a fit on a bound is the minimum over the free labels). The
+formal covariance is the inverse Hessian of ``chi2 / 2`` at the best fit, in physical units.
+The degree 2-4 coefficients come from that product in float32 (twice as fast; the linear ones in
+float64), which moves the polynomial's minimum by ~1e-5 of a formal error (at most ~1e-3); each
+converged fit off the bounds is then polished by one Newton step on the exact float64 gradient
+(from the weights: two thin products), which lands on the exact chi2's minimum to ~1e-8 of a
+formal error. The reported chi2 is the exact chi2 at the best fit; chi2 in pixel windows is
+recomputed from the explicit residuals there. Memory is bounded by ``chunk_size`` spectra per thread.
 
 Flag bits of :attr:`TestResult.flag` (see :data:`FLAG_BITS`)
 --------------------------------------------------------------
@@ -867,7 +873,10 @@ class CannonModel:
             edges = np.flatnonzero(np.diff(np.concatenate([[0], ok.astype(np.int8), [0]])))
             runs = [(int(i0), int(i1), int(np.count_nonzero(ok[:i0])))
                     for i0, i1 in zip(edges[::2], edges[1::2])]
-            self._q = dict(q=q, theta_c=np.ascontiguousarray(th), theta0=th0,
+            L = self.n_labels
+            self._q = dict(q=q, q32=np.ascontiguousarray(q[:, L + 1:], dtype=np.float32),
+                           theta_c=np.ascontiguousarray(th), theta_ct=np.ascontiguousarray(th.T),
+                           theta0=th0,
                            ok_runs=runs if len(runs) <= 64 else None,
                            theta=np.ascontiguousarray(self.theta[ok]), s2=self.s2[ok].copy(),
                            all_ok=bool(ok.all()))
@@ -892,7 +901,7 @@ class CannonModel:
         windows : dict str -> bool (P,), optional
             Pixel masks; chi2 is also reported inside each (``chi2_windows``).
         chunk_size : int
-            Spectra per batch; memory is about ``chunk_size * (6 P + 60 T) * 8`` bytes,
+            Spectra per batch; memory is about ``chunk_size * (8 P + 60 T) * 8`` bytes,
             independent of S.
         n_starts : int
             Newton runs per spectrum, from the best of the stored starting points (plus ``init``).
@@ -1036,6 +1045,7 @@ class CannonModel:
         # reused between the chunks of one call (per thread): fresh pages cost page faults
         w = _work_buffer(arrs, "w", (n, n_ok))
         wf = _work_buffer(arrs, "wf", (n, n_ok))
+        w32 = _work_buffer(arrs, "w32", (n, n_ok), np.float32) if POLY_FLOAT32 else None
         c = np.empty(n)
         n_pix = np.empty(n, dtype=np.int64)
         cols = arrs.get("win_cols")
@@ -1080,6 +1090,8 @@ class CannonModel:
                     fb[rows], wb[rows] = sub_f, sub_w
                     flag[a + rows] |= FLAG_BAD_INPUT
                 n_pix[a:b] = np.count_nonzero(wb, axis=1)
+                if w32 is not None:
+                    np.copyto(w32[a:b], wb, casting="same_kind")
                 np.multiply(wb, fb, out=wfb)
                 c[a:b] = np.einsum("sp,sp->s", wfb, fb)
                 if explicit:
@@ -1089,13 +1101,22 @@ class CannonModel:
         lap("weights")
         # chi2(x) = sum_m poly_m M4_m(x): the whole spectrum's likelihood in K4 numbers. The
         # columns of q of degree <= 1 are zero (theta_0 is on the data side), so they are skipped.
+        # The degree 2-4 coefficients (the bulk of the work) come from a float32 product (twice
+        # as fast); the linear ones, b = Theta^T W f, in float64. Their rounding (~1e-6 relative)
+        # only shapes the path of the Newton iteration: its result is then polished with one
+        # Newton step on the exact float64 gradient and chi2 (_polish_exact).
         L = self.n_labels
         poly = _work_buffer(arrs, "poly", (n, tab["K4"]))
-        np.matmul(w, arrs["q"][:, L + 1:], out=poly[:, L + 1:])
+        if w32 is not None:
+            p32 = _work_buffer(arrs, "p32", (n, tab["K4"] - L - 1), np.float32)
+            np.matmul(w32, arrs["q32"], out=p32)
+            poly[:, L + 1:] = p32
+        else:
+            np.matmul(w, arrs["q"][:, L + 1:], out=poly[:, L + 1:])
         poly[:, :L + 1] = 0.0
-        poly[:, :T] -= 2.0 * (wf @ arrs["theta_c"])
+        lin = wf @ arrs["theta_c"]                       # (n, T): Theta^T W (f - theta_0)
+        poly[:, :T] -= 2.0 * lin
         poly[:, 0] += c
-        del wf
         lap("polynomial")
         fit = n_pix > 0
         out_x = np.full((n, L), np.nan)
@@ -1107,9 +1128,11 @@ class CannonModel:
         if fit.any():
             fi = np.flatnonzero(fit)
             pf = poly if fi.size == n else poly[fi]
+            exact = _ExactChi2(w if fi.size == n else w[fi], lin[fi], c[fi], arrs,
+                               _work_buffer(arrs, "pred", (fi.size, n_ok)))
             xs, chi, it, cv, fl, hess = _fit_labels(
                 pf, arrs["starts_m4"], arrs["starts"], lo, hi, tab, n_starts, max_iter,
-                None if x_init is None else x_init[fi])
+                None if x_init is None else x_init[fi], exact=exact)
             out_x[fi] = xs
             out_chi2[fi] = chi
             n_iter[fi] = it
@@ -1591,13 +1614,13 @@ def _blas_threads() -> int:
         return 1
 
 
-def _work_buffer(arrs, name, shape):
-    """An uninitialised float64 array of ``shape`` reused by the calling thread within one call."""
+def _work_buffer(arrs, name, shape, dtype=np.float64):
+    """An uninitialised array of ``shape`` reused by the calling thread within one call."""
     store = arrs["buffers"].__dict__
     size = int(np.prod(shape))
     buf = store.get(name)
-    if buf is None or buf.size < size:
-        buf = store[name] = np.empty(size)
+    if buf is None or buf.size < size or buf.dtype != dtype:
+        buf = store[name] = np.empty(size, dtype=dtype)
     return buf[:size].reshape(shape)
 
 
@@ -1676,7 +1699,10 @@ def _newton(quartic: _Quartic, x0, lo, hi, max_iter, xtol_newton=1e-3, xtol=1e-9
 
     Each iteration takes the Newton step ``-H^-1 grad`` (batched Cholesky); where the Hessian is
     not positive definite (far from a minimum) it takes the saddle-free step with the absolute
-    eigenvalues of H (a descent direction). The step is shortened to the star's trust radius (standardised units,
+    eigenvalues of H (a descent direction). A label on its bound whose gradient pushes outward is
+    held there (projected Newton: its row and column of H replaced by the identity, its gradient
+    by 0), so that a fit on a bound converges to the minimum over the other labels. The step is
+    shortened to the star's trust radius (standardised units,
     2-norm), ``x + dx`` is clipped to the bounds and accepted if chi2 did not rise. An accepted
     step that was shortened doubles the radius; a rejected step sets it to a quarter of the step
     length. Converged: an accepted, full, positive-definite Newton step shorter than
@@ -1699,13 +1725,24 @@ def _newton(quartic: _Quartic, x0, lo, hi, max_iter, xtol_newton=1e-3, xtol=1e-9
     q = quartic
     xa, fa, ga, ha = x.copy(), f, g, h
     tol_f = 1e-13 * np.maximum(np.abs(q.p0), 1.0)
+    lo_b, hi_b = lo + 1e-9 * (hi - lo), hi - 1e-9 * (hi - lo)     # on a bound (as AT_BOUND)
+    diag = np.arange(L)
     for _ in range(max_iter):
+        # projected Newton: a label on its bound whose gradient pushes outward is held there
+        # (identity row and column, no gradient) and the step solves for the other labels, so
+        # that a fit on a bound converges to the minimum over the free labels
+        hs, gs = ha, ga
+        held = ((xa <= lo_b) & (ga > 0)) | ((xa >= hi_b) & (ga < 0))
+        if held.any():
+            hs = np.where(held[:, :, None] | held[:, None, :], 0.0, ha)
+            hs[:, diag, diag] += held
+            gs = np.where(held, 0.0, ga)
         rows = np.flatnonzero(live)
         if rows.size == live.size:
-            step, posdef = _newton_step(ha, ga)
+            step, posdef = _newton_step(hs, gs)
             pd = posdef
         else:
-            st, pd = _newton_step(ha[rows], ga[rows])
+            st, pd = _newton_step(hs[rows], gs[rows])
             step = np.zeros_like(xa)
             step[rows] = st
             posdef = np.zeros(xa.shape[0], dtype=bool)
@@ -1714,10 +1751,10 @@ def _newton(quartic: _Quartic, x0, lo, hi, max_iter, xtol_newton=1e-3, xtol=1e-9
             # indefinite Hessian (far from the minimum): saddle-free step with |eigenvalues|
             r2 = rows[~pd]
             with np.errstate(invalid="ignore"):
-                e, v = np.linalg.eigh(np.nan_to_num(ha[r2]))
+                e, v = np.linalg.eigh(np.nan_to_num(hs[r2]))
             e = np.abs(e)
             e = np.maximum(e, 1e-6 * e.max(axis=1, keepdims=True) + 1e-300)
-            step[r2] = -np.einsum("nij,nj->ni", v, np.einsum("nji,nj->ni", v, ga[r2]) / e)
+            step[r2] = -np.einsum("nij,nj->ni", v, np.einsum("nji,nj->ni", v, gs[r2]) / e)
         bad = ~np.all(np.isfinite(step), axis=1)
         if bad.any():                       # NaN/inf in the polynomial: give up on these
             step[bad] = 0.0
@@ -1757,12 +1794,93 @@ def _newton(quartic: _Quartic, x0, lo, hi, max_iter, xtol_newton=1e-3, xtol=1e-9
     return x, f, n_it, conv
 
 
+#: The test step's degree 2-4 polynomial coefficients from a float32 product (the final labels
+#: are polished on the exact float64 chi2 either way; False: a float64 product, for checks).
+POLY_FLOAT32 = True
+
+
+class _ExactChi2:
+    """chi2, its gradient at x, in float64 from the weights (for :func:`_polish_exact`).
+
+    With ``pred = Theta_c eta(x)`` (the model minus theta_0) and ``u = Theta_c^T W (f - theta_0
+    - pred) = lin - Theta_c^T W pred``: ``chi2 = c - eta . (lin + u)`` and
+    ``grad = -2 J_eta(x)^T u``. Two (n, T) x (T, P) products: ~0.5 M multiply-adds per spectrum
+    against ~4 M for the polynomial.
+    """
+
+    def __init__(self, w, lin, c, arrs, work=None):
+        self.w, self.lin, self.c, self.work = w, lin, c, work
+        self.theta_c, self.theta_ct = arrs["theta_c"], arrs["theta_ct"]
+
+    def value_grad(self, x, rows):
+        """chi2 (m,) and gradient (m, L) at x (m, L) for the spectra ``rows`` (all: None)."""
+        eta = vectorize(x)
+        m = eta.shape[0]
+        out = self.work[:m] if self.work is not None and len(self.work) >= m else None
+        wp = np.matmul(eta, self.theta_ct, out=out)               # pred (m, P)
+        wp *= self.w if rows is None else self.w[rows]
+        u = (self.lin if rows is None else self.lin[rows]) - wp @ self.theta_c
+        c = self.c if rows is None else self.c[rows]
+        chi2 = c - np.einsum("mt,mt->m", eta, (self.lin if rows is None else self.lin[rows]) + u)
+        grad = -2.0 * np.einsum("mt,mtl->ml", u, vectorize_jacobian(x))
+        return chi2, grad
+
+
+#: largest polishing step (standardised units, max norm); the float32 polynomial moves a
+#: minimum by ~1e-5 of that, so a larger step means the point is not a clean minimum
+_POLISH_MAX = 1e-2
+
+
+def _polish_exact(exact, x, hess, eligible, lo, hi, pinned=None):
+    """One Newton step ``-H^-1 grad`` with the exact gradient at the best fits ``x`` (n, L).
+
+    The Newton iteration runs on the polynomial whose degree 2-4 coefficients are rounded to
+    float32 (relative error ~1e-6): its minimum lies ~1e-5 formal errors (at most ~1e-3) from
+    the minimum of the exact chi2. Newton converges quadratically, so one step with the exact
+    gradient (the Hessian's rounding only scales the remaining error by ~1e-4) lands on the
+    exact minimum to ~1e-8 formal errors, closer than the float64 iteration's own convergence
+    tolerance (``xtol_newton``). Labels on a bound (``pinned`` (n, L)) stay there and the step is
+    taken in the others (their block of the Hessian), as in :func:`_newton`. Stepped:
+    ``eligible`` spectra (converged) with a positive definite Hessian (block), a step below
+    :data:`_POLISH_MAX` that keeps every other label strictly inside its bounds. Returns ``(x, chi2, moved)``, chi2 exact (at the polished point to second order,
+    ``chi2 - g^T H^-1 g / 2``; the neglected term is cubic in a ~1e-3 step).
+    """
+    x = np.array(x, dtype=float)
+    n = x.shape[0]
+    finite = np.all(np.isfinite(x), axis=1)
+    chi2 = np.full(n, np.nan)
+    moved = np.zeros(n, dtype=bool)
+    if not finite.any():
+        return x, chi2, moved
+    rows = None if finite.all() else np.flatnonzero(finite)
+    xf = x if rows is None else x[rows]
+    c2, g = exact.value_grad(xf, rows)
+    chi2[finite] = c2
+    h = hess[finite]
+    pin = np.zeros(xf.shape, dtype=bool) if pinned is None else pinned[finite]
+    if pin.any():  # labels on a bound: identity in their rows and columns, no gradient
+        h = np.where(pin[:, :, None] | pin[:, None, :], 0.0, h)
+        h[:, np.arange(xf.shape[1]), np.arange(xf.shape[1])] += pin
+        g = np.where(pin, 0.0, g)
+    step, pd = _newton_step(h, g)
+    cand = eligible[finite] & pd & np.all(np.isfinite(step), axis=1)
+    cand &= np.max(np.abs(step), axis=1) < _POLISH_MAX
+    span = hi - lo
+    new = xf + step
+    cand &= np.all(pin | ((new > lo + 1e-9 * span) & (new < hi - 1e-9 * span)), axis=1)
+    idx = np.flatnonzero(finite)[cand]
+    x[idx] = new[cand]
+    chi2[idx] = c2[cand] + 0.5 * np.einsum("ml,ml->m", g[cand], step[cand])
+    moved[idx] = True
+    return x, chi2, moved
+
+
 _JOIN = 0.1
 #: rows per block in the test step's weights pass (a few MB of working set, in cache)
 _WEIGHT_BLOCK = 16
 
 
-def _fit_labels(poly, cand_m4, cand, lo, hi, tab, n_starts, max_iter, x_init=None):
+def _fit_labels(poly, cand_m4, cand, lo, hi, tab, n_starts, max_iter, x_init=None, exact=None):
     """Multi-start Newton fits of the quartic chi2 for n spectra.
 
     ``cand`` (K, L) are the (clipped) starting points and ``cand_m4`` (K, K4) their monomials;
@@ -1770,6 +1888,10 @@ def _fit_labels(poly, cand_m4, cand, lo, hi, tab, n_starts, max_iter, x_init=Non
     run (``n_starts - 1`` of them, plus one from ``x_init`` when given) starts at the best
     candidate more than 1 (standardised, max norm) away from every minimum found so far, to
     explore another basin, and stops early once it comes within 0.1 of a minimum already found.
+
+    With ``exact`` (:class:`_ExactChi2`), the best fit of every converged spectrum inside the
+    bounds is polished by one Newton step on the exact gradient (:func:`_polish_exact`), and
+    the returned chi2 is the exact one.
 
     Returns x (n, L), chi2 (n,), n_iter, converged, flags, Hessian of chi2 at x (n, L, L).
     """
@@ -1797,7 +1919,8 @@ def _fit_labels(poly, cand_m4, cand, lo, hi, tab, n_starts, max_iter, x_init=Non
     conv = np.stack([r[3] for r in results])[best, pick]
     flags = np.where(conv, 0, FLAG_NOT_CONVERGED)
     span = hi - lo
-    at_bound = np.any((x <= lo + 1e-9 * span) | (x >= hi - 1e-9 * span), axis=1)
+    pinned = (x <= lo + 1e-9 * span) | (x >= hi - 1e-9 * span)      # (n, L)
+    at_bound = np.any(pinned, axis=1)
     flags |= np.where(at_bound, FLAG_AT_BOUND, 0)
     if len(results) > 1:
         xs = np.stack([r[0] for r in results])
@@ -1807,4 +1930,8 @@ def _fit_labels(poly, cand_m4, cand, lo, hi, tab, n_starts, max_iter, x_init=Non
         other = convs & (chis - best_chi[None] < 1.0) & (dist > 0.1)
         flags |= np.where(other.any(axis=0), FLAG_MULTIPLE_MINIMA, 0)
     chi2, _, hess = quartic.all(x)
+    if exact is not None:
+        x, chi2, moved = _polish_exact(exact, x, hess, conv, lo, hi, pinned)
+        if moved.any():
+            hess[moved] = quartic.subset(moved).all(x[moved])[2]
     return x, chi2, n_iter, conv, flags, hess

@@ -504,3 +504,37 @@ def test_a_spectrum_resamples_to_the_same_bits_alone_or_in_a_batch(real_lamost, 
         np.testing.assert_array_equal(got[0], expect[0])
         np.testing.assert_array_equal(got[1], expect[1])
     assert isinstance(together[list(order).index(0)], sp.SpectrumReadError)
+
+
+def test_log10_wavelength_cache_checks_every_element():
+    """The native-grid log10 cache returns np.log10's bits for an equal array and never serves
+    an array that only shares its size and first, middle and last values."""
+    w = 10 ** (3.5682 + 1e-4 * np.arange(3909.0))
+    first = sp._log10_wavelength(w)
+    again = sp._log10_wavelength(w.copy())
+    assert np.array_equal(again, np.log10(w)) and again is first
+    other = w.copy()
+    other[7] = 0.5 * (other[6] + other[7])  # same key, different array
+    got = sp._log10_wavelength(other)
+    assert np.array_equal(got, np.log10(other)) and got[7] != first[7]
+    f32 = w.astype(np.float32)  # other dtypes are not cached
+    assert np.array_equal(sp._log10_wavelength(f32), np.log10(f32))
+
+
+def test_resample_tolerates_nan_wavelengths_in_a_users_spectrum():
+    """A spectrum built by hand with NaN wavelengths (read_lamost refuses them) resamples
+    without an exception, alone and in a batch, and the same bits either way; no NaN comes out."""
+    lam = sp.common_wavelength()
+    n = lam.size
+    wave = lam.copy()
+    wave[1500:1550] = np.nan
+    meta = {"z": 0.0, "filename": "hand-made"}
+    s = sp.LamostSpectrum(wave, np.ones(n, np.float32), np.ones(n, np.float32),
+                          np.zeros(n, np.int32), np.zeros(n, np.int32), meta)
+    good = sp.LamostSpectrum(lam.copy(), np.ones(n, np.float32), np.ones(n, np.float32),
+                             np.zeros(n, np.int32), np.zeros(n, np.int32), meta)
+    with np.errstate(invalid="ignore"):
+        alone = sp._resample_many([s])[0]
+        batch = sp._resample_many([good, s])[1]
+    assert isinstance(alone, tuple) and np.all(np.isfinite(alone[0])) and np.all(alone[1] >= 0)
+    assert np.array_equal(alone[0], batch[0]) and np.array_equal(alone[1], batch[1])
