@@ -3,12 +3,16 @@
 What is measured
     ``ingest`` (``.fits.gz`` files -> continuum-normalised spectra store, 2 worker processes)
     -> ``label`` (:func:`lamostcannon.catalog.run_inference` on a 2-worker Dask LocalCluster,
-    cluster start-up included, then :func:`~lamostcannon.catalog.assemble_observations`)
-    -> ``combine`` (repeat combination, :func:`~lamostcannon.catalog.combine_repeats`)
-    -> ``gaia`` (1 arcsec join with the Gaia sources, :func:`~lamostcannon.catalog.match_gaia`)
-    -> ``kinematics`` (Galactocentric positions, velocities and actions,
-    :func:`~lamostcannon.catalog.add_kinematics`) -> ``table1`` (the Table 1 columns, units and
-    descriptions, written as FITS and Parquet). Per stage: wall seconds, CPU seconds of every
+    cluster start-up included, then :func:`~lamostcannon.catalog.assemble_observations` with
+    ``stream=True``, part by part) -> the streaming per-star stages of
+    :func:`~lamostcannon.catalog.build_catalog` (``stream=True``, buckets of ``--bucket-rows``
+    observations, interleaved bucket by bucket and accounted per stage): ``partition`` (the
+    observations into Parquet buckets by star) -> ``combine`` (repeat combination,
+    :func:`~lamostcannon.catalog.combine_repeats`) -> ``gaia`` (1 arcsec join with the Gaia
+    sources, :class:`~lamostcannon.catalog.GaiaIndex`) -> ``kinematics`` (Galactocentric
+    positions, velocities and actions, :func:`~lamostcannon.catalog.add_kinematics`) ->
+    ``table1`` (the Table 1 columns, units and descriptions, appended to the FITS and Parquet
+    files). Per stage: wall seconds, CPU seconds of every
     process of the stage, rate, peak resident memory per process and of all the stage's
     processes together (sampled every 50 ms; the parent's exact ``VmHWM``), the disk its
     products take, and the load average of the machine before and after (the machine may be
@@ -29,8 +33,10 @@ Projection
     with the one-time costs counted once, not per observation: the Dask cluster start-up and
     the set-up of galpy's action finder (``fixed_seconds`` of a stage). Memory: the ingest and
     labelling stages hold one chunk per process (bounded by the chunk size); the per-star stages
-    hold the whole star table (linear in the number of stars; the projection scales the
-    measured peak).
+    hold one bucket (``bucket_mb``, flat in N when the run has more than one bucket), plus the
+    process base and the Gaia index and distances (``reference_mb``, which scales with the Gaia
+    sources and is projected linearly): ``per_star_memory`` in the result. Run at two sizes
+    with the same ``--bucket-rows`` to see the bucket term stay flat.
 
 Baseline measured in the same run: the plain ``astropy.io.fits`` + numpy loop of
 ``bench_ingest.py`` on ``--plain`` of the same files (the test step against TheCannon 0.7.3 is
@@ -326,15 +332,17 @@ def stage_label(n_workers: int, chunk_size: int) -> dict:
             rep = catalog.run_inference(store, ctx, parts_dir=parts, chunk_size=chunk_size,
                                         n_workers=n_workers, overwrite=True, progress=False)
             t = time.perf_counter()
-            table = catalog.assemble_observations(rep.parts_dir, rep.n_chunks)
-            return rep, table, time.perf_counter() - t
+            path = catalog.assemble_observations(rep.parts_dir, rep.n_chunks, stream=True)
+            return rep, path, time.perf_counter() - t
 
-        (rep, table, assemble_s), wall, _, load = _timed(run)
+        (rep, path, assemble_s), wall, _, load = _timed(run)
     # driver and workers: the LocalCluster's worker processes are this process's children and
     # were waited for when run_inference closed the cluster
     cpu = _cpu_s() - c0
+    import pyarrow.parquet as pq
+
     out = paths.processed_dir() / "labels_per_observation.parquet"
-    return {"n_in": rep.n_obs, "n_out": len(table), "seconds": wall,
+    return {"n_in": rep.n_obs, "n_out": pq.ParquetFile(path).metadata.num_rows, "seconds": wall,
             "cpu_seconds": cpu, "load": load, "executor": rep.executor,
             "n_workers": rep.n_workers, "assemble_seconds": assemble_s,
             "cluster_start_seconds": getattr(rep, "cluster_start_seconds", None),
@@ -342,59 +350,64 @@ def stage_label(n_workers: int, chunk_size: int) -> dict:
             **mem.summary(), "disk_bytes": _disk_bytes(parts, out)}
 
 
-def stage_catalogue() -> dict:
-    """combine -> gaia -> kinematics -> table1 in one process, timed and measured one by one."""
-    import pandas as pd
+def stage_catalogue(bucket_rows: int) -> dict:
+    """partition -> combine -> gaia -> kinematics -> table1: the streaming per-star stages
+    (:func:`lamostcannon.catalog.build_catalog` with ``stream=True`` on the per-observation
+    Parquet file) in one process; per stage the wall and CPU seconds summed over the buckets
+    and the peak resident memory of the process while it ran (largest over the buckets)."""
+    import pyarrow.parquet as pq
 
     from lamostcannon import catalog, paths
 
-    base_mb = _rss_mb()  # after the imports, before the tables: what does not scale
-    obs = pd.read_parquet(paths.processed_dir() / "labels_per_observation.parquet")
+    obs = paths.processed_dir() / "labels_per_observation.parquet"
     gaia_dir = paths.raw_dir() / "gaia"
-    gaia = catalog._as_frame(gaia_dir / "gaia_source.fits",
-                             ["source_id", "ra", "dec", "pmra", "pmdec", "phot_g_mean_mag"])
-    distances = gaia_dir / "distances.fits"
-    out = {}
-
-    def measure(name, fn, n_in):
-        _reset_hwm()
-        c0 = _cpu_s()
-        result, wall, _, load = _timed(fn)
-        out[name] = {"n_in": n_in, "seconds": wall, "cpu_seconds": _cpu_s() - c0,
-                     "load": load, "peak_mb_parent": round(_hwm_mb(), 1),
-                     "peak_mb_total": round(_hwm_mb(), 1), "base_mb": round(base_mb, 1)}
-        return result
-
-    stars = measure("combine", lambda: catalog.combine_repeats(obs), len(obs))
-    out["combine"]["n_out"] = len(stars)
-    stars["source_id"] = measure(
-        "gaia", lambda: catalog.match_gaia(stars["ra"], stars["dec"], gaia), len(stars))
-    out["gaia"]["n_out"] = int((stars["source_id"] != catalog.NO_SOURCE_ID).sum())
     # one-time costs (importing galpy, setting up the Staeckel action finder), counted once
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     from galpy.orbit import Orbit  # noqa: F401
 
     from lamostcannon import kinematics
 
     kinematics.action_angle()
-    warm = time.perf_counter() - t
-    stars = measure("kinematics", lambda: catalog.add_kinematics(stars, gaia, distances),
-                    len(stars))
-    out["kinematics"]["seconds"] += warm
-    out["kinematics"]["fixed_seconds"] = warm
-    out["kinematics"]["n_out"] = int(stars["R"].notna().sum())
+    warm, warm_cpu = time.perf_counter() - t, time.process_time() - c
+    base_mb = _rss_mb()  # after the imports, before any table: what does not scale
     fits_path = paths.processed_dir() / "catalog.fits"
     parquet_path = paths.processed_dir() / "catalog.parquet"
+    bucket_dir = paths.interim_dir() / "catalog_buckets"
+    shutil.rmtree(bucket_dir, ignore_errors=True)
+    n_obs = pq.ParquetFile(obs).metadata.num_rows
+    from astropy.io import fits
 
-    def table1():
-        table = catalog.to_table(stars, kind="catalog")
-        catalog.write_table(table, fits_path)
-        catalog.write_table(table, parquet_path)
-        return table
-
-    table = measure("table1", table1, len(stars))
-    out["table1"]["n_out"] = len(table)
+    with fits.open(gaia_dir / "gaia_source.fits") as h:
+        n_gaia = int(h[1].header["NAXIS2"])
+    result, wall, _, load = _timed(lambda: catalog.build_catalog(
+        obs, gaia=gaia_dir / "gaia_source.fits", distances=gaia_dir / "distances.fits",
+        fits_path=fits_path, parquet_path=parquet_path, stream=True, bucket_dir=bucket_dir,
+        bucket_rows=bucket_rows, track_memory=True))
+    stars = pq.read_table(parquet_path, columns=["source_id", "R"]).to_pandas()
+    n_out = {"partition": n_obs, "combine": result.n_stars,
+             "gaia": int((stars["source_id"] != catalog.NO_SOURCE_ID).sum()),
+             "kinematics": int(stars["R"].notna().sum()), "table1": result.n_stars}
+    n_in = {"partition": n_obs, "combine": n_obs, "gaia": result.n_stars,
+            "kinematics": result.n_stars, "table1": result.n_stars}
+    out = {}
+    for name in ("partition", "combine", "gaia", "kinematics", "table1"):
+        peak = result.stage_peak_rss_mb[name]
+        out[name] = {"n_in": n_in[name], "n_out": n_out[name],
+                     "seconds": result.stage_seconds[name],
+                     "cpu_seconds": result.stage_cpu_seconds[name], "load": load,
+                     "peak_mb_parent": round(peak, 1), "peak_mb_total": round(peak, 1),
+                     "base_mb": round(base_mb, 1),
+                     "reference_mb": round(result.reference_mb, 1),
+                     "reference_nbytes": result.reference_nbytes,
+                     "n_gaia_sources": n_gaia,
+                     "bucket_rows": bucket_rows, "n_buckets": result.n_buckets}
+    out["partition"]["disk_bytes"] = _disk_bytes(bucket_dir)
+    out["kinematics"]["seconds"] += warm
+    out["kinematics"]["fixed_seconds"] = warm
+    out["kinematics"]["cpu_seconds"] += warm_cpu
+    out["kinematics"]["fixed_cpu_seconds"] = warm_cpu
     out["table1"]["disk_bytes"] = _disk_bytes(fits_path, parquet_path)
+    out["table1"]["catalogue_wall_seconds"] = wall
     return out
 
 
@@ -429,6 +442,47 @@ def _run_stage(name: str, env: dict, *args, timeout: float = 7200) -> dict:
 # The driver
 # ------------------------------------------------------------------------------------------------
 
+def _default_bucket_rows() -> int:
+    sys.path.insert(0, str(ROOT))
+    from lamostcannon import catalog
+
+    return catalog.BUCKET_ROWS
+
+
+def _memory_projection(v: dict, n_obs: int) -> dict:
+    """Peak memory of a streaming per-star stage at 4.5 million observations: the process base
+    and one bucket stay (flat in N when the run had more than one bucket, else scaled
+    linearly, as the whole table was one bucket); the arrays of the Gaia index and distances
+    (``reference_nbytes``) scale with the number of Gaia sources, taken proportional to the
+    observations; the rest of their measured resident memory is counted once."""
+    scale = N_SURVEY / n_obs
+    reference = max(v["reference_mb"], 0.0)
+    arrays = v.get("reference_nbytes", 0) / 2 ** 20
+    bucket = max(v["peak_mb_total"] - v["base_mb"] - reference, 0.0)
+    bounded = v["n_buckets"] > 1
+    return {"bucket_mb": round(bucket, 1), "memory_bounded_by_bucket": bounded,
+            "peak_mb_projected_4p5M": round(v["base_mb"] + max(reference - arrays, 0.0)
+                                            + arrays * scale
+                                            + (bucket if bounded else bucket * scale))}
+
+
+def _per_star_memory(stages: dict, n_obs: int) -> dict:
+    per = {k: v for k, v in stages.items() if "base_mb" in v}
+    if not per:
+        return {}
+    any_ = next(iter(per.values()))
+    return {"bucket_rows": any_["bucket_rows"], "n_buckets": any_["n_buckets"],
+            "n_observations": n_obs, "base_mb": any_["base_mb"],
+            "reference_mb": any_["reference_mb"], "n_gaia_sources": any_["n_gaia_sources"],
+            "reference_array_bytes_per_gaia_source": round(
+                any_.get("reference_nbytes", 0) / max(any_["n_gaia_sources"], 1), 1),
+            "peak_mb_by_stage": {k: v["peak_mb_total"] for k, v in per.items()},
+            "bucket_mb_by_stage": {k: v["bucket_mb"] for k, v in per.items()},
+            "peak_mb_projected_4p5M_by_stage": {k: v["peak_mb_projected_4p5M"]
+                                                for k, v in per.items()},
+            "bounded": any_["n_buckets"] > 1}
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n", type=int, default=101_000,
@@ -437,6 +491,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--chunk-size", type=int, default=2048)
     parser.add_argument("--plain", type=int, default=200, help="files for the astropy loop")
+    parser.add_argument("--bucket-rows", type=int, default=None,
+                        help="observations per bucket of the streaming per-star stages "
+                             "(default lamostcannon.catalog.BUCKET_ROWS)")
     parser.add_argument("--root", type=Path, default=ROOT / "data" / "bench",
                         help="folder of the benchmark's own data roots (ignored by git)")
     parser.add_argument("--models", default=str(ROOT / "data" / "processed"),
@@ -474,7 +531,8 @@ def main(argv=None) -> dict:
     log.info("stages (%d workers):", args.workers)
     stages["ingest"] = _run_stage("ingest", env, args.workers)
     stages["label"] = _run_stage("label", env, args.workers, args.chunk_size)
-    stages.update(_run_stage("catalogue", env))
+    bucket_rows = args.bucket_rows or _default_bucket_rows()
+    stages.update(_run_stage("catalogue", env, bucket_rows))
     plain = _run_stage("plain", env, args.plain)
 
     n_obs = stages["ingest"]["n_in"]
@@ -485,16 +543,18 @@ def main(argv=None) -> dict:
     for k, v in stages.items():
         v["rate_per_s"] = round(v["n_in"] / v["seconds"], 1)
         v["projected_hours_4p5M"] = round(projected[k] / 3600, 4)
-        if "base_mb" in v:  # per-star stages: the star table grows with the survey
-            v["peak_mb_projected_4p5M"] = round(
-                v["base_mb"] + (v["peak_mb_total"] - v["base_mb"]) * N_SURVEY / n_obs)
+        if "base_mb" in v:  # per-star stages (streaming): see _memory_projection
+            v.update(_memory_projection(v, n_obs))
     total_hours = sum(projected.values()) / 3600
     # The same from CPU time: what the stages would take on otherwise idle cores, if each kept
     # its processes busy (ingest and labelling: the workers, so cpu / workers; the per-star
     # stages run in one process). An estimate for a loaded machine, never a measurement.
     cores = {k: (args.workers if k in ("ingest", "label") else 1) for k in stages}
-    idle = {k: (stages[k]["cpu_seconds"] / cores[k] - fixed[k]) / n_obs * N_SURVEY + fixed[k]
-            for k in stages}
+    # one-time CPU: the stage's own figure when it has one (galpy's set-up), else its wall
+    fixed_cpu = {k: float(v.get("fixed_cpu_seconds", fixed[k] * cores[k]))
+                 for k, v in stages.items()}
+    idle = {k: (stages[k]["cpu_seconds"] - fixed_cpu[k]) / cores[k] / n_obs * N_SURVEY
+            + fixed_cpu[k] / cores[k] for k in stages}
     idle_hours = sum(idle.values()) / 3600
     ingest_rate = stages["ingest"]["rate_per_s"]
     result = {
@@ -514,18 +574,22 @@ def main(argv=None) -> dict:
         "stage_seconds": {k: round(v, 2) for k, v in seconds.items()},
         "stage_rate_per_s": {k: v["rate_per_s"] for k, v in stages.items()},
         "stage_projected_hours_4p5M": {k: v["projected_hours_4p5M"] for k, v in stages.items()},
+        "per_star_memory": _per_star_memory(stages, n_obs),
         "stages": stages,
         "ingest_vs_plain_astropy": round(ingest_rate / plain["spectra_per_s"], 1),
         "plain_astropy_spectra_per_s": round(plain["spectra_per_s"], 1),
         "plain_astropy": plain,
         "setup": {"mock": mock, "models": models},
-        "workers": args.workers, "chunk_size": args.chunk_size,
+        "workers": args.workers, "chunk_size": args.chunk_size, "bucket_rows": bucket_rows,
         "data_root": str(data_root),
         "notes": "Wall-clock seconds per stage, each stage in its own process; the machine may "
                  "be shared (load per stage: [before, after] 1-min load average). Projection: "
-                 "per-observation seconds x 4.5e6, the Dask cluster start-up once. Per-star "
-                 "stages hold the whole star table in memory (peak_mb_projected_4p5M scales "
-                 "it linearly); ingest and labelling hold one chunk per process.",
+                 "per-observation seconds x 4.5e6, the Dask cluster start-up once. Memory: "
+                 "ingest and labelling hold one chunk per process; the per-star stages stream "
+                 "buckets of bucket_rows observations (build_catalog(stream=True)): their peak "
+                 "is base + the Gaia index and distances (reference_mb, ~linear in the Gaia "
+                 "sources, projected linearly) + one bucket (flat in N once there is more than "
+                 "one bucket); per_star_memory says which.",
         "machine": {"cpu_count": os.cpu_count(), "python": platform.python_version(),
                     "platform": platform.platform(), "load_avg_end": os.getloadavg()},
         "benchmark_wall_s": round(time.perf_counter() - t_all, 1),
@@ -551,6 +615,7 @@ def main(argv=None) -> dict:
         log.info("removed %s", data_root)
     else:  # keep the mock and the models for the next run; the products are rebuilt each time
         for product in ("interim/survey_spectra.zarr", "interim/catalog_parts",
+                        "interim/catalog_buckets",
                         "processed/labels_per_observation.parquet", "processed/catalog.fits",
                         "processed/catalog.parquet"):
             path = data_root / product
