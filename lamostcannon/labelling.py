@@ -318,6 +318,25 @@ def _hash_arrays(*arrays) -> str:
     return h.hexdigest()[:16]
 
 
+def code_fingerprint() -> str:
+    """Hash of the source of the modules that turn a spectrum into labels (``cannon``,
+    ``labelling``, ``uncertainty``, ``ood``). It is part of :meth:`Labeller.fingerprint`, so a
+    resumed catalogue run never mixes parts labelled by different versions of that code."""
+    global _CODE_FINGERPRINT
+    if _CODE_FINGERPRINT is None:
+        from . import cannon, ood, uncertainty
+
+        h = hashlib.sha256()
+        for module in (cannon, ood, uncertainty):
+            h.update(Path(module.__file__).read_bytes())
+        h.update(Path(__file__).read_bytes())
+        _CODE_FINGERPRINT = h.hexdigest()[:16]
+    return _CODE_FINGERPRINT
+
+
+_CODE_FINGERPRINT = None
+
+
 def _json_hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -371,6 +390,7 @@ class Labeller:
 
     def fingerprint(self) -> dict:
         return {"models": {k: b.fingerprint() for k, b in sorted(self.models.items())},
+                "code": code_fingerprint(),
                 "min_pixels": int(self.min_pixels), "snr_low": float(self.snr_low),
                 "test_kwargs": json.dumps(self.test_kwargs, sort_keys=True, default=str)}
 

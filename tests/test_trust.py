@@ -281,6 +281,17 @@ def test_labeller_columns_errors_and_quality_bits(trained):
     assert np.isfinite(out["ood_score"].to_numpy()[good]).all()
 
 
+def test_labeller_fingerprint_carries_the_labelling_code(trained, monkeypatch):
+    # a resumed catalogue run compares fingerprints: parts labelled by other code are refused
+    labeller = labelling.Labeller({"toy": labelling.ModelBundle.load(trained["path"])})
+    code = labelling.code_fingerprint()
+    assert len(code) == 16 and int(code, 16) >= 0 and labelling.code_fingerprint() == code
+    before = labeller.fingerprint()
+    assert before["code"] == code
+    monkeypatch.setattr(labelling, "_CODE_FINGERPRINT", "0" * 16)  # as if cannon.py had changed
+    assert labeller.fingerprint() != before
+
+
 def test_labeller_two_models_eq1_and_no_pipeline(trained):
     bundle = labelling.ModelBundle.load(trained["path"])
     dwarf = labelling.ModelBundle.from_model(bundle.model, "dwarf")
