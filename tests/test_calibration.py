@@ -153,7 +153,7 @@ def test_a_compressed_response_needs_the_gain(rng):
     additive = calibration.fit(cal_set, [LABEL], reference=ref, terms=calibration.TERMS_TEFF_LOGG,
                                gain_terms=(), seed=4, n_boot=20)
     gained = calibration.fit(cal_set, [LABEL], reference=ref, terms=calibration.TERMS_TEFF_LOGG,
-                             gain_terms=("u", "u2"), seed=4, n_boot=50)
+                             gain_terms=("u", "u2"), gain_labels=None, seed=4, n_boot=50)
     slope = {k: binaries.teff_trend(test["teff"], c.calibrate(test)[f"{LABEL}_cal"]).slope_per_1000K
              for k, c in (("additive", additive), ("gain", gained))}
     assert abs(slope["additive"]) > 0.03, slope
@@ -209,7 +209,8 @@ def test_gain_uncertainty_from_the_bootstrap_describes_the_error(rng):
     ref = _reference(rng)
     ref[LABEL] = 0.0
     fits = [calibration.fit(sim(np.random.default_rng(s)), [LABEL], reference=ref,
-                            terms=calibration.TERMS_TEFF_LOGG, gain_terms=("u", "u2"), seed=s,
+                            terms=calibration.TERMS_TEFF_LOGG, gain_terms=("u", "u2"),
+                            gain_labels=None, seed=s,
                             n_boot=30, lambdas=calibration.LAMBDAS[::3]) for s in (11, 12, 13)]
     vals = np.array([f.correction(LABEL, grid, values=0.2)[0] for f in fits])
     sig = np.array([f.correction(LABEL, grid, values=0.2)[1] for f in fits])
@@ -456,3 +457,43 @@ def test_build_catalog_hook_writes_the_calibrated_columns(tmp_path, rng):
     with fits.open(tmp_path / "c.fits") as h:
         comments = [h[1].header.get(f"TCOMM{i}", "") for i in range(1, len(back.colnames) + 1)]
     assert any("calibrated with clusters+binaries" in c for c in comments)
+
+
+def test_gain_form_is_chosen_by_leave_one_cluster_out(rng):
+    # with a compressed response the held-out clusters keep trends unless a gain is fitted:
+    # the cross-validation picks one; with a purely additive systematic it keeps the additive form
+    def sim(r, compressed):
+        df = simulate(r, noise=0.0, n_clusters=8, n_binaries=200)
+        resp = _gain_truth(df["teff"]) if compressed else 1.0
+        df[LABEL] = (trend(df["teff"], df["logg"]) + resp * df["truth"]
+                     + r.normal(0.0, 0.02, len(df)))
+        return df
+
+    ref = _reference(rng)
+    ref[LABEL] = 0.0
+    chosen = {}
+    for compressed in (True, False):
+        cal = calibration.fit(sim(np.random.default_rng(21), compressed), [LABEL], reference=ref,
+                              terms=calibration.TERMS_TEFF_LOGG, seed=5, n_boot=5,
+                              lambdas=calibration.LAMBDAS[::3])
+        sel = cal.provenance["gain_selection"]
+        assert sel["method"] == "leave-one-cluster-out" and len(sel["clusters"]) == 8
+        scores = sel["labels"][LABEL]
+        assert set(scores) == {"chosen", "none", "u", "u+u2"}
+        chosen[compressed] = cal.provenance["gain_terms_of_label"][LABEL]
+        assert scores["chosen"] == chosen[compressed]
+        best = min((k for k in scores if k != "chosen"), key=lambda k: scores[k]["loco_z2"])
+        if compressed:
+            # the held-out clusters' trends: far beyond noise without a gain, near noise with it
+            assert scores["none"]["loco_z2"] > 5 * scores[best]["loco_z2"], scores
+    assert chosen[True] != [] and chosen[False] == [], chosen
+
+
+def test_gain_form_without_clusters_is_additive(rng):
+    df = simulate(rng, n_clusters=0, n_binaries=300)
+    cal = calibration.fit(df, [LABEL], terms=calibration.TERMS_TEFF_LOGG, seed=1, n_boot=5,
+                          lambdas=calibration.LAMBDAS[::3])
+    assert cal.provenance["gain_terms_of_label"][LABEL] == []
+    assert np.all(cal.gain(LABEL, df) == 1.0)
+    with pytest.raises(ValueError, match="gain_labels"):
+        calibration.fit(df, [LABEL], gain_labels="always")
