@@ -50,7 +50,9 @@ each step into weighted least squares on *within-group* deviations, so
 
 A star is calibrated by inverting the model: :math:`x_{\rm cal} = (x - f) / (1 + h) + c_0`, the
 gain floored at :data:`GAIN_MIN`. The abundance scale stays GALAH's: :math:`c_0` makes the mean
-change :math:`x_{\rm cal} - x` over the reference set (its own training labels and terms) zero.
+change :math:`x_{\rm cal} - x` over the reference set zero: over its stars' catalogue rows
+(:func:`reference_rows`, what the catalogue publishes for them), or over its own training labels
+and terms when the catalogue holds too few of them.
 The uncertainty comes from a bootstrap over groups (groups resampled with replacement, the fit
 repeated with the chosen :math:`\lambda`): the covariance :math:`\Sigma` of ``(c, a, c0)``,
 propagated linearly through the inversion, gives :math:`\sigma_f`, and the catalogue's
@@ -951,6 +953,33 @@ def reference_dwarfs(reference=None) -> pd.DataFrame:
     return out.reset_index(drop=True)
 
 
+#: Fewest catalogue rows of reference dwarfs the anchor needs; with fewer, the reference set's
+#: own (training) labels anchor the scale instead.
+MIN_ANCHOR_ROWS = 50
+
+
+def reference_rows(catalog, reference=None, good=None, *, key="designation") -> pd.DataFrame:
+    """The catalogue rows of the reference set's dwarfs (dwarf-model rows, ``good`` ones only):
+    where :func:`calibrate` anchors the scale, so that the mean of the calibrated abundances over
+    the reference stars, as the catalogue gives them, is the raw mean (which the model was trained
+    to put on the training labels' scale)."""
+    if reference is None:
+        from .cleaning import read_reference_set
+
+        reference = read_reference_set()
+    ref = _frame(reference)
+    if "giant" in ref.columns:
+        ref = ref.loc[~ref["giant"].to_numpy(bool)]
+    cat = _frame(catalog)
+    keep = np.ones(len(cat), bool) if good is None else np.asarray(good, bool)
+    if "giantmodel" in cat.columns:
+        keep &= ~cat["giantmodel"].to_numpy(bool)
+    if key not in cat.columns or key not in ref.columns:
+        return cat.iloc[:0]
+    keep &= cat[key].isin(ref[key]).to_numpy()
+    return cat.loc[keep].reset_index(drop=True)
+
+
 def calibrate(catalog, *, raw_dir=None, directory=None, reference=None, labels=DWARF_ABUNDANCES,
               terms=TERMS, gain_terms=GAIN_TERMS, gain_labels=GAIN_LABELS, test_clusters=TEST_CLUSTERS, min_proba=MIN_PROBA, good=None, seed=0,
               n_boot=200, write=True) -> Calibration:
@@ -966,8 +995,9 @@ def calibrate(catalog, *, raw_dir=None, directory=None, reference=None, labels=D
     directory : path, optional
         Where the models are and the calibration is written (default ``paths.processed_dir()``).
     reference : Table, optional
-        Reference set of the anchor (:func:`reference_dwarfs`); default
-        ``interim/reference_set.fits``.
+        Reference set of the anchor; default ``interim/reference_set.fits``. The anchor is the
+        catalogue rows of its dwarfs (:func:`reference_rows`), or, with fewer than
+        :data:`MIN_ANCHOR_ROWS` of them, its own training labels (:func:`reference_dwarfs`).
     good : boolean array, optional
         Catalogue rows usable for science (default :func:`lamostcannon.maps.quality_mask`).
     labels, terms, gain_terms, gain_labels, test_clusters, min_proba, seed, n_boot : see
@@ -988,10 +1018,18 @@ def calibrate(catalog, *, raw_dir=None, directory=None, reference=None, labels=D
         good = maps.quality_mask(catalog)
     calib = calibrators(catalog, members, wide, labels=labels, min_proba=min_proba,
                         test_clusters=test_clusters, good=good)
-    cal = fit(calib, labels, reference=reference_dwarfs(reference), terms=terms,
+    anchor = reference_rows(catalog, reference, good)
+    if len(anchor) >= MIN_ANCHOR_ROWS:
+        how = f"catalogue rows of {len(anchor)} reference dwarfs"
+    else:
+        log.warning("only %d catalogue rows of reference dwarfs: the reference set's own labels "
+                    "anchor the scale", len(anchor))
+        anchor = reference_dwarfs(reference)
+        how = f"training labels of {len(anchor)} reference dwarfs"
+    cal = fit(calib, labels, reference=anchor, terms=terms,
               gain_terms=gain_terms, gain_labels=gain_labels, seed=seed,
               n_boot=n_boot,
-              provenance={"model_training_hash": model_training_hash(directory),
+              provenance={"model_training_hash": model_training_hash(directory), "anchor": how,
                           "test_clusters": list(test_clusters), "min_proba": min_proba,
                           "binary_split": "lamostcannon.binaries.binary_split == 'fit'",
                           "members_file": "clusters/members.fits",
@@ -1124,9 +1162,9 @@ def reference_change(catalog, reference=None, labels=DWARF_ABUNDANCES, *, key="d
                      suffix="_cal") -> pd.Series:
     """Mean change ``<x>_cal - <x>`` (dex) over the catalogue rows of the reference set's dwarfs.
 
-    The abundance scale is tied to the training labels (GALAH) by this being zero; it is not zero
-    by construction here, because the anchor uses the reference set's own labels and this uses
-    the catalogue's (inferred) teff, logg, [Fe/H] and S/N of the same stars.
+    The abundance scale is tied to the training labels (GALAH) by this being zero. :func:`calibrate`
+    anchors on the same stars' catalogue rows (:func:`reference_rows`), so it is zero up to which
+    rows ``catalog`` holds (e.g. a stricter quality cut) and the calibration's own arithmetic.
     """
     if reference is None:
         from .cleaning import read_reference_set

@@ -362,6 +362,20 @@ def test_calibrate_step_never_fits_praesepe(tmp_path, rng):
     judged = {f"binary:{a}-{b}" for a, b in zip(w["source_id1"], w["source_id2"])}
     assert not judged.intersection(prov["groups_used"])
     assert (proc / calibration.FILE_NAME).is_file()
+    # a reference set without catalogue rows: its own training labels anchor the scale
+    assert prov["anchor"].startswith("training labels of")
+    # with catalogue rows of its stars, those anchor it: the mean change over them is zero
+    sim["designation"] = [f"J{k:07d}" for k in sim["source_id"]]
+    ref = sim.sample(120, random_state=0)[["designation"]].assign(giant=False)
+    cal = calibration.calibrate(sim, raw_dir=raw, directory=proc, reference=ref, labels=[LABEL],
+                                seed=1, n_boot=5, write=False)
+    assert cal.provenance["anchor"] == "catalogue rows of 120 reference dwarfs"
+    out = pd.concat([sim, cal.calibrate(sim)], axis=1)
+    change = calibration.reference_change(out, ref, labels=[LABEL])[LABEL]
+    assert abs(change) < 1e-10, change
+    # ... but not over other stars: the correction is not a constant
+    others = out[~out["designation"].isin(ref["designation"])]
+    assert abs(np.mean(others[f"{LABEL}_cal"] - others[LABEL])) > 1e-4
 
 
 # ----------------------------------------------------------------------------- files and catalogue
