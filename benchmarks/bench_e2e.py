@@ -406,6 +406,8 @@ def stage_catalogue(bucket_rows: int) -> dict:
     out["kinematics"]["fixed_seconds"] = warm
     out["kinematics"]["cpu_seconds"] += warm_cpu
     out["kinematics"]["fixed_cpu_seconds"] = warm_cpu
+    # galpy's action loops run on OpenMP threads: the stage keeps that many cores busy
+    out["kinematics"]["threads"] = kinematics.openmp_threads()
     out["table1"]["disk_bytes"] = _disk_bytes(fits_path, parquet_path)
     out["table1"]["catalogue_wall_seconds"] = wall
     return out
@@ -548,8 +550,11 @@ def main(argv=None) -> dict:
     total_hours = sum(projected.values()) / 3600
     # The same from CPU time: what the stages would take on otherwise idle cores, if each kept
     # its processes busy (ingest and labelling: the workers, so cpu / workers; the per-star
-    # stages run in one process). An estimate for a loaded machine, never a measurement.
-    cores = {k: (args.workers if k in ("ingest", "label") else 1) for k in stages}
+    # stages run in one process, kinematics on galpy's OpenMP threads). An estimate for a loaded
+    # machine, never a measurement.
+    cores = {k: (args.workers if k in ("ingest", "label")
+                 else max(1, min(int(v.get("threads", 1)), os.cpu_count() or 1)))
+             for k, v in stages.items()}
     # one-time CPU: the stage's own figure when it has one (galpy's set-up), else its wall
     fixed_cpu = {k: float(v.get("fixed_cpu_seconds", fixed[k] * cores[k]))
                  for k, v in stages.items()}
