@@ -309,3 +309,26 @@ def test_model_spectra_and_two_models(small_model, spectra_dir, tmp_path):
     assert ((_read(out3)["quality_flag"] & labelling.QF_NO_PIPELINE) != 0).all()
     assert cli.main(["label", "-m", str(small_model), *files, "-o", str(tmp_path / "x.fits"),
                      "--model-spectra", str(tmp_path / "x.fits"), "--no-progress"]) == 2
+
+
+@pytest.mark.real
+def test_read_step_gives_the_bytes_of_one_file_at_a_time(spectra_dir, monkeypatch):
+    """``label`` reads in batches (the ingest's): every row is the bytes ``preprocess`` gives
+    that file alone, failures keep their index and reason, across batch boundaries."""
+    from lamostcannon import spectra
+
+    folder, good, bad = spectra_dir
+    files = sorted(str(p) for p in folder.iterdir())
+    monkeypatch.setattr(cli, "READ_BATCH", 3)
+    keep, metas, flux, ivar, failed = cli._read_chunk(files)
+    assert [Path(files[k]).name for k in keep] == sorted([p.name for p in good] + ["zz_duplicate.fits.gz"])
+    assert len(failed) + len(keep) == len(files)
+    for row, k in enumerate(keep):
+        f1, i1 = spectra.preprocess(spectra.read_lamost(files[k]))
+        assert np.array_equal(flux[row].view(np.uint32), f1.view(np.uint32)), files[k]
+        assert np.array_equal(ivar[row].view(np.uint32), i1.view(np.uint32)), files[k]
+        assert metas[row]["obsid"] == spectra.read_lamost(files[k]).meta["obsid"]
+    for k, why in failed:
+        with pytest.raises(spectra.SpectrumReadError) as exc:
+            spectra.preprocess(spectra.read_lamost(files[k]))
+        assert exc.value.reason == why
