@@ -10,7 +10,11 @@ slope of inferred on true:
 * ``galah``: the reference set's GALAH-like labels (what notebook 03 trains on);
 * ``iid``: the true labels plus independent Gaussian noise with, per label, the standard deviation
   of GALAH-like minus true over the training stars (label noise without any structure);
-* ``true``: the true labels.
+* ``true``: the true labels;
+* ``galah_eiv``, ``iid_eiv``: the same labels with their errors (the reference set's
+  ``e_<label>``; the noise's standard deviation for ``iid``) given to
+  :meth:`~lamostcannon.cannon.CannonModel.train` (``label_errors``), which fits the model to the
+  labels' regression calibration (:func:`~lamostcannon.cannon.regression_calibrate`).
 
 On the ``large`` mock (2026-11-30, giants) the GALAH-like and ``iid`` columns get *worse* with more
 training stars while ``true`` gets better: regression dilution (the model learns derivatives
@@ -34,7 +38,7 @@ RESULT = ROOT / "benchmarks" / "results" / "label_noise.json"
 
 
 def study(group: str = "giant", sizes=(800, 3000, None), n_test: int = 1000, seed: int = 1,
-          n_show: int = 5) -> dict:
+          n_show: int = 5, kinds=None) -> dict:
     """Scatter and slope against the truth of held-out labels, per training size and label kind."""
     sys.path.insert(0, str(ROOT))
     from astropy.table import Table
@@ -60,14 +64,24 @@ def study(group: str = "giant", sizes=(800, 3000, None), n_test: int = 1000, see
     test, pool = order[:n_test], order[n_test:]
     noise_sd = np.std(galah[pool] - true[pool], axis=0)
     iid = true + np.random.default_rng(seed + 1).normal(0.0, noise_sd, true.shape)
+    # the errors an errors-in-variables fit is given: the reference set's own e_<label> for the
+    # GALAH-like labels (0 where it has none), the noise's known sd for iid
+    galah_err = np.column_stack([np.asarray(table[f"e_{n}"], float) if f"e_{n}" in table.colnames
+                                 else np.zeros(len(table)) for n in names])
+    iid_err = np.broadcast_to(noise_sd, true.shape)
     out = {"group": group, "n_reference": int(len(table)), "n_test": int(n_test),
            "labels": names[:n_show], "label_noise_sd": dict(zip(names, noise_sd.round(4).tolist())),
            "runs": []}
     for size in sizes:
         train = pool if size is None or size >= pool.size else pool[:size]
-        for kind, lab in (("galah", galah), ("iid", iid), ("true", true)):
+        for kind, lab, err in (("galah", galah, None), ("galah_eiv", galah, galah_err),
+                               ("iid", iid, None), ("iid_eiv", iid, iid_err), ("true", true, None)):
+            if kinds and kind not in kinds:
+                continue
             t0 = time.perf_counter()
-            model = CannonModel(names, wavelength=wave).train(lab[train], flux[train], ivar[train])
+            model = CannonModel(names, wavelength=wave).train(
+                lab[train], flux[train], ivar[train],
+                label_errors=None if err is None else err[train])
             got = model.test(flux[test], ivar[test]).labels
             run = {"n_train": int(train.size), "labels_from": kind,
                    "seconds": round(time.perf_counter() - t0, 1)}
@@ -88,9 +102,12 @@ def main(argv=None) -> dict:
                     help="training-set sizes; 0 = every star not held out")
     ap.add_argument("--test", type=int, default=1000, help="held-out reference stars")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--kinds", nargs="+", default=None,
+                    help="label kinds to train on (default all: galah galah_eiv iid iid_eiv true)")
     ap.add_argument("--output", type=Path, default=RESULT)
     args = ap.parse_args(argv)
-    res = study(args.group, [s or None for s in args.sizes], args.test, args.seed)
+    res = study(args.group, [s or None for s in args.sizes], args.test, args.seed,
+                kinds=args.kinds)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(res, indent=1) + "\n")
     print(f"wrote {args.output}")

@@ -149,6 +149,7 @@ _META_CARDS = {
     "s2_rtol": ("TS2RTOL", "relative tolerance of s2"),
     "n_outer": ("TNOUTER", "theta/s2 alternations done"),
     "s2_unconverged": ("TS2UNCV", "pixels whose s2 did not converge"),
+    "errors_in_variables": ("TEIV", "trained correcting for training-label errors"),
 }
 
 
@@ -702,7 +703,7 @@ class CannonModel:
     # ---- training -------------------------------------------------------------------------
     def train(self, labels, flux, ivar, *, ridge: float = 1e-8, min_stars=None,
               s2_rtol: float = 1e-5, max_outer: int = 50, pixel_chunk: int = 512,
-              n_starts_kmeans: int = 64):
+              n_starts_kmeans: int = 64, label_errors=None):
         """Fit theta and s^2 at every pixel (paper eqs. 3 and 5).
 
         Parameters
@@ -727,6 +728,15 @@ class CannonModel:
             Pixels per batch of normal equations (bounds memory).
         n_starts_kmeans : int
             k-means centres of the training labels kept as test-step starting points.
+        label_errors : ndarray (S, L) or table with ``e_<label>`` columns, optional
+            1-sigma errors of the training labels (physical units; NaN, 0 or a missing column:
+            none). Given, the model is fitted to the labels' regression calibration
+            (:func:`regression_calibrate`), the expected true labels given the noisy ones,
+            instead of the noisy labels themselves (errors in variables): a model fitted to
+            noisy labels learns derivatives attenuated by the noise and reports labels
+            stretched away from the mean, and more training stars do not cure it. The scatter
+            ``s^2`` is fitted to the residuals at the calibrated labels. ``label_range`` and
+            the test step's starting points stay those of the labels as given.
 
         Returns
         -------
@@ -770,10 +780,16 @@ class CannonModel:
             raise ValueError(f"training flux is NaN/inf at {bad_flux} pixels where ivar > 0; "
                              "set ivar = 0 there to mark them missing")
 
-        self.training_hash = _training_hash(lab, flux, ivar)
+        err = None
+        if label_errors is not None:
+            err = _label_errors_array(label_errors, self.label_names, lab.shape)
+        self.training_hash = _training_hash(lab, flux, ivar) if err is None else \
+            _training_hash(np.hstack([lab, err]), flux, ivar)
         self.scaler = LabelScaler.fit(lab)
         self.label_range = np.vstack([lab.min(axis=0), lab.max(axis=0)])
-        x = self.scaler.transform(lab)
+        given = self.scaler.transform(lab)
+        # errors in variables: fit to the expected true labels given the noisy ones
+        x = given if err is None else self.scaler.transform(regression_calibrate(lab, err))
         tab = _tables(self.n_labels)
         eta = vectorize(x)
         m4 = _monomials4(x, tab)
@@ -820,9 +836,10 @@ class CannonModel:
         s2[~ok] = np.inf
         self.theta, self.s2, self.pixel_ok = theta, s2, ok
         self.n_train = S
-        self.starts = _starting_points(x, n_starts_kmeans)
+        self.starts = _starting_points(given, n_starts_kmeans)
         self._q = None
         self.meta = dict(ridge=float(ridge), min_stars=-1 if min_stars is None else int(min_stars),
+                         errors_in_variables=err is not None,
                          n_outer=int(n_outer), s2_rtol=float(s2_rtol),
                          s2_unconverged=int(todo.size), train_seconds=time.perf_counter() - t0)
         logger.info("trained on %d spectra x %d pixels, %d labels: %d pixels ok, %d alternations, "
@@ -1443,6 +1460,69 @@ class CannonModel:
 # --------------------------------------------------------------------------------------------
 # Training internals
 # --------------------------------------------------------------------------------------------
+
+def regression_calibrate(labels, errors) -> np.ndarray:
+    """Expected true labels given noisy ones: the regression calibration of errors in variables.
+
+    For a population with mean ``mu`` and covariance ``C`` of the noisy labels and label errors
+    of mean variance ``D = diag(mean(errors^2))``, the linear (Gaussian) estimate of the true
+    labels is ``mu + (x - mu) (C - D) C^-1``: each label shrinks towards the mean by its
+    reliability, and along the labels' correlations (a giant's teff and logg move together).
+    Labels without errors (0) that are uncorrelated with the noisy ones do not move. Where the
+    errors are as large as the spread (``C - D`` not positive semi-definite, as for an abundance
+    with little real spread in a small training set), the negative eigenvalues of ``C - D`` are
+    set to 0: nothing of the true labels is left along those directions, which shrink to the
+    mean.
+
+    Parameters
+    ----------
+    labels : ndarray (S, L), physical units
+    errors : ndarray (S, L), 1-sigma, >= 0
+
+    Returns
+    -------
+    ndarray (S, L)
+
+    Raises
+    ------
+    ValueError
+        Fewer than two stars, or shapes that differ.
+    """
+    lab = np.asarray(labels, float)
+    err = np.asarray(errors, float)
+    if lab.ndim != 2 or lab.shape != err.shape or lab.shape[0] < 2:
+        raise ValueError(f"labels and errors must both be (S >= 2, L); got {lab.shape} and "
+                         f"{err.shape}")
+    mu = lab.mean(axis=0)
+    cov = np.atleast_2d(np.cov(lab, rowvar=False))
+    d = np.diag(np.mean(err ** 2, axis=0))
+    w, v = np.linalg.eigh((cov - d + (cov - d).T) / 2)
+    if np.any(w < 0):
+        logger.warning("regression calibration: %d of %d directions of the labels are noise "
+                       "only (errors as large as the spread); they shrink to the mean",
+                       int(np.sum(w < 0)), w.size)
+    signal = (v * np.clip(w, 0.0, None)) @ v.T
+    gain = signal @ np.linalg.pinv(cov)
+    return mu + (lab - mu) @ gain.T
+
+
+def _label_errors_array(errors, names, shape) -> np.ndarray:
+    """Training-label errors (S, L) from an array or a table with ``e_<label>`` columns; NaN and
+    missing columns become 0 (no correction), negative or infinite values are refused."""
+    if hasattr(errors, "colnames") or hasattr(errors, "columns") or isinstance(errors, dict):
+        cols = list(errors.colnames) if hasattr(errors, "colnames") else list(errors.keys())
+        n = shape[0]
+        err = np.column_stack([np.asarray(errors[f"e_{name}"], float) if f"e_{name}" in cols
+                               else np.zeros(n) for name in names])
+    else:
+        err = np.array(errors, dtype=float)
+    if err.shape != tuple(shape):
+        raise ValueError(f"label_errors must have shape {tuple(shape)}, got {err.shape}")
+    err = np.where(np.isnan(err), 0.0, err)
+    if not np.all(np.isfinite(err)) or np.any(err < 0):
+        raise ValueError("label_errors must be finite and >= 0 (NaN: no error given)")
+    return err
+
 
 def _training_hash(labels, flux, ivar) -> str:
     h = hashlib.sha256()

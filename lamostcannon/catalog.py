@@ -501,7 +501,16 @@ def _prepare_parts_dir(parts_dir: Path, run_info: dict, overwrite: bool) -> None
     """Create the parts folder, check that a resumed run is the same run, clear stale temp files."""
     parts_dir = paths.ensure(Path(parts_dir))
     run_file = parts_dir / RUN_FILE
-    if overwrite:
+    start_again = bool(overwrite) and overwrite != "changed"
+    if overwrite == "changed" and run_file.exists():
+        previous = json.loads(run_file.read_text())
+        if previous != run_info:
+            changed = sorted(k for k in set(previous) | set(run_info)
+                             if previous.get(k) != run_info.get(k))
+            log.info("%s holds parts of a different run (changed: %s): starting again",
+                     parts_dir, changed)
+            start_again = True
+    if start_again:
         for p in parts_dir.glob("part-*.parquet"):
             p.unlink()
         run_file.unlink(missing_ok=True)
@@ -629,9 +638,10 @@ def run_inference(store_path, ctx: LabelContext | None = None, *, lamost_catalog
         :func:`lamostcannon.config.settings` ``n_workers``. Ignored when a cluster is given.
     client : distributed.Client, optional
         Run on this Dask cluster. Or ``scheduler_address`` (``"tcp://host:8786"``).
-    overwrite : bool
+    overwrite : bool or ``"changed"``
         Discard existing parts and start again. Otherwise an existing run is resumed (and refused
-        if its models, store or chunking differ).
+        if its models, labelling code, store or chunking differ); ``"changed"``: resumed if it
+        is the same run, started again if not (what a notebook rerun after retraining wants).
     max_chunks : int, optional
         Run at most this many of the pending chunks (for tests and benchmarks).
     progress : bool

@@ -131,7 +131,9 @@ def _run_fold(fold):
     w = _WORK
     held = w["folds"] == fold
     model = CannonModel(list(w["names"]), **w["model_kwargs"])
-    model.train(w["labels"][~held], w["flux"][~held], w["ivar"][~held], **w["train_kwargs"])
+    errors = w.get("errors")
+    model.train(w["labels"][~held], w["flux"][~held], w["ivar"][~held],
+                label_errors=None if errors is None else errors[~held], **w["train_kwargs"])
     bins = _ood_bins(model, w["flux"].shape[1]) if w.get("diagnostics", True) else None
     res = model.test(w["flux"][held], w["ivar"][held], residual_bins=bins, **w["test_kwargs"])
     out = {"labels": np.asarray(res.labels, dtype=float)}
@@ -197,7 +199,7 @@ def _fold_diagnostics(model, train_labels, flux, ivar, res) -> dict:
 
 def cross_validate(labels, flux, ivar, label_names, k: int = 12, seed=None, *, folds=None,
                    n_jobs=None, ids=None, train_kwargs=None, test_kwargs=None,
-                   diagnostics: bool = True, extra=None, **model_kwargs):
+                   diagnostics: bool = True, extra=None, label_errors=None, **model_kwargs):
     """k-fold cross-validation of a :class:`lamostcannon.cannon.CannonModel`.
 
     For each fold a model is trained on the other ``k - 1`` folds and tests (infers the labels of)
@@ -229,6 +231,10 @@ def cross_validate(labels, flux, ivar, label_names, k: int = 12, seed=None, *, f
         Other observations (repeat visits) of the training stars: ``star`` (M,) the row of each
         one's star, ``flux, ivar`` (M, P). Each is labelled by the fold model that held out its
         star, so a visit and its training visit form a held-out repeat pair.
+    label_errors : (S, L) array or a table with ``e_<label>`` columns, optional
+        Errors of the training labels: each fold model is trained with its training stars'
+        (``CannonModel.train(label_errors=...)``, errors in variables), so the CV measures that
+        procedure.
     **model_kwargs
         Keyword arguments of ``CannonModel`` (e.g. ``wavelength``, ``label_mask``).
 
@@ -278,7 +284,13 @@ def cross_validate(labels, flux, ivar, label_names, k: int = 12, seed=None, *, f
                              f"{flux.shape[1]}) like their ivar {extra_ivar.shape}")
         if extra_star.size and (extra_star.min() < 0 or extra_star.max() >= len(y)):
             raise ValueError(f"extra star indices must lie in 0..{len(y) - 1}")
+    errors = None
+    if label_errors is not None:
+        from .cannon import _label_errors_array
+
+        errors = _label_errors_array(label_errors, names, y.shape)
     work = {"folds": folds, "names": names, "labels": y, "flux": flux, "ivar": ivar,
+            "errors": errors,
             "extra_star": extra_star, "extra_flux": extra_flux, "extra_ivar": extra_ivar,
             "model_kwargs": model_kwargs, "train_kwargs": train_kwargs, "test_kwargs": test_kwargs,
             "diagnostics": bool(diagnostics)}

@@ -623,3 +623,56 @@ def test_fits_on_a_bound_minimise_over_the_other_labels(trained, sim):
         assert np.sum(resid(x[free]) ** 2) <= 2 * ref.cost + 1e-6
         checked += 1
     assert checked >= 30 and res.converged.all()
+
+
+# ----------------------------------------------------------------------------- errors in variables
+def test_regression_calibration_moves_noisy_labels_towards_the_truth(rng, caplog):
+    n = 4000
+    cov = np.array([[1.0, 0.8, 0.0], [0.8, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    true = rng.multivariate_normal([5.0, -1.0, 2.0], cov, n)
+    err = np.column_stack([np.full(n, 0.7), rng.uniform(0.2, 0.6, n), np.zeros(n)])
+    noisy = true + rng.standard_normal((n, 3)) * err
+    rc = cannon.regression_calibrate(noisy, err)
+    for k in (0, 1):   # closer to the truth than the noisy labels, and no longer attenuated
+        assert np.std(rc[:, k] - true[:, k]) < 0.9 * np.std(noisy[:, k] - true[:, k])
+        assert abs(np.polyfit(rc[:, k], true[:, k], 1)[0] - 1.0) < 0.05
+        assert np.polyfit(noisy[:, k], true[:, k], 1)[0] < 0.85
+    # a label without errors, uncorrelated with the noisy ones, stays where it is
+    np.testing.assert_allclose(rc[:, 2], noisy[:, 2], atol=0.05)
+    np.testing.assert_allclose(rc.mean(axis=0), noisy.mean(axis=0), atol=1e-12)
+    # a label that is noise only shrinks to its mean, with a warning
+    only_noise = np.column_stack([noisy[:, 0], rng.standard_normal(n)])
+    with caplog.at_level("WARNING", logger="lamostcannon.cannon"):
+        out = cannon.regression_calibrate(only_noise, np.column_stack([err[:, 0], np.ones(n)]))
+    assert np.std(out[:, 1]) < 0.1 and "noise only" in caplog.text
+    with pytest.raises(ValueError, match="S >= 2"):
+        cannon.regression_calibrate(noisy[:1], err[:1])
+
+
+def test_training_with_label_errors_undoes_the_dilution(sim):
+    # the same spectra, trained on noisy labels with and without their errors: held-out labels
+    # against the truth scatter less and are no longer stretched away from the mean
+    rng = np.random.default_rng(5)
+    lab = sim.labels(1500)
+    flux, ivar = sim.spectra(lab, np.full(1500, 200.0))
+    err = np.tile(0.5 * STD, (1500, 1))
+    noisy = lab + rng.standard_normal(lab.shape) * err
+    test_lab = sim.labels(300)
+    tflux, tivar = sim.spectra(test_lab, np.full(300, 200.0))
+    wave = np.linspace(4000, 5000, sim.n_pix)
+    plain = CannonModel(NAMES, wavelength=wave).train(noisy, flux, ivar)
+    eiv = CannonModel(NAMES, wavelength=wave).train(noisy, flux, ivar, label_errors=err)
+    assert eiv.meta["errors_in_variables"] and not plain.meta["errors_in_variables"]
+    assert eiv.training_hash != plain.training_hash
+    got = {k: m.test(tflux, tivar).labels for k, m in (("plain", plain), ("eiv", eiv))}
+    for j in range(len(NAMES)):
+        scatter = {k: np.std(v[:, j] - test_lab[:, j]) for k, v in got.items()}
+        slope = {k: np.polyfit(test_lab[:, j], v[:, j], 1)[0] for k, v in got.items()}
+        assert scatter["eiv"] < 0.8 * scatter["plain"], (NAMES[j], scatter)
+        assert slope["plain"] > 1.1 and abs(slope["eiv"] - 1.0) < 0.1, (NAMES[j], slope)
+    # errors given as a table with e_<label> columns (missing ones: no error)
+    tab = {f"e_{n}": err[:, j] for j, n in enumerate(NAMES)}
+    again = CannonModel(NAMES, wavelength=wave).train(noisy, flux, ivar, label_errors=tab)
+    np.testing.assert_allclose(again.theta, eiv.theta, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="label_errors"):
+        CannonModel(NAMES, wavelength=wave).train(noisy, flux, ivar, label_errors=-err)

@@ -436,8 +436,10 @@ def test_resume_after_sigkill_is_identical(survey, reference_run):
     with pytest.raises(ValueError, match="chunk_size"):
         catalog.run_inference(survey.store, ctx, lamost_catalog=survey.catalog, parts_dir=parts,
                               chunk_size=CHUNK + 1, n_workers=1, progress=False)
+    # overwrite="changed" resumes the same run (its parts kept) ...
     report = catalog.run_inference(survey.store, ctx, lamost_catalog=survey.catalog,
-                                   parts_dir=parts, chunk_size=CHUNK, n_workers=1, progress=False)
+                                   parts_dir=parts, chunk_size=CHUNK, n_workers=1, progress=False,
+                                   overwrite="changed")
     assert report.chunks_done_before == done and report.chunks_run == survey.n_chunks - done
     resumed = catalog.read_parts(parts, survey.n_chunks)
     assert len(resumed) == N_OBS and resumed["obsid"].is_unique
@@ -447,6 +449,15 @@ def test_resume_after_sigkill_is_identical(survey, reference_run):
     pd.testing.assert_frame_equal(pd.read_parquet(survey.root / "obs_resumed.parquet"),
                                   reference_run, check_exact=True)
     assert str(table["teff"].unit) == "K"
+    # ... and starts a different one again (here: another chunking) instead of refusing it
+    again = catalog.run_inference(survey.store, ctx, lamost_catalog=survey.catalog,
+                                  parts_dir=parts, chunk_size=CHUNK + 1, n_workers=1,
+                                  progress=False, overwrite="changed")
+    assert again.chunks_done_before == 0 and again.chunks_run == again.n_chunks
+    rechunked = catalog.read_parts(parts, again.n_chunks)
+    assert rechunked["obsid"].tolist() == reference_run["obsid"].tolist()
+    # labels of another batching agree to the test step's convergence, not bit for bit
+    np.testing.assert_allclose(rechunked["teff"], reference_run["teff"], rtol=1e-6)
 
 
 def test_catalogue_from_inference_combines_repeats(survey, reference_run):
