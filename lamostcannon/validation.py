@@ -131,9 +131,10 @@ def _run_fold(fold):
     w = _WORK
     held = w["folds"] == fold
     model = CannonModel(list(w["names"]), **w["model_kwargs"])
-    errors = w.get("errors")
-    model.train(w["labels"][~held], w["flux"][~held], w["ivar"][~held],
-                label_errors=None if errors is None else errors[~held], **w["train_kwargs"])
+    kwargs = dict(w["train_kwargs"])
+    if w.get("errors") is not None:
+        kwargs["label_errors"] = w["errors"][~held]
+    model.train(w["labels"][~held], w["flux"][~held], w["ivar"][~held], **kwargs)
     bins = _ood_bins(model, w["flux"].shape[1]) if w.get("diagnostics", True) else None
     res = model.test(w["flux"][held], w["ivar"][held], residual_bins=bins, **w["test_kwargs"])
     out = {"labels": np.asarray(res.labels, dtype=float)}

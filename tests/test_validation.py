@@ -88,6 +88,41 @@ def test_cross_validate_holds_each_fold_out(linear_cannon, rng):
         validation.cross_validate(labels, flux[:10], ivar[:10], ["a", "b"], n_jobs=1)
 
 
+class _ErrorsModel(_LinearModel):
+    """Records the label errors each fold model was trained with."""
+
+    trained_with: list = []
+
+    def train(self, labels, flux, ivar, label_errors=None):
+        _ErrorsModel.trained_with.append((np.asarray(labels)[:, 0].copy(), label_errors))
+        return super().train(labels, flux, ivar)
+
+
+def test_cross_validate_trains_each_fold_with_its_stars_errors(monkeypatch, rng):
+    fake = types.ModuleType("lamostcannon.cannon")
+    fake.CannonModel = _ErrorsModel
+    from lamostcannon import cannon as real_cannon
+
+    fake._label_errors_array = real_cannon._label_errors_array
+    monkeypatch.setitem(sys.modules, "lamostcannon.cannon", fake)
+    _ErrorsModel.trained_with = []
+    n, p = 60, 10
+    labels = rng.normal(size=(n, 2))
+    flux = np.column_stack([np.ones(n), labels]) @ rng.normal(size=(3, p))
+    errors = np.column_stack([labels[:, 0] ** 2, np.full(n, 0.1)])  # a function of the star
+    validation.cross_validate(labels, flux, np.ones_like(flux), ["a", "b"], k=4, seed=2,
+                              n_jobs=1, diagnostics=False, label_errors=errors)
+    assert len(_ErrorsModel.trained_with) == 4
+    for lab_a, err in _ErrorsModel.trained_with:
+        assert err.shape == (len(lab_a), 2)
+        np.testing.assert_array_equal(err[:, 0], lab_a ** 2)  # the training stars' own errors
+    # a table with e_<label> columns works too; a missing column means no error
+    _ErrorsModel.trained_with = []
+    validation.cross_validate(labels, flux, np.ones_like(flux), ["a", "b"], k=4, seed=2,
+                              n_jobs=1, diagnostics=False, label_errors={"e_a": errors[:, 0]})
+    assert all(np.all(err[:, 1] == 0) for _, err in _ErrorsModel.trained_with)
+
+
 def test_cross_validate_with_the_cannon_recovers_labels(rng):
     cannon = pytest.importorskip("lamostcannon.cannon")
     n, p, names = 240, 150, ["teff", "fe_h"]
