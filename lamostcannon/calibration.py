@@ -1166,15 +1166,7 @@ def reference_change(catalog, reference=None, labels=DWARF_ABUNDANCES, *, key="d
     anchors on the same stars' catalogue rows (:func:`reference_rows`), so it is zero up to which
     rows ``catalog`` holds (e.g. a stricter quality cut) and the calibration's own arithmetic.
     """
-    if reference is None:
-        from .cleaning import read_reference_set
-
-        reference = read_reference_set()
-    ref = _frame(reference)
-    if "giant" in ref.columns:
-        ref = ref.loc[~ref["giant"].to_numpy(bool)]
-    cat = _frame(catalog)
-    rows = cat.loc[cat[key].isin(ref[key])]
+    rows = reference_rows(catalog, reference, key=key)
     out = {}
     for name in labels:
         d = rows[f"{name}{suffix}"].to_numpy(float) - rows[name].to_numpy(float)
