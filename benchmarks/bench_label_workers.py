@@ -7,6 +7,12 @@ model load, reading and labelling, writing). A 3-label model is trained once on 
 DR10 files (in a temporary folder). The default must never be slower than one process on small
 runs (issue 17: 500 files took 2.6-3.5 s with one process and 5.6-7.1 s with two).
 
+Then, in this process on one core, what a file costs: CPU per file of ``label`` at
+``--chunk-size`` 64 and 512 (the labelling core has a fixed cost per call), and of its read step
+(read, resample, normalise) batched as the ingest does (``cli._read_chunk``) against the same
+work one file at a time (the baseline, measured in the same run, alternating; the bytes are
+checked equal).
+
 Needs the real LAMOST files (``../shared/data/lamost`` or ``LAMOSTCANNON_LAMOST_DIR``).
 Run ``python benchmarks/bench_label_workers.py`` (~3 minutes) or ``--quick``.
 Results: ``benchmarks/results/label_workers.json``.
@@ -26,6 +32,63 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
+
+
+def _read_one_at_a_time(sources):
+    """The read step as ``label`` did it before batching: each file resampled alone, then one
+    continuum product for the task (the baseline of :func:`per_file_costs`)."""
+    import numpy as np
+
+    from lamostcannon.spectra import SpectrumReadError, normalise, read_lamost, resample
+
+    keep, fl, iv = [], [], []
+    for k, src in enumerate(sources):
+        try:
+            f, i = resample(read_lamost(src))
+        except SpectrumReadError:
+            continue
+        keep.append(k)
+        fl.append(f)
+        iv.append(i)
+    flux, ivar = normalise(np.stack(fl), np.stack(iv))
+    return keep, flux, ivar
+
+
+def per_file_costs(model_path, files, tmp, repeats=3) -> dict:
+    """CPU ms per file (best of ``repeats``) of ``label`` by chunk size and of its read step."""
+    import numpy as np
+
+    from lamostcannon import cli
+    from lamostcannon.cli import _blas_threads
+
+    out = {"n_files": len(files)}
+    with _blas_threads(1):
+        cpu = {64: [], 512: []}
+        for _ in range(repeats):
+            for chunk in (64, 512):
+                t = time.process_time()
+                run = cli.label_files(model_path, files, tmp / f"chunk_{chunk}.parquet", workers=1,
+                                      chunk_size=chunk, overwrite=True, progress=False)
+                cpu[chunk].append((time.process_time() - t) / max(run.n_labelled, 1) * 1e3)
+        out["label_cpu_ms_per_file_chunk_64"] = round(min(cpu[64]), 3)
+        out["label_cpu_ms_per_file_chunk_512"] = round(min(cpu[512]), 3)
+        out["chunk_512_over_64"] = round(min(cpu[512]) / min(cpu[64]), 3)
+        read = {"batched": [], "one_at_a_time": []}
+        for _ in range(repeats):
+            t = time.process_time()
+            base = _read_one_at_a_time(files)
+            read["one_at_a_time"].append(time.process_time() - t)
+            t = time.process_time()
+            keep, _, flux, ivar, _ = cli._read_chunk(files)
+            read["batched"].append(time.process_time() - t)
+        same = (keep == base[0] and np.array_equal(flux.view(np.uint32), base[1].view(np.uint32))
+                and np.array_equal(ivar.view(np.uint32), base[2].view(np.uint32)))
+        for k, v in read.items():
+            out[f"read_cpu_ms_per_file_{k}"] = round(min(v) / len(files) * 1e3, 3)
+        out["read_batched_over_one_at_a_time"] = round(min(read["batched"])
+                                                       / min(read["one_at_a_time"]), 3)
+        out["read_same_bytes"] = bool(same)
+    return out
 
 
 def main(argv=None) -> int:
@@ -75,6 +138,8 @@ def main(argv=None) -> int:
                                     "seconds": dt})
                 print(f"  {n:5d} files, --workers {workers:7s}: {dt:5.1f} s "
                       f"({used} process(es))", flush=True)
+        res["per_file"] = per_file_costs(model_path, files, tmp, repeats=1 if args.quick else 3)
+        print(json.dumps(res["per_file"], indent=1), flush=True)
     res["load_average_at_end"] = list(os.getloadavg())
     out = Path(args.out)
     if args.quick:
