@@ -711,14 +711,16 @@ def _loco_scores(X, P, y, e, codes, n_groups, teff, clusters, lam, n_folds, clip
     codes), the fit without it (ridge ``lam``) calibrates its members, which share one
     composition: ``(slope / error)^2`` of their calibrated values with teff (0 when the
     calibration removed every trend) and their dispersion calibrated over raw."""
+    from .binaries import teff_trend
+
+    finite = np.isfinite(y) & np.isfinite(X).all(axis=1) & np.isfinite(P).all(axis=1)
     z2, disp = [], []
     for k in clusters:
-        test = (codes == k) & np.isfinite(y) & np.isfinite(X).all(axis=1) & np.isfinite(P).all(axis=1)
-        out = _fit_label(X[codes != k], P[codes != k], y[codes != k], e[codes != k],
-                         codes[codes != k], n_groups, np.array([lam]), n_folds, 0, clip, rng, ref)
+        fit_rows = codes != k
+        test = ~fit_rows & finite
+        out = _fit_label(X[fit_rows], P[fit_rows], y[fit_rows], e[fit_rows], codes[fit_rows],
+                         n_groups, np.array([lam]), n_folds, 0, clip, rng, ref)
         x_cal = (y[test] - X[test] @ out["coef"]) / _gain(P[test], out["gain_coef"])
-        from .binaries import teff_trend
-
         tr = teff_trend(teff[test], x_cal)
         z2.append((tr.slope / tr.slope_err) ** 2)
         disp.append(tr.dispersion / np.std(y[test], ddof=1))
@@ -856,9 +858,11 @@ def fit(calib: pd.DataFrame, labels=DWARF_ABUNDANCES, *, reference=None, terms=T
     by_cv = isinstance(gain_labels, str)
     if by_cv and gain_labels != "cv":
         raise ValueError(f"gain_labels must be 'cv', a dict, a sequence or None, not {gain_labels!r}")
-    kind = df["kind"].to_numpy() if "kind" in df.columns else np.full(len(df), "cluster")
+    kind = df["kind"].to_numpy() if "kind" in df.columns else np.full(len(df), "")
+    # without a kind column every group may judge a gain form (if it is large enough)
+    cl = kind == "cluster" if "kind" in df.columns else np.ones(len(df), bool)
     sizes = np.bincount(codes, minlength=len(group_names))
-    judges = np.unique(codes[(kind == "cluster") & (sizes[codes] >= GAIN_CV_MIN_MEMBERS)])
+    judges = np.unique(codes[cl & (sizes[codes] >= GAIN_CV_MIN_MEMBERS)])
     teff_in = df["teff"].to_numpy(float)
     chosen, selection = {}, {}
     for name in labels:
@@ -899,8 +903,6 @@ def fit(calib: pd.DataFrame, labels=DWARF_ABUNDANCES, *, reference=None, terms=T
                  np.round(g, 3).tolist())
     from . import __version__
 
-    kind = df["kind"].to_numpy() if "kind" in df.columns else np.full(len(df), "")
-    cl = kind == "cluster"
     cal.provenance = {
         "lamostcannon_version": __version__,
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -913,7 +915,7 @@ def fit(calib: pd.DataFrame, labels=DWARF_ABUNDANCES, *, reference=None, terms=T
             else {"method": "given"}),
         "n_reference": n_ref,
         "clusters_used": {str(k): int(v) for k, v in
-                          df.loc[cl, "group"].value_counts().sort_index().items()},
+                          df.loc[kind == "cluster", "group"].value_counts().sort_index().items()},
         "n_binaries_used": int(df.loc[kind == "binary", "group"].nunique()),
         "groups_used": sorted(map(str, group_names)),
         **(provenance or {})}
