@@ -1,43 +1,75 @@
 """Compiled inner loops (numba) of ingest and the test step.
 
-Each kernel here replaces a chain of whole-array numpy operations by one pass over the data, with
-the same floating-point operations in the same order per element: a product of a ``float64`` and
-a ``float32`` promotes the ``float32`` first, as numpy does, and nothing is fused or reassociated
-(numba compiles without ``fastmath``, so LLVM neither contracts ``a * b + c`` into one rounding
-nor reorders sums). The compiled and the numpy paths therefore give the same bits; the tests
+:func:`interpolate_rows` (ingest's resampling) replaces a chain of whole-array numpy operations by
+one pass over the data with the same floating-point operations in the same order per element: a
+product of a ``float64`` and a ``float32`` promotes the ``float32`` first, as numpy does, and
+nothing is fused or reassociated (compiled without ``fastmath``, LLVM neither contracts
+``a * b + c`` into one rounding nor reorders sums). It therefore gives numpy's bits; the tests
 check that on real and mock spectra.
 
-Compiled functions are cached on disk (``cache=True``: in ``__pycache__`` beside this file, or
-numba's user cache where that is not writable), so a worker process loads them in milliseconds
-instead of compiling them again. ``LAMOSTCANNON_NUMBA=0`` switches every kernel off (the numpy
-paths run instead), for checks and for platforms where numba is missing.
+:func:`newton_fits` is the test step's bounded Newton iteration run one spectrum at a time
+instead of over a batch (the batched numpy version re-forms arrays for thousands of 10 x 10
+systems per iteration). Its polynomial evaluation may reorder sums (vectorised dot products), so
+it agrees with numpy to rounding (~1e-13 of a formal error on the labels), not bit for bit; the
+steps it accepts, its iteration counts and flags are the same (tested).
+
+numba is imported, and a kernel compiled, on the first call in a process (~7 s for all of them
+once per machine; the compiled code is cached on disk, in ``__pycache__`` beside this file or
+numba's user cache where that is not writable, and later processes load it in ~0.3 s).
+``LAMOSTCANNON_NUMBA=0`` switches every kernel off (the numpy paths run instead), for checks and
+for platforms without numba.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import threading
 
 import numpy as np
 
-try:  # pragma: no cover - numba is a declared dependency; the switch is for checks
-    import numba
-except ImportError:  # pragma: no cover
-    numba = None
+#: True when the compiled kernels are used (numba installed and not switched off). numba itself
+#: is imported on the first call of a kernel (~0.3 s), not with this module.
+ENABLED = (os.environ.get("LAMOSTCANNON_NUMBA", "1") != "0"
+           and importlib.util.find_spec("numba") is not None)
 
-#: True when the compiled kernels are used (numba importable and not switched off).
-ENABLED = numba is not None and os.environ.get("LAMOSTCANNON_NUMBA", "1") != "0"
+_LOCK = threading.Lock()
+_COMPILED: dict = {}
+#: name -> (function, reassociate) of every kernel, in the order they are compiled (a kernel's
+#: callees first: numba resolves them as globals when it compiles the caller)
+_KERNELS: dict = {}
 
 
 def _jit(fn=None, *, reassociate=False):
-    """``numba.njit`` with the on-disk cache; ``reassociate=True`` lets LLVM reorder sums and
-    fuse multiply-adds (vectorised dot products) and is only for kernels whose result is not
-    required to match numpy bit for bit."""
+    """Register ``fn`` as a kernel: compiled by ``numba.njit`` (with the on-disk cache) on first
+    use. ``reassociate=True`` lets LLVM reorder sums and fuse multiply-adds (vectorised dot
+    products); only for kernels whose result is not required to match numpy bit for bit."""
     if fn is None:
         return lambda f: _jit(f, reassociate=reassociate)
-    if numba is None:  # pragma: no cover
-        return fn
-    flags = {"reassoc", "contract"} if reassociate else False
-    return numba.njit(cache=True, nogil=True, fastmath=flags)(fn)
+    _KERNELS[fn.__name__] = (fn, reassociate)
+
+    def call(*args):
+        compiled = _COMPILED.get(fn.__name__)
+        if compiled is None:
+            compiled = _compile()[fn.__name__]
+        return compiled(*args)
+
+    call.__name__, call.__doc__, call.py_func = fn.__name__, fn.__doc__, fn
+    return call
+
+
+def _compile() -> dict:
+    """Import numba and wrap every kernel (callees first), once per process."""
+    with _LOCK:
+        if not _COMPILED:
+            import numba
+
+            for name, (fn, reassociate) in _KERNELS.items():
+                flags = {"reassoc", "contract"} if reassociate else False
+                dispatcher = numba.njit(cache=True, nogil=True, fastmath=flags)(fn)
+                globals()[name] = dispatcher  # what the callers' compilation resolves
+                _COMPILED[name] = dispatcher
+    return _COMPILED
 
 
 @_jit
