@@ -994,6 +994,9 @@ class CannonModel:
         arrs["starts_m4"] = _monomials4(arrs["starts"], _tables(L))
         arrs["timing"] = {}
         arrs["buffers"] = threading.local()
+        # the compiled Newton iteration pays for loading numba (~0.5 s per process) from a few
+        # thousand spectra on; decided per call, so equal calls take the same path in any process
+        arrs["compiled"] = kernels.ENABLED and S >= kernels.NEWTON_MIN_SPECTRA
         if win_names or residual_bins is not None:
             # columns (positions among the trained pixels) with explicit residuals: the windows'
             # and the residual bins' together, so that both share one prediction
@@ -1156,7 +1159,7 @@ class CannonModel:
                                _work_buffer(arrs, "pred", (fi.size, n_ok)))
             xs, chi, it, cv, fl, hess = _fit_labels(
                 pf, arrs["starts_m4"], arrs["starts"], lo, hi, tab, n_starts, max_iter,
-                None if x_init is None else x_init[fi], exact=exact)
+                None if x_init is None else x_init[fi], exact=exact, compiled=arrs["compiled"])
             out_x[fi] = xs
             out_chi2[fi] = chi
             n_iter[fi] = it
@@ -1781,7 +1784,7 @@ class _Quartic:
 
 
 def _newton(quartic: _Quartic, x0, lo, hi, max_iter, xtol_newton=1e-3, xtol=1e-9,
-            radius0=1.0, target=None, target_ok=None, join=0.1):
+            radius0=1.0, target=None, target_ok=None, join=0.1, compiled=None):
     """Bounded Newton iteration with a trust radius on chi2, for a batch of spectra.
 
     Each iteration takes the Newton step ``-H^-1 grad`` (batched Cholesky); where the Hessian is
@@ -1801,13 +1804,15 @@ def _newton(quartic: _Quartic, x0, lo, hi, max_iter, xtol_newton=1e-3, xtol=1e-9
 
     Returns x (n, L), chi2 (n,), iterations (n,), converged (n,).
 
-    With :data:`lamostcannon.kernels.ENABLED` the same iteration runs compiled, one spectrum at
-    a time (:func:`lamostcannon.kernels.newton_fits`; the same steps, rounded differently only
-    in the linear solves).
+    ``compiled`` (default :data:`lamostcannon.kernels.ENABLED`): the same iteration runs
+    compiled, one spectrum at a time (:func:`lamostcannon.kernels.newton_fits`; the same steps,
+    rounded differently only in the linear solves and sums).
     """
     n, L = x0.shape
     lo, hi = np.asarray(lo, dtype=float), np.asarray(hi, dtype=float)
-    if kernels.ENABLED and lo.shape == hi.shape == (L,):
+    if compiled is None:
+        compiled = kernels.ENABLED
+    if compiled and kernels.ENABLED and lo.shape == hi.shape == (L,):
         x = np.empty((n, L))
         f = np.empty(n)
         n_it = np.zeros(n, dtype=np.int64)
@@ -1987,7 +1992,8 @@ _JOIN = 0.1
 _WEIGHT_BLOCK = 16
 
 
-def _fit_labels(poly, cand_m4, cand, lo, hi, tab, n_starts, max_iter, x_init=None, exact=None):
+def _fit_labels(poly, cand_m4, cand, lo, hi, tab, n_starts, max_iter, x_init=None, exact=None,
+                compiled=None):
     """Multi-start Newton fits of the quartic chi2 for n spectra.
 
     ``cand`` (K, L) are the (clipped) starting points and ``cand_m4`` (K, K4) their monomials;
@@ -2007,7 +2013,7 @@ def _fit_labels(poly, cand_m4, cand, lo, hi, tab, n_starts, max_iter, x_init=Non
     order = np.argsort(c_chi2, axis=1)
     quartic = _Quartic(poly, tab)
     first = cand[order[:, 0]]
-    results = [_newton(quartic, first, lo, hi, max_iter)]
+    results = [_newton(quartic, first, lo, hi, max_iter, compiled=compiled)]
     found = [results[0][0]]
     starts = ["far"] * (max(1, int(n_starts)) - 1) + (["init"] if x_init is not None else [])
     for kind in starts:
@@ -2016,7 +2022,8 @@ def _fit_labels(poly, cand_m4, cand, lo, hi, tab, n_starts, max_iter, x_init=Non
         else:
             x0 = cand[order[:, len(found)]]
         results.append(_newton(quartic, x0, lo, hi, max_iter, target=np.stack(found),
-                               target_ok=np.stack([res[3] for res in results]), join=_JOIN))
+                               target_ok=np.stack([res[3] for res in results]), join=_JOIN,
+                               compiled=compiled))
         found.append(results[-1][0])
     chis = np.stack([r[1] for r in results])                   # (R, n)
     best = np.argmin(chis, axis=0)

@@ -33,11 +33,31 @@ import numpy as np
 ENABLED = (os.environ.get("LAMOSTCANNON_NUMBA", "1") != "0"
            and importlib.util.find_spec("numba") is not None)
 
+#: ``CannonModel.test`` calls with at least this many spectra use :func:`newton_fits` (it saves
+#: ~0.12 ms per spectrum; loading numba costs ~0.5 s of CPU per process): small calls, as in a
+#: ``label`` run on a few hundred files, never load numba. Per call, so that the same call takes
+#: the same path in any process (the catalogue's rows are the same in-process and on Dask).
+NEWTON_MIN_SPECTRA = 512
+#: Ingest resamples with :func:`interpolate_rows` once this process has resampled this many
+#: spectra, or at once if numba is loaded already (it saves ~0.05 ms per spectrum; the same
+#: bits either way, so when it starts does not matter).
+RESAMPLE_AFTER = 10_000
+
 _LOCK = threading.Lock()
+_RESAMPLED = [0]
 _COMPILED: dict = {}
 #: name -> (function, reassociate) of every kernel, in the order they are compiled (a kernel's
 #: callees first: numba resolves them as globals when it compiles the caller)
 _KERNELS: dict = {}
+
+
+def use_for_resampling(n: int) -> bool:
+    """Whether ingest should resample the next ``n`` spectra with :func:`interpolate_rows`
+    (counts them; see :data:`RESAMPLE_AFTER`)."""
+    if not ENABLED:
+        return False
+    _RESAMPLED[0] += n
+    return bool(_COMPILED) or _RESAMPLED[0] > RESAMPLE_AFTER
 
 
 def _jit(fn=None, *, reassociate=False):

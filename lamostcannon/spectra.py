@@ -877,7 +877,8 @@ def _resample_many(spectra: Sequence[LamostSpectrum], use_ormask: bool = True,
         flux, ivar, good, sizes = flux[keep], ivar[keep], good[keep], sizes[keep]
         rows = [rows[r] for r in keep]
     u = np.stack(us)
-    if kernels.ENABLED and sizes.min() >= 2:  # one compiled pass; the same bits as below
+    if sizes.min() >= 2 and kernels.use_for_resampling(len(rows)):  # one compiled pass; the
+        # same bits as the numpy operations below
         out_flux = np.empty(u.shape)
         out_ivar = np.empty(u.shape)
         n_ok = np.empty(len(rows), np.int64)

@@ -683,13 +683,16 @@ def test_compiled_newton_takes_the_same_steps_as_numpy(trained, test_set, sim, m
     a time) is the batched numpy one: same accepted steps, so the same iteration counts, flags
     and minima (labels within 1e-8 of the formal errors; only the rounding of the linear solves
     differs), for ordinary stars, stars beyond the label bounds (projected steps) and several
-    starts (the stop on joining an explored basin); a polynomial with NaN gives up alike."""
+    starts (the stop on joining an explored basin); a polynomial with NaN gives up alike. Calls
+    below ``kernels.NEWTON_MIN_SPECTRA`` spectra stay in numpy (numba's loading would cost more
+    than it saves)."""
     from lamostcannon import kernels
 
     if not kernels.ENABLED:
         pytest.skip("numba kernels switched off (LAMOSTCANNON_NUMBA=0)")
     model, *_ = trained
     _, flux, ivar = test_set
+    monkeypatch.setattr(kernels, "NEWTON_MIN_SPECTRA", 1)  # compiled for calls of any size
     rng = np.random.default_rng(11)
     lab = MEAN + STD * rng.standard_normal((40, 4))
     lab[:, 0] = MEAN[0] + 6 * STD[0] * np.sign(rng.standard_normal(40))  # beyond the bound
@@ -721,3 +724,8 @@ def test_compiled_newton_takes_the_same_steps_as_numpy(trained, test_set, sim, m
     for a, b in zip(out[True], out[False]):
         np.testing.assert_allclose(a, b, atol=1e-12, equal_nan=True)
     assert not out[True][3][1] and out[True][3][0] and out[True][3][2]
+    # below the threshold a call never loads numba: the numpy iteration runs (monkeypatched away)
+    monkeypatch.setattr(kernels, "NEWTON_MIN_SPECTRA", len(flux) + 1)
+    monkeypatch.setattr(kernels, "newton_fits", None)
+    small = model.test(flux, ivar, chunk_size=64, n_starts=3, bound=0.3)
+    np.testing.assert_array_equal(small.n_iter, slow.n_iter)

@@ -544,7 +544,8 @@ def test_compiled_resampling_gives_numpys_bits(real_lamost, rng, monkeypatch):
     """The compiled interpolation kernel (:mod:`lamostcannon.kernels`) does numpy's element
     operations in numpy's order, so ingest's resampling gives the same bits with it and without
     it: real files of every release and layout, mock-like edge cases (bad neighbours, masked
-    runs, spectra that cover part of the grid, denormal and huge inverse variances)."""
+    runs, spectra that cover part of the grid, denormal and huge inverse variances). Ingest
+    switches to the kernel once a process has resampled ``kernels.RESAMPLE_AFTER`` spectra."""
     from lamostcannon import kernels
 
     if not kernels.ENABLED:
@@ -563,6 +564,7 @@ def test_compiled_resampling_gives_numpys_bits(real_lamost, rng, monkeypatch):
     flux[2000:2010] = np.nan
     batch += [synthetic(flux, ivar, z=0.013), synthetic(n=400, start=2000, z=-0.002),
               synthetic(flux, ivar, z=0.3), synthetic(z=float("nan"))]
+    monkeypatch.setattr(kernels, "RESAMPLE_AFTER", -1)  # compiled from the first spectrum
     with np.errstate(all="ignore"):
         fast = sp._resample_many(batch)
         monkeypatch.setattr(kernels, "ENABLED", False)
