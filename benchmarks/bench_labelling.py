@@ -23,7 +23,10 @@ The bare test step is also timed with its degree 2-4 polynomial coefficients fro
 product (``cannon.POLY_FLOAT32 = False``, the test step before issue 17's CPU work; both runs
 polish their fits on the exact chi2), back to back with the float32 default in each repeat:
 ``cpu_float32_poly_ratio`` (paired median of new / old CPU time) and the labels' largest
-difference between the two in units of each star's formal error (unflagged stars).
+difference between the two in units of each star's formal error (unflagged stars). Likewise
+with the Newton iteration in numpy instead of compiled (:mod:`lamostcannon.kernels` switched
+off, the test step before session 6): ``cpu_compiled_newton_ratio`` and the labels' largest
+difference.
 
 Run ``python benchmarks/bench_labelling.py`` (about 2-4 minutes on 2 cores) or ``--quick``.
 Results: ``benchmarks/results/labelling.json``.
@@ -48,7 +51,7 @@ sys.path.insert(0, str(HERE))
 
 from bench_cannon import LABELS, make_problem  # noqa: E402
 
-from lamostcannon import cannon, labelling, trust, validation  # noqa: E402
+from lamostcannon import cannon, kernels, labelling, trust, validation  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -101,13 +104,20 @@ def main(argv=None) -> int:
         finally:
             cannon.POLY_FLOAT32 = True
 
-    times = {"bare": [], "ood": [], "core": [], "bare64": []}
-    cpu = {"bare": [], "ood": [], "core": [], "bare64": []}
+    def bare_numpy():  # the Newton iteration in numpy (the test step before session 6)
+        enabled, kernels.ENABLED = kernels.ENABLED, False
+        try:
+            bare()
+        finally:
+            kernels.ENABLED = enabled
+
+    times = {"bare": [], "ood": [], "core": [], "bare64": [], "bare_numpy": []}
+    cpu = {"bare": [], "ood": [], "core": [], "bare64": [], "bare_numpy": []}
     with threadpool_limits(1):
         labeller.label(flux[:256], ivar[:256])           # warm-up (caches, imports)
         for _ in range(repeats):
             for name, fn in (("bare", bare), ("bare64", bare_float64), ("ood", with_ood),
-                             ("core", core)):
+                             ("core", core), ("bare_numpy", bare_numpy)):
                 t, c = time.perf_counter(), time.process_time()
                 fn()
                 times[name].append(time.perf_counter() - t)
@@ -123,7 +133,15 @@ def main(argv=None) -> int:
             r64 = model.test(flux[:chunk], ivar[:chunk], windows=p["windows"], chunk_size=256)
         finally:
             cannon.POLY_FLOAT32 = True
+        enabled, kernels.ENABLED = kernels.ENABLED, False
+        try:
+            rnp = model.test(flux[:chunk], ivar[:chunk], windows=p["windows"], chunk_size=256)
+        finally:
+            kernels.ENABLED = enabled
     clean = (r32.flag == 0) & (r64.flag == 0)
+    both = (r32.flag == 0) & (rnp.flag == 0)
+    newton_diff = float(np.max(np.abs(r32.labels[both] - rnp.labels[both])
+                               / rnp.errors[both])) if both.any() else float("nan")
     label_diff = float(np.max(np.abs(r32.labels[clean] - r64.labels[clean])
                               / r64.errors[clean])) if clean.any() else float("nan")
     res = {
@@ -147,6 +165,13 @@ def main(argv=None) -> int:
                                                   / np.array(cpu["bare64"]))),
         "float32_poly_max_label_diff_in_formal_errors": label_diff,
         "float32_poly_flags_equal": bool(np.array_equal(r32.flag, r64.flag)),
+        "kernels_enabled": bool(kernels.ENABLED),
+        "cpu_test_step_numpy_newton_ms_per_star": 1e3 * min(cpu["bare_numpy"]) / n_test,
+        "cpu_compiled_newton_ratio": float(np.median(np.array(cpu["bare"])
+                                                     / np.array(cpu["bare_numpy"]))),
+        "compiled_newton_max_label_diff_in_formal_errors": newton_diff,
+        "compiled_newton_flags_equal": bool(np.array_equal(r32.flag, rnp.flag)),
+        "compiled_newton_n_iter_equal": bool(np.array_equal(r32.n_iter, rnp.n_iter)),
         "all_runs_s": times, "all_runs_cpu_s": cpu,
         "quality_flag_fraction_nonzero": float(np.mean(out["quality_flag"] != 0)),
         "ood_threshold": float(ood_cal.threshold),
@@ -167,6 +192,11 @@ def main(argv=None) -> int:
           f"median ratio {res['cpu_float32_poly_ratio']:.3f}; labels differ by at most "
           f"{label_diff:.1e} formal errors (flags equal: {res['float32_poly_flags_equal']})",
           flush=True)
+    print(f"  test step with the Newton iteration in numpy: "
+          f"{res['cpu_test_step_numpy_newton_ms_per_star']:.3f} ms/star CPU; compiled / numpy "
+          f"paired median {res['cpu_compiled_newton_ratio']:.3f}; labels differ by at most "
+          f"{newton_diff:.1e} formal errors (flags equal: {res['compiled_newton_flags_equal']}, "
+          f"iterations equal: {res['compiled_newton_n_iter_equal']})", flush=True)
     out_path = Path(args.out)
     if args.quick:
         out_path = out_path.with_name("labelling_quick.json")

@@ -100,6 +100,8 @@ from pathlib import Path
 
 import numpy as np
 
+from . import kernels
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -1798,8 +1800,28 @@ def _newton(quartic: _Quartic, x0, lo, hi, max_iter, xtol_newton=1e-3, xtol=1e-9
     are done are dropped from the work arrays.
 
     Returns x (n, L), chi2 (n,), iterations (n,), converged (n,).
+
+    With :data:`lamostcannon.kernels.ENABLED` the same iteration runs compiled, one spectrum at
+    a time (:func:`lamostcannon.kernels.newton_fits`; the same steps, rounded differently only
+    in the linear solves).
     """
     n, L = x0.shape
+    lo, hi = np.asarray(lo, dtype=float), np.asarray(hi, dtype=float)
+    if kernels.ENABLED and lo.shape == hi.shape == (L,):
+        x = np.empty((n, L))
+        f = np.empty(n)
+        n_it = np.zeros(n, dtype=np.int64)
+        conv = np.zeros(n, dtype=bool)
+        if target is None:
+            target, target_ok = np.zeros((0, n, L)), np.zeros((0, n), dtype=bool)
+        tab = quartic.tab
+        kernels.newton_fits(
+            quartic.p0, quartic.g0, quartic.h0, np.ascontiguousarray(quartic.h1),
+            np.ascontiguousarray(quartic.h2), tab["qi"], tab["qj"], tab["q_mult"], tab["h_full"],
+            np.ascontiguousarray(x0, dtype=float), lo, hi, int(max_iter), float(xtol_newton),
+            float(xtol), float(radius0), np.ascontiguousarray(target, dtype=float),
+            np.ascontiguousarray(target_ok, dtype=bool), float(join), x, f, n_it, conv)
+        return x, f, n_it, conv
     x = np.clip(x0, lo, hi).astype(float)
     f, g, h = quartic.all(x)
     n_it = np.zeros(n, dtype=np.int64)

@@ -676,3 +676,48 @@ def test_training_with_label_errors_undoes_the_dilution(sim):
     np.testing.assert_allclose(again.theta, eiv.theta, rtol=1e-10, atol=1e-12)
     with pytest.raises(ValueError, match="label_errors"):
         CannonModel(NAMES, wavelength=wave).train(noisy, flux, ivar, label_errors=-err)
+
+
+def test_compiled_newton_takes_the_same_steps_as_numpy(trained, test_set, sim, monkeypatch):
+    """The compiled Newton iteration (:func:`lamostcannon.kernels.newton_fits`, one spectrum at
+    a time) is the batched numpy one: same accepted steps, so the same iteration counts, flags
+    and minima (labels within 1e-8 of the formal errors; only the rounding of the linear solves
+    differs), for ordinary stars, stars beyond the label bounds (projected steps) and several
+    starts (the stop on joining an explored basin); a polynomial with NaN gives up alike."""
+    from lamostcannon import kernels
+
+    if not kernels.ENABLED:
+        pytest.skip("numba kernels switched off (LAMOSTCANNON_NUMBA=0)")
+    model, *_ = trained
+    _, flux, ivar = test_set
+    rng = np.random.default_rng(11)
+    lab = MEAN + STD * rng.standard_normal((40, 4))
+    lab[:, 0] = MEAN[0] + 6 * STD[0] * np.sign(rng.standard_normal(40))  # beyond the bound
+    f2, i2 = sim.spectra(lab, rng.uniform(60, 150, 40))
+    flux, ivar = np.vstack([flux, f2]), np.vstack([ivar, i2])
+    runs = {}
+    for enabled in (True, False):
+        monkeypatch.setattr(kernels, "ENABLED", enabled)
+        runs[enabled] = model.test(flux, ivar, chunk_size=64, n_starts=3, bound=0.3)
+    fast, slow = runs[True], runs[False]
+    assert np.any(slow.flag & cannon.FLAG_AT_BOUND)
+    np.testing.assert_array_equal(fast.flag, slow.flag)
+    np.testing.assert_array_equal(fast.n_iter, slow.n_iter)
+    fin = np.all(np.isfinite(slow.labels), axis=1)
+    assert np.all(np.abs(fast.labels[fin] - slow.labels[fin]) <= 1e-8 * slow.errors[fin])
+    # a polynomial with NaN coefficients: no step, not converged, same iterations
+    tab = cannon._tables(2)
+    poly = np.zeros((3, tab["K4"]))
+    poly[:, 0] = 10.0
+    poly[:, 3] = poly[:, 5] = 1.0   # x0^2 + x1^2
+    poly[1, 4] = np.nan
+    x0 = np.full((3, 2), 0.7)
+    out = {}
+    for enabled in (True, False):
+        monkeypatch.setattr(kernels, "ENABLED", enabled)
+        with np.errstate(invalid="ignore"):
+            out[enabled] = cannon._newton(cannon._Quartic(poly, tab), x0, np.full(2, -5.0),
+                                          np.full(2, 5.0), 20)
+    for a, b in zip(out[True], out[False]):
+        np.testing.assert_allclose(a, b, atol=1e-12, equal_nan=True)
+    assert not out[True][3][1] and out[True][3][0] and out[True][3][2]
