@@ -973,7 +973,8 @@ def reference_rows(catalog, reference=None, good=None, *, key="designation") -> 
     if "giant" in ref.columns:
         ref = ref.loc[~ref["giant"].to_numpy(bool)]
     cat = _frame(catalog)
-    keep = np.ones(len(cat), bool) if good is None else np.asarray(good, bool)
+    # a copy: the caller's mask must not be narrowed to the reference rows in place
+    keep = np.ones(len(cat), bool) if good is None else np.array(good, bool)
     if "giantmodel" in cat.columns:
         keep &= ~cat["giantmodel"].to_numpy(bool)
     if key not in cat.columns or key not in ref.columns:

@@ -378,6 +378,16 @@ def test_calibrate_step_never_fits_praesepe(tmp_path, rng):
     assert abs(np.mean(others[f"{LABEL}_cal"] - others[LABEL])) > 1e-4
 
 
+def test_reference_rows_leave_the_callers_mask_alone():
+    cat = pd.DataFrame({"designation": [f"J{k}" for k in range(6)],
+                        "giantmodel": [False, False, True, False, False, False]})
+    ref = pd.DataFrame({"designation": ["J0", "J2", "J4"], "giant": False})
+    good = np.array([True, True, True, True, False, True])
+    rows = calibration.reference_rows(cat, ref, good)
+    assert rows["designation"].tolist() == ["J0"]   # J2 is a giant row, J4 not good
+    np.testing.assert_array_equal(good, [True, True, True, True, False, True])
+
+
 # ----------------------------------------------------------------------------- files and catalogue
 def test_write_read_roundtrip_and_bad_files(tmp_path, rng):
     cal = calibration.fit(simulate(rng), [LABEL], seed=8, n_boot=20, provenance={"x": 1})
