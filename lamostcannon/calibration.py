@@ -144,6 +144,11 @@ GAIN_MIN = 0.5
 GAIN_ITERATIONS = 50
 #: Ridge strengths tried by the leave-groups-out cross-validation (dimensionless).
 LAMBDAS = tuple(np.r_[0.0, np.logspace(-4, 2, 25)])
+#: The ridge's leave-groups-out CV loss is averaged over this many random partitions of the
+#: groups into folds: one partition's choice of the ridge moved with the seed (on the small
+#: mock, [alpha/Fe]'s ridge went from 0.001 to 0.18 between two draws, and with it the gain form
+#: chosen and Praesepe's calibrated slope, -0.009 or -0.03 dex per 1000 K).
+CV_REPEATS = 5
 FORMAT_VERSION = 2
 
 
@@ -557,11 +562,21 @@ def calibrators(catalog, members=None, binaries=None, *, labels=DWARF_ABUNDANCES
 
 
 # ----------------------------------------------------------------------------- fitting
-def _folds(n_groups, k, rng):
-    order = rng.permutation(n_groups)
-    fold = np.empty(n_groups, int)
-    fold[order] = np.arange(n_groups) % k
+def _folds(n_groups, k, rng, repeats=1):
+    """(repeats, n_groups): each row assigns the groups to ``k`` folds (a random partition)."""
+    fold = np.empty((repeats, n_groups), int)
+    for r in range(repeats):
+        fold[r, rng.permutation(n_groups)] = np.arange(n_groups) % k
     return fold
+
+
+def _label_rng(seed, name: str) -> np.random.Generator:
+    """The random stream of one label (its CV folds and bootstrap): seeded by ``seed`` and the
+    label's name, so that a label's fit does not depend on which labels come before it or on how
+    many draws their bootstraps took."""
+    import zlib
+
+    return np.random.default_rng([int(seed), zlib.crc32(name.encode())])
 
 
 def _group_project(values, g, codes, weights, n_groups):
@@ -624,6 +639,9 @@ def _gain(P, a):
 def _fit_label(X, P, y, e, codes, n_groups, lambdas, n_folds, n_boot, clip, rng, ref):
     """Fit one label: weights, CV over lambda, clipping, refit, bootstrap. See :func:`fit`.
 
+    With ``n_boot = 0`` there is no bootstrap and the result keeps (``_state``) what
+    :func:`_bootstrap` needs to add one later.
+
     ``X`` (S, K) the additive terms, ``P`` (S, J) the gain terms less their reference mean,
     ``ref = (X_ref, P_ref, x_ref)``: the reference set's terms and labels (anchor).
     """
@@ -641,21 +659,25 @@ def _fit_label(X, P, y, e, codes, n_groups, lambdas, n_folds, n_boot, clip, rng,
                          f"and >= {3 * (X.shape[1] + P.shape[1])} stars)")
     e_med = np.nanmedian(e) if np.isfinite(e).any() else 0.0
     e = np.where(np.isfinite(e), e, e_med)
-    fold = _folds(G, min(n_folds, G), rng)
+    # one ridge: nothing to choose, no CV (the leave-one-cluster-out fits)
+    folds = _folds(G, min(n_folds, G), rng, CV_REPEATS) if len(lambdas) > 1 else None
 
     def cv_curve(w):
         losses = np.zeros(len(lambdas))
-        for f in range(fold.max() + 1):
-            test = fold[codes] == f
-            train = ~test
-            a = None
-            for j, lam in enumerate(lambdas):
-                c, a, _ = _solve_gain(X[train], P[train], y[train], w[train], codes[train], G, lam,
-                                      a0=a)
-                gt = _gain(P[test], a)
-                r = _group_project(y[test] - X[test] @ c, gt, codes[test], w[test], G)
-                losses[j] += np.sum(w[test] * r**2)
-        return losses / np.sum(w)
+        if folds is None:
+            return losses
+        for fold in folds:
+            for f in range(fold.max() + 1):
+                test = fold[codes] == f
+                train = ~test
+                a = None
+                for j, lam in enumerate(lambdas):
+                    c, a, _ = _solve_gain(X[train], P[train], y[train], w[train], codes[train],
+                                          G, lam, a0=a)
+                    gt = _gain(P[test], a)
+                    r = _group_project(y[test] - X[test] @ c, gt, codes[test], w[test], G)
+                    losses[j] += np.sum(w[test] * r**2)
+        return losses / (len(folds) * np.sum(w))
 
     # two passes: unit weights, then 1/(e^2 + s^2); each estimates s and clips the outliers
     w = np.ones(len(y))
@@ -685,25 +707,36 @@ def _fit_label(X, P, y, e, codes, n_groups, lambdas, n_folds, n_boot, clip, rng,
         return float(np.mean(x_ref - (x_ref - X_ref @ c) / _gain(P_ref, a)))
 
     c0 = offset(coef, gain_coef)
-    # bootstrap over groups: resampled groups enter with their multiplicity as weight
-    boots = np.empty((n_boot, X.shape[1] + P.shape[1] + 1))
-    for b in range(n_boot):
-        mult = np.bincount(rng.integers(G, size=G), minlength=G).astype(float)
-        wb = w * mult[codes]
-        sel = wb > 0
-        cb, ab, _ = _solve_gain(X[sel], P[sel], y[sel], wb[sel], codes[sel], G, lam, a0=gain_coef)
-        boots[b] = np.r_[cb, ab, offset(cb, ab)]
-    cov = np.cov(boots, rowvar=False) if n_boot > 1 else np.zeros((boots.shape[1],) * 2)
     # in-sample rms before and after (weighted, within groups, kept stars)
     yc = _group_center(y, codes, w, G)
     r_after = y - mu[codes] * _gain(P, gain_coef) - X @ coef
     before = np.sqrt(_wloss(yc, w))
     after = np.sqrt(_wloss(r_after, w))
     loss_none = float(np.sum(w * yc**2) / np.sum(w))
-    return dict(coef=coef, gain_coef=gain_coef, offset=c0, cov=cov, lam=lam,
-                cv_lambdas=np.asarray(lambdas, float), cv_loss=losses, loss_none=loss_none,
-                extra_scatter=float(np.sqrt(s2)), n_stars=int(keep.sum()), n_groups=int(G),
-                n_clipped=n_clipped, rms_before=float(before), rms_after=float(after))
+    out = dict(coef=coef, gain_coef=gain_coef, offset=c0, lam=lam,
+               cv_lambdas=np.asarray(lambdas, float), cv_loss=losses, loss_none=loss_none,
+               extra_scatter=float(np.sqrt(s2)), n_stars=int(keep.sum()), n_groups=int(G),
+               n_clipped=n_clipped, rms_before=float(before), rms_after=float(after),
+               _state=(X, P, y, w, codes, G, offset))
+    return _bootstrap(out, n_boot, rng) if n_boot else out  # else: _bootstrap later
+
+
+def _bootstrap(out: dict, n_boot: int, rng) -> dict:
+    """``out`` of :func:`_fit_label` with ``cov``: the covariance of the coefficients and the
+    offset over ``n_boot`` resamplings of the groups (each enters with its multiplicity as
+    weight; zeros for ``n_boot < 2``)."""
+    out = dict(out)
+    X, P, y, w, codes, G, offset = out.pop("_state")
+    boots = np.empty((n_boot, X.shape[1] + P.shape[1] + 1))
+    for b in range(n_boot):
+        mult = np.bincount(rng.integers(G, size=G), minlength=G).astype(float)
+        wb = w * mult[codes]
+        sel = wb > 0
+        cb, ab, _ = _solve_gain(X[sel], P[sel], y[sel], wb[sel], codes[sel], G, out["lam"],
+                                a0=out["gain_coef"])
+        boots[b] = np.r_[cb, ab, offset(cb, ab)]
+    out["cov"] = np.cov(boots, rowvar=False) if n_boot > 1 else np.zeros((boots.shape[1],) * 2)
+    return out
 
 
 def _loco_scores(X, P, y, e, codes, n_groups, teff, clusters, lam, n_folds, clip, rng, ref):
@@ -727,8 +760,8 @@ def _loco_scores(X, P, y, e, codes, n_groups, teff, clusters, lam, n_folds, clip
     return float(np.mean(z2)), float(np.mean(disp))
 
 
-def select_gain_form(X, P, y, e, codes, n_groups, teff, clusters, lambdas, n_folds, clip, rng,
-                     ref, max_terms) -> tuple[int, dict]:
+def select_gain_form(X, P, y, e, codes, n_groups, teff, clusters, lambdas, n_folds, clip,
+                     make_rng, ref, max_terms) -> tuple[int, dict, dict]:
     """Choose how many leading gain terms (0 = additive) one label gets, from its calibrators.
 
     Each form is fitted to every calibrator (its ridge by the usual leave-groups-out CV), then
@@ -743,17 +776,22 @@ def select_gain_form(X, P, y, e, codes, n_groups, teff, clusters, lambdas, n_fol
     :data:`GAIN_CV_MAX_DISPERSION` against the additive form's. With fewer than three such
     clusters the gain cannot be judged and the form is additive.
 
-    Returns ``(n_terms, scores)``: ``scores[j] = {"lam", "loco_z2", "loco_dispersion_ratio"}``.
+    Every form's fit draws its CV folds from a fresh ``make_rng()``: the forms are compared on
+    the same partitions, and the chosen form's fit is the one :func:`fit` keeps.
+
+    Returns ``(n_terms, scores, fits)``: ``scores[j] = {"lam", "loco_z2",
+    "loco_dispersion_ratio"}``, ``fits[j]`` the :func:`_fit_label` result of form ``j``
+    (without bootstrap).
     """
-    scores = {}
+    scores, fits = {}, {}
     if len(clusters) < 3 or max_terms == 0:
-        return 0, scores
+        return 0, scores, fits
     best = None
     for j in range(max_terms + 1):
-        full = _fit_label(X, P[:, :j], y, e, codes, n_groups, lambdas, n_folds, 0, clip, rng,
-                          (ref[0], ref[1][:, :j], ref[2]))
+        full = fits[j] = _fit_label(X, P[:, :j], y, e, codes, n_groups, lambdas, n_folds, 0,
+                                    clip, make_rng(), (ref[0], ref[1][:, :j], ref[2]))
         z2, disp = _loco_scores(X, P[:, :j], y, e, codes, n_groups, teff, clusters, full["lam"],
-                                n_folds, clip, rng, (ref[0], ref[1][:, :j], ref[2]))
+                                n_folds, clip, make_rng(), (ref[0], ref[1][:, :j], ref[2]))
         scores[j] = {"lam": full["lam"], "loco_z2": z2, "loco_dispersion_ratio": disp}
         # under "only noise is left" each score is a mean of len(clusters) chi^2_1 values, whose
         # standard deviation is sqrt(2 / len(clusters)): a gain must beat that twice over
@@ -762,7 +800,7 @@ def select_gain_form(X, P, y, e, codes, n_groups, teff, clusters, lambdas, n_fol
                             and scores[best]["loco_z2"] - z2 > noise
                             and disp <= GAIN_CV_MAX_DISPERSION * scores[0]["loco_dispersion_ratio"]):
             best = j
-    return best, scores
+    return best, scores, fits
 
 
 def _n_gain_terms(name, gain_terms, gain_labels) -> int:
@@ -806,13 +844,15 @@ def fit(calib: pd.DataFrame, labels=DWARF_ABUNDANCES, *, reference=None, terms=T
         dict: those forms; a sequence: those labels with all ``gain_terms``; None: every label
         with all. The others get ``h = 0`` (the additive model).
     lambdas : sequence of float
-        Ridge strengths tried by leave-groups-out CV (``n_folds`` folds of groups).
+        Ridge strengths tried by leave-groups-out CV (``n_folds`` folds of groups, the loss
+        averaged over :data:`CV_REPEATS` random partitions).
     n_boot : int
         Bootstrap resamplings of the groups for the coefficients' covariance.
     clip : float or None
         Sigma-clipping threshold (None: no clipping).
     seed : int
-        Seeds the CV folds and the bootstrap.
+        Seeds the CV folds and the bootstrap (each label its own stream, from the seed and its
+        name).
     provenance : dict, optional
         Extra provenance (e.g. ``model_training_hash``) stored with the fit.
 
@@ -854,7 +894,6 @@ def fit(calib: pd.DataFrame, labels=DWARF_ABUNDANCES, *, reference=None, terms=T
         ref, R, RP, rok = df, X, P, fin
         n_ref = 0
     anchor, gain_anchor = R[rok].mean(axis=0), RP[rok].mean(axis=0)
-    rng = np.random.default_rng(seed)
     by_cv = isinstance(gain_labels, str)
     if by_cv and gain_labels != "cv":
         raise ValueError(f"gain_labels must be 'cv', a dict, a sequence or None, not {gain_labels!r}")
@@ -874,19 +913,25 @@ def fit(calib: pd.DataFrame, labels=DWARF_ABUNDANCES, *, reference=None, terms=T
                  else np.full(int(rok.sum()), np.nanmean(y)))
         x_ref = np.where(np.isfinite(x_ref), x_ref, np.nanmean(x_ref) if np.isfinite(x_ref).any()
                          else np.nanmean(y))
+        def make_rng(name=name):
+            return _label_rng(seed, name)
+
+        fits = {}
         if by_cv:
-            J, sc = select_gain_form(X, P - gain_anchor, y, e, codes, len(group_names), teff_in,
-                                     judges, np.asarray(lambdas, float), n_folds, clip,
-                                     np.random.default_rng((seed, 1)),
-                                     (R[rok], RP[rok] - gain_anchor, x_ref), len(gain_terms))
+            J, sc, fits = select_gain_form(X, P - gain_anchor, y, e, codes, len(group_names),
+                                           teff_in, judges, np.asarray(lambdas, float), n_folds,
+                                           clip, make_rng, (R[rok], RP[rok] - gain_anchor, x_ref),
+                                           len(gain_terms))
             selection[name] = {"chosen": list(gain_terms[:J]),
                                **{"+".join(gain_terms[:j]) or "none": v for j, v in sc.items()}}
         else:
             J = _n_gain_terms(name, gain_terms, gain_labels)
         chosen[name] = list(gain_terms[:J])
-        out = _fit_label(X, (P - gain_anchor)[:, :J], y, e, codes, len(group_names),
-                         np.asarray(lambdas, float), n_folds, n_boot, clip, rng,
-                         (R[rok], (RP[rok] - gain_anchor)[:, :J], x_ref))
+        out = fits.get(J) or _fit_label(X, (P - gain_anchor)[:, :J], y, e, codes,
+                                        len(group_names), np.asarray(lambdas, float), n_folds, 0,
+                                        clip, make_rng(),
+                                        (R[rok], (RP[rok] - gain_anchor)[:, :J], x_ref))
+        out = _bootstrap(out, n_boot, _label_rng(seed, "bootstrap " + name))
         if J < len(gain_terms):  # the gain terms this label does not use are exactly zero
             K, n_all = X.shape[1], X.shape[1] + len(gain_terms) + 1
             cov = np.zeros((n_all, n_all))
@@ -906,7 +951,8 @@ def fit(calib: pd.DataFrame, labels=DWARF_ABUNDANCES, *, reference=None, terms=T
     cal.provenance = {
         "lamostcannon_version": __version__,
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "seed": int(seed), "n_folds": int(n_folds), "n_boot": int(n_boot), "clip": clip,
+        "seed": int(seed), "n_folds": int(n_folds), "cv_repeats": int(CV_REPEATS),
+        "n_boot": int(n_boot), "clip": clip,
         "gain_min": GAIN_MIN,
         "gain_terms_of_label": chosen,
         "gain_selection": ({"method": "leave-one-cluster-out", "clusters": sorted(
