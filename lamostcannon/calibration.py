@@ -64,11 +64,14 @@ the default ``gain_labels="cv"``), never on the test clusters. Each candidate (n
 least :data:`GAIN_CV_MIN_MEMBERS` members: the mean (slope / error)^2 of a held-out cluster's
 calibrated trend with teff. A gain is taken only where it lowers that score by more than noise
 would, and only if held-out dispersions do not grow. The forms are not fixed once for all
-because they are not the same from one data set to the next: on the small mock (seed 2020) this
-gives a gain to [Sc/Fe] alone (score 6.3 -> 0.95), on the ``large`` mock to [alpha/Fe] alone
-(13.9 -> 4.2), and a form fixed from the small mock (a quadratic gain for [O/Fe]) left the
-``large`` mock's Praesepe with its raw [O/Fe] trend (0.118 -> 0.108 dex per 1000 K, against
-0.046 with the form chosen there). The scores also say what the calibration cannot do: with
+because they are not the same from one data set to the next: on the small mock this gives a gain
+to [Sc/Fe] (score 6.46 -> 0.94) and [Eu/Fe] (6.55 -> 4.02) of the skilled and calibrated labels,
+with every seed tried (0-3, 2020), and a form fixed from the small mock (a quadratic gain for
+[O/Fe]) left the ``large`` mock's Praesepe with its raw [O/Fe] trend (0.118 -> 0.108 dex per
+1000 K, against 0.046 with the form chosen there). The ridge and the forms are chosen on CV
+losses averaged over :data:`CV_REPEATS` partitions of the groups, with each label's own random
+stream: with one partition, shared across labels, the small mock's [alpha/Fe] got a gain with
+some seeds and none with others (Praesepe's calibrated trend -0.009 or -0.034 dex per 1000 K). The scores also say what the calibration cannot do: with
 every form they stay well above 1 for most labels, i.e. the clusters' residual trends differ by
 more than their noise, and a held-out cluster keeps a residual trend of that size.
 
