@@ -996,7 +996,8 @@ class CannonModel:
         arrs["buffers"] = threading.local()
         # the compiled Newton iteration pays for loading numba (~0.5 s per process) from a few
         # thousand spectra on; decided per call, so equal calls take the same path in any process
-        arrs["compiled"] = kernels.ENABLED and S >= kernels.NEWTON_MIN_SPECTRA
+        arrs["compiled"] = (kernels.ENABLED and S >= kernels.NEWTON_MIN_SPECTRA
+                            and kernels.ready())
         if win_names or residual_bins is not None:
             # columns (positions among the trained pixels) with explicit residuals: the windows'
             # and the residual bins' together, so that both share one prediction
@@ -1804,14 +1805,14 @@ def _newton(quartic: _Quartic, x0, lo, hi, max_iter, xtol_newton=1e-3, xtol=1e-9
 
     Returns x (n, L), chi2 (n,), iterations (n,), converged (n,).
 
-    ``compiled`` (default :data:`lamostcannon.kernels.ENABLED`): the same iteration runs
+    ``compiled`` (default :func:`lamostcannon.kernels.ready`): the same iteration runs
     compiled, one spectrum at a time (:func:`lamostcannon.kernels.newton_fits`; the same steps,
     rounded differently only in the linear solves and sums).
     """
     n, L = x0.shape
     lo, hi = np.asarray(lo, dtype=float), np.asarray(hi, dtype=float)
     if compiled is None:
-        compiled = kernels.ENABLED
+        compiled = kernels.ready()
     if compiled and kernels.ENABLED and lo.shape == hi.shape == (L,):
         x = np.empty((n, L))
         f = np.empty(n)
@@ -1821,7 +1822,8 @@ def _newton(quartic: _Quartic, x0, lo, hi, max_iter, xtol_newton=1e-3, xtol=1e-9
             target, target_ok = np.zeros((0, n, L)), np.zeros((0, n), dtype=bool)
         tab = quartic.tab
         kernels.newton_fits(
-            quartic.p0, quartic.g0, quartic.h0, np.ascontiguousarray(quartic.h1),
+            np.ascontiguousarray(quartic.p0), np.ascontiguousarray(quartic.g0),
+            np.ascontiguousarray(quartic.h0), np.ascontiguousarray(quartic.h1),
             np.ascontiguousarray(quartic.h2), tab["qi"], tab["qj"], tab["q_mult"], tab["h_full"],
             np.ascontiguousarray(x0, dtype=float), lo, hi, int(max_iter), float(xtol_newton),
             float(xtol), float(radius0), np.ascontiguousarray(target, dtype=float),

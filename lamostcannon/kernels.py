@@ -17,16 +17,20 @@ numba is imported, and a kernel compiled, on the first call in a process (~7 s f
 once per machine; the compiled code is cached on disk, in ``__pycache__`` beside this file or
 numba's user cache where that is not writable, and later processes load it in ~0.3 s).
 ``LAMOSTCANNON_NUMBA=0`` switches every kernel off (the numpy paths run instead), for checks and
-for platforms without numba.
+for platforms without numba; where numba is present but cannot load or compile them,
+:func:`ready` says so once in the log and the numpy paths run too.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import threading
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 #: True when the compiled kernels are used (numba installed and not switched off). numba itself
 #: is imported on the first call of a kernel (~0.3 s), not with this module.
@@ -43,9 +47,10 @@ NEWTON_MIN_SPECTRA = 512
 #: bits either way, so when it starts does not matter).
 RESAMPLE_AFTER = 10_000
 
-_LOCK = threading.Lock()
+_LOCK = threading.RLock()
 _RESAMPLED = [0]
 _COMPILED: dict = {}
+_READY: dict = {}
 #: name -> (function, reassociate) of every kernel, in the order they are compiled (a kernel's
 #: callees first: numba resolves them as globals when it compiles the caller)
 _KERNELS: dict = {}
@@ -57,7 +62,41 @@ def use_for_resampling(n: int) -> bool:
     if not ENABLED:
         return False
     _RESAMPLED[0] += n
-    return bool(_COMPILED) or _RESAMPLED[0] > RESAMPLE_AFTER
+    return (bool(_COMPILED) or _RESAMPLED[0] > RESAMPLE_AFTER) and ready()
+
+
+def ready() -> bool:
+    """True when the kernels are enabled and work in this process: the first call imports numba
+    and runs every kernel once on a tiny input (loading it from the disk cache, or compiling
+    it). Any failure there (numba missing or broken, an unsupported platform) is logged once as
+    a warning and the numpy paths run instead: a long run never stops for want of a kernel."""
+    if not ENABLED:
+        return False
+    with _LOCK:
+        if "ok" not in _READY:
+            try:
+                _compile()
+                _warm_up()
+                _READY["ok"] = True
+            except Exception as exc:  # the numpy paths compute the same results
+                log.warning("compiled kernels unavailable (%s: %s); using the numpy code",
+                            type(exc).__name__, exc)
+                _READY["ok"] = False
+        return _READY["ok"]
+
+
+def _warm_up() -> None:
+    """Each kernel once, on a tiny input of the types ingest and the test step pass."""
+    one = np.ones((1, 3), np.float32)
+    interpolate_rows(np.array([[0.0, 0.5, 2.0]]), np.array([3], np.int64), one, one,
+                     np.ones((1, 3), bool), np.empty((1, 3)), np.empty((1, 3)),
+                     np.empty(1, np.int64))
+    idx = np.zeros(1, np.intp)
+    newton_fits(np.ones(1), np.zeros((1, 1)), np.ones((1, 1)), np.zeros((1, 1, 1)),
+                np.zeros((1, 1, 1)), idx, idx, np.ones(1), idx, np.full((1, 1), 0.5),
+                np.full(1, -1.0), np.ones(1), 5, 1e-3, 1e-9, 1.0, np.zeros((0, 1, 1)),
+                np.zeros((0, 1), bool), 0.1, np.empty((1, 1)), np.empty(1),
+                np.zeros(1, np.int64), np.zeros(1, bool))
 
 
 def _jit(fn=None, *, reassociate=False):

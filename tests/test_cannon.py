@@ -729,3 +729,30 @@ def test_compiled_newton_takes_the_same_steps_as_numpy(trained, test_set, sim, m
     monkeypatch.setattr(kernels, "newton_fits", None)
     small = model.test(flux, ivar, chunk_size=64, n_starts=3, bound=0.3)
     np.testing.assert_array_equal(small.n_iter, slow.n_iter)
+
+
+def test_a_broken_numba_falls_back_to_numpy(trained, test_set, monkeypatch, caplog):
+    """If the kernels cannot be loaded (numba broken, an unsupported platform), the test step
+    says so once in the log and runs the numpy iteration: the same labels, no exception."""
+    from lamostcannon import kernels
+
+    model, *_ = trained
+    _, flux, ivar = test_set
+    monkeypatch.setattr(kernels, "ENABLED", False)
+    expect = model.test(flux, ivar, chunk_size=64)
+
+    def broken():
+        raise RuntimeError("no LLVM here")
+
+    monkeypatch.setattr(kernels, "ENABLED", True)
+    monkeypatch.setattr(kernels, "NEWTON_MIN_SPECTRA", 1)
+    monkeypatch.setattr(kernels, "_READY", {})
+    monkeypatch.setattr(kernels, "_RESAMPLED", [0])
+    monkeypatch.setattr(kernels, "_compile", broken)
+    with caplog.at_level("WARNING", logger="lamostcannon.kernels"):
+        got = model.test(flux, ivar, chunk_size=64)
+        assert not kernels.use_for_resampling(10 ** 6)
+    assert "compiled kernels unavailable" in caplog.text and "no LLVM here" in caplog.text
+    assert caplog.text.count("compiled kernels unavailable") == 1
+    np.testing.assert_array_equal(got.labels, expect.labels)
+    np.testing.assert_array_equal(got.flag, expect.flag)
