@@ -913,7 +913,7 @@ class CannonModel:
 
     def test(self, flux, ivar, *, windows=None, chunk_size: int = 512, n_starts: int = 2,
              max_iter: int = 50, bound: float = 1.0, init=None, n_threads=None,
-             residual_bins=None) -> TestResult:
+             residual_bins=None, compiled=None) -> TestResult:
         """Maximum-likelihood labels of many spectra (the test step of paper section 3).
 
         Parameters
@@ -948,6 +948,11 @@ class CannonModel:
             per name), as :class:`lamostcannon.ood._Binner` builds them. For each name
             ``binned[name]`` is the mean over its bins of ``(sum_p z_p)^2 / n`` with
             ``z = (f - model) / sqrt(sigma^2 + s^2)`` (NaN without a fit or usable pixel).
+        compiled : bool, optional
+            Run the Newton iteration compiled (:mod:`lamostcannon.kernels`, where numba works)
+            or in numpy; the same steps, labels equal to rounding. Default: compiled for calls
+            of at least :data:`lamostcannon.kernels.NEWTON_MIN_SPECTRA` spectra (loading numba
+            costs ~0.5 s per process).
 
         Returns
         -------
@@ -996,8 +1001,9 @@ class CannonModel:
         arrs["buffers"] = threading.local()
         # the compiled Newton iteration pays for loading numba (~0.5 s per process) from a few
         # thousand spectra on; decided per call, so equal calls take the same path in any process
-        arrs["compiled"] = (kernels.ENABLED and S >= kernels.NEWTON_MIN_SPECTRA
-                            and kernels.ready())
+        if compiled is None:
+            compiled = S >= kernels.NEWTON_MIN_SPECTRA
+        arrs["compiled"] = bool(compiled) and kernels.ENABLED and kernels.ready()
         if win_names or residual_bins is not None:
             # columns (positions among the trained pixels) with explicit residuals: the windows'
             # and the residual bins' together, so that both share one prediction

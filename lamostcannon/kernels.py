@@ -37,10 +37,12 @@ log = logging.getLogger(__name__)
 ENABLED = (os.environ.get("LAMOSTCANNON_NUMBA", "1") != "0"
            and importlib.util.find_spec("numba") is not None)
 
-#: ``CannonModel.test`` calls with at least this many spectra use :func:`newton_fits` (it saves
-#: ~0.12 ms per spectrum; loading numba costs ~0.5 s of CPU per process): small calls, as in a
-#: ``label`` run on a few hundred files, never load numba. Per call, so that the same call takes
-#: the same path in any process (the catalogue's rows are the same in-process and on Dask).
+#: ``CannonModel.test`` calls, and the labelling core's chunks (``Labeller.label``, whatever
+#: their split between the dwarf and giant models), with at least this many spectra use
+#: :func:`newton_fits` (it saves ~0.12 ms per spectrum; loading numba costs ~0.5 s of CPU per
+#: process): small calls, as in a ``label`` run on a few hundred files, never load numba. Per
+#: call, so that the same call takes the same path in any process (the catalogue's rows are the
+#: same in-process and on Dask).
 NEWTON_MIN_SPECTRA = 512
 #: Ingest resamples with :func:`interpolate_rows` once this process has resampled this many
 #: spectra, or at once if numba is loaded already (it saves ~0.05 ms per spectrum; the same

@@ -475,13 +475,18 @@ class Labeller:
             candidates = {only: np.ones(n, bool)}
 
         fits = {}
+        # the compiled Newton iteration for chunks that repay loading it (decided on the chunk,
+        # not on each model's share of it; lamostcannon.kernels.NEWTON_MIN_SPECTRA)
+        from .kernels import NEWTON_MIN_SPECTRA
+
+        compiled = n >= NEWTON_MIN_SPECTRA
         for name, cand in candidates.items():
             bundle = self.models[name]
             idx = np.flatnonzero(cand)
             if idx.size == n:     # every spectrum: no copy of the chunk
-                fit = self._fit(bundle, flux, ivar)
+                fit = self._fit(bundle, flux, ivar, compiled)
             else:
-                fit = self._fit(bundle, flux[idx], ivar[idx]) if idx.size else None
+                fit = self._fit(bundle, flux[idx], ivar[idx], compiled) if idx.size else None
             usable = np.zeros(n, bool)
             if fit is not None:   # fewer than min_pixels usable pixels: not a fit
                 enough = fit["n_pixels"] >= self.min_pixels
@@ -526,8 +531,9 @@ class Labeller:
         out["quality_flag"] = qf
         return pd.DataFrame(out).astype(self.columns())
 
-    def _fit(self, bundle, flux, ivar) -> dict:
+    def _fit(self, bundle, flux, ivar, compiled=None) -> dict:
         kwargs = dict(self.test_kwargs)
+        kwargs.setdefault("compiled", compiled)
         if bundle.ood is not None:   # the OOD window statistics, inside the batched test step
             kwargs["residual_bins"] = bundle._ood_binner()
         res = bundle.model.test(flux, ivar, windows=bundle.windows or None, **kwargs)

@@ -307,6 +307,34 @@ def test_labeller_two_models_eq1_and_no_pipeline(trained):
         labelling.Labeller({"a": dwarf, "b": giant})
 
 
+def test_labeller_decides_the_compiled_newton_on_the_whole_chunk(trained, monkeypatch):
+    """The labelling core runs the compiled Newton iteration for a chunk of at least
+    ``kernels.NEWTON_MIN_SPECTRA`` spectra, for both models' shares of it however small, and
+    the numpy one below: the same chunk takes the same path in any process."""
+    from lamostcannon import cannon, kernels
+
+    bundle = labelling.ModelBundle.load(trained["path"])
+    labeller = labelling.Labeller({
+        "dwarf": labelling.ModelBundle.from_model(bundle.model, "dwarf"),
+        "giant": labelling.ModelBundle.from_model(bundle.model, "giant")})
+    seen = []
+    real_test = cannon.CannonModel.test
+
+    def spy(self, flux, ivar, **kwargs):
+        seen.append((len(flux), kwargs.get("compiled")))
+        return real_test(self, flux, ivar, **kwargs)
+
+    monkeypatch.setattr(cannon.CannonModel, "test", spy)
+    flux, ivar = trained["flux"][:6].astype(np.float32), trained["ivar"][:6].astype(np.float32)
+    teff, logg = [4800, 4700, 4900, 5800, 4800, 4750], [2.5, 2.4, 2.6, 4.4, 2.5, 2.3]
+    for threshold, expect in ((6, True), (7, False)):
+        monkeypatch.setattr(kernels, "NEWTON_MIN_SPECTRA", threshold)
+        seen.clear()
+        labeller.label(flux, ivar, pipeline_teff=teff, pipeline_logg=logg)
+        assert sorted(n for n, _ in seen) == [1, 5]  # the dwarf's share is one spectrum
+        assert {c for _, c in seen} == {expect}
+
+
 def test_model_spectra_file_matches_chi2(trained, tmp_path):
     from astropy.io import fits
 
