@@ -115,6 +115,7 @@ def main(argv=None) -> int:
     cpu = {"bare": [], "ood": [], "core": [], "bare64": [], "bare_numpy": []}
     with threadpool_limits(1):
         labeller.label(flux[:256], ivar[:256])           # warm-up (caches, imports)
+        kernels.ready()                                  # numba and the compiled kernels
         for _ in range(repeats):
             for name, fn in (("bare", bare), ("bare64", bare_float64), ("ood", with_ood),
                              ("core", core), ("bare_numpy", bare_numpy)):
@@ -138,6 +139,14 @@ def main(argv=None) -> int:
             rnp = model.test(flux[:chunk], ivar[:chunk], windows=p["windows"], chunk_size=256)
         finally:
             kernels.ENABLED = enabled
+    # what a process pays to load numba and the kernels (from the disk cache after the runs above)
+    import subprocess
+
+    probe = ("import resource, time; t = time.perf_counter(); from lamostcannon import kernels; "
+             "ok = kernels.ready(); r = resource.getrusage(resource.RUSAGE_SELF); "
+             "print(ok, time.perf_counter() - t, r.ru_utime + r.ru_stime)")
+    load = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          cwd=ROOT).stdout.split()
     clean = (r32.flag == 0) & (r64.flag == 0)
     both = (r32.flag == 0) & (rnp.flag == 0)
     newton_diff = float(np.max(np.abs(r32.labels[both] - rnp.labels[both])
@@ -172,6 +181,9 @@ def main(argv=None) -> int:
         "compiled_newton_max_label_diff_in_formal_errors": newton_diff,
         "compiled_newton_flags_equal": bool(np.array_equal(r32.flag, rnp.flag)),
         "compiled_newton_n_iter_equal": bool(np.array_equal(r32.n_iter, rnp.n_iter)),
+        "kernels_ready_in_fresh_process": load[0] == "True" if load else None,
+        "kernels_load_seconds": float(load[1]) if load else None,
+        "kernels_load_cpu_seconds_whole_process": float(load[2]) if load else None,
         "all_runs_s": times, "all_runs_cpu_s": cpu,
         "quality_flag_fraction_nonzero": float(np.mean(out["quality_flag"] != 0)),
         "ood_threshold": float(ood_cal.threshold),
@@ -196,7 +208,10 @@ def main(argv=None) -> int:
           f"{res['cpu_test_step_numpy_newton_ms_per_star']:.3f} ms/star CPU; compiled / numpy "
           f"paired median {res['cpu_compiled_newton_ratio']:.3f}; labels differ by at most "
           f"{newton_diff:.1e} formal errors (flags equal: {res['compiled_newton_flags_equal']}, "
-          f"iterations equal: {res['compiled_newton_n_iter_equal']})", flush=True)
+          f"iterations equal: {res['compiled_newton_n_iter_equal']}); loading numba and the "
+          f"kernels in a fresh process: {res['kernels_load_seconds']:.2f} s (the whole "
+          f"process, imports included: {res['kernels_load_cpu_seconds_whole_process']:.2f} s "
+          f"of CPU)", flush=True)
     out_path = Path(args.out)
     if args.quick:
         out_path = out_path.with_name("labelling_quick.json")
