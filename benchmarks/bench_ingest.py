@@ -168,11 +168,22 @@ def child_stages(n_files: int) -> dict:
 
     The stages of ``spectra._process_files``: read the bytes, gunzip (with the library in use
     and, for comparison, the standard library's zlib), parse the FITS bytes, interpret the
-    layout, resample (batches of 32, as ingest), normalise (batches of 32).
+    layout, resample (batches of 32, as ingest), normalise (batches of 32). As at survey scale:
+    where the package has compiled kernels (:mod:`lamostcannon.kernels`), resampling uses them
+    from the first spectrum (ingest switches after 10,000 per process), their one-off load
+    excluded.
     """
     import zlib
 
     from lamostcannon import spectra as sp
+
+    try:  # this session's package; an older baseline has no kernels
+        from lamostcannon import kernels
+
+        kernels.RESAMPLE_AFTER = -1
+        kernels.ready()
+    except ImportError:
+        pass
 
     files = _repeat(_dr10_files(), n_files)
 
