@@ -11,11 +11,12 @@ check that on real and mock spectra.
 instead of over a batch (the batched numpy version re-forms arrays for thousands of 10 x 10
 systems per iteration). Its polynomial evaluation may reorder sums (vectorised dot products), so
 it agrees with numpy to rounding (~1e-13 of a formal error on the labels), not bit for bit; the
-steps it accepts, its iteration counts and flags are the same (tested).
+steps it accepts, its iteration counts and flags are the same (measured; the test allows one
+star in 100 to take a threshold decision the other way on some CPU).
 
 numba is imported, and a kernel compiled, on the first call in a process (~7 s for all of them
 once per machine; the compiled code is cached on disk, in ``__pycache__`` beside this file or
-numba's user cache where that is not writable, and later processes load it in ~0.3 s).
+numba's user cache where that is not writable, and later processes load numba and it in ~0.55 s).
 ``LAMOSTCANNON_NUMBA=0`` switches every kernel off (the numpy paths run instead), for checks and
 for platforms without numba; where numba is present but cannot load or compile them,
 :func:`ready` says so once in the log and the numpy paths run too.
@@ -33,7 +34,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 #: True when the compiled kernels are used (numba installed and not switched off). numba itself
-#: is imported on the first call of a kernel (~0.3 s), not with this module.
+#: is imported by :func:`ready` or the first call of a kernel, not with this module.
 ENABLED = (os.environ.get("LAMOSTCANNON_NUMBA", "1") != "0"
            and importlib.util.find_spec("numba") is not None)
 
