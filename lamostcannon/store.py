@@ -372,6 +372,13 @@ class SpectraStore:
             self.format_version = int(attrs["format_version"])
             self.flux = self._group["flux"]
             self.ivar = self._group["ivar"]
+            if mode == "a":
+                # zarr would compare every chunk it writes with the fill value, to skip writing
+                # chunks that hold nothing else: spectra never do, and the comparison cost 15%
+                # of an append's CPU (0.086 -> 0.073 ms per spectrum, paired). A chunk of fill
+                # values written anyway reads back the same.
+                self.flux = self.flux.with_config({"write_empty_chunks": True})
+                self.ivar = self.ivar.with_config({"write_empty_chunks": True})
             self.chunk_rows = int(self.flux.chunks[0])
             self._read_commit()
             if mode == "a":
