@@ -44,7 +44,9 @@ Outputs
 A bad file never stops the run. Outputs are written to a temporary name and renamed into place,
 so an interrupted run leaves no partial output. A run claims its output with an OS lock
 (``fcntl.flock`` on ``<OUTPUT>.lock``, released when the process ends however it ends): a second
-run to the same output while the first is running is refused. Exit status: 0 when at least one
+run to the same output while the first is running is refused (the ``--model-spectra`` file is
+claimed the same way). An output (or ``--model-spectra``) that is the model, a calibration, the
+pipeline-label table or one of the input spectra is refused, even with ``--overwrite``. Exit status: 0 when at least one
 file was labelled, 1 when none was, 2 for a usage error (missing model, existing output without
 ``--overwrite``, output claimed by another run).
 """
@@ -198,6 +200,17 @@ def claim_output(output):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(lock)
         os.close(fd)
+
+
+@contextlib.contextmanager
+def _claim_outputs(*outputs):
+    """:func:`claim_output` of every path given (None skipped): a run's ``--model-spectra`` file
+    is claimed as its output is, so no other run can write either meanwhile."""
+    with contextlib.ExitStack() as stack:
+        for output in outputs:
+            if output is not None:
+                stack.enter_context(claim_output(output))
+        yield
 
 
 # --------------------------------------------------------------------------------------------
@@ -555,7 +568,15 @@ def label_files(model_path, inputs, output, *, workers: int | None = 1, chunk_si
     for p in (model_path, giant_model_path):
         if p is not None and not Path(p).is_file():
             raise FileNotFoundError(f"no model file at {p}")
-    with claim_output(output):
+    # an output must never replace a file the run reads (with --overwrite it would)
+    given = {os.path.realpath(p): opt for p, opt in (
+        (model_path, "--model"), (giant_model_path, "--giant-model"),
+        (pipeline_labels, "--pipeline-labels"), (boundaries_path, "--boundaries")) if p is not None}
+    for p, opt in ((output, "--output"), (model_spectra, "--model-spectra")):
+        if p is not None and os.path.realpath(p) in given:
+            raise ValueError(f"{opt} {p} is the {given[os.path.realpath(p)]} file; choose "
+                             "another path")
+    with _claim_outputs(output, model_spectra):
         if output.exists() and not overwrite:
             raise FileExistsError(f"{output} exists; pass --overwrite to replace it")
         if model_spectra is not None and Path(model_spectra).exists() and not overwrite:
@@ -563,11 +584,23 @@ def label_files(model_path, inputs, output, *, workers: int | None = 1, chunk_si
         pipeline = _read_pipeline_labels(pipeline_labels) if pipeline_labels else None
         args = (str(model_path), boundaries_path and str(boundaries_path), test_chunk,
                 giant_model_path and str(giant_model_path), pipeline, model_spectra is not None)
-        state = _load_state(*args)  # fails early on a bad model
+        try:
+            state = _load_state(*args)  # fails early on a bad model
+        except (KeyError, TypeError, ValueError) as exc:  # a damaged model or calibration file
+            raise ValueError(f"cannot load the model {model_path}"
+                             f"{'' if giant_model_path is None else f' or {giant_model_path}'}"
+                             f" with its calibrations: {type(exc).__name__}: {exc}") from exc
         labeller = state["labeller"]
         names = labeller.label_names
         files = collect_inputs(inputs)
         sources = [str(f) for f in files]
+        outputs = {os.path.abspath(p): opt for p, opt in ((output, "--output"),
+                                                           (model_spectra, "--model-spectra"))
+                   if p is not None}
+        clash = [(s_, outputs[s_]) for s_ in sources if s_ in outputs]
+        if clash:
+            raise ValueError(f"{clash[0][1]} {clash[0][0]} is also one of the input spectra; "
+                             "choose another path")
         tasks = [list(range(a, min(a + chunk_size, len(sources))))
                  for a in range(0, len(sources), chunk_size)]
         n_proc = min(auto_workers(len(sources), workers) if auto else workers, max(len(tasks), 1))
@@ -714,6 +747,14 @@ def _label_command(args) -> int:
                           model_spectra=args.model_spectra)
     except (FileNotFoundError, FileExistsError, ValueError, OutputBusyError) as exc:
         print(f"label: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("label: interrupted; no output written (outputs are renamed into place only "
+              "when complete)", file=sys.stderr)
+        return 130
+    except OSError as exc:  # e.g. an output folder that cannot be written
+        print(f"label: error: {exc.strerror or exc}: "
+              f"{exc.filename if exc.filename else args.output}", file=sys.stderr)
         return 2
     print(run.summary())
     return 0 if run.n_labelled > 0 else 1
