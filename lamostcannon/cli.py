@@ -572,7 +572,8 @@ def label_files(model_path, inputs, output, *, workers: int | None = 1, chunk_si
     given = {os.path.realpath(p): opt for p, opt in (
         (model_path, "--model"), (giant_model_path, "--giant-model"),
         (pipeline_labels, "--pipeline-labels"), (boundaries_path, "--boundaries")) if p is not None}
-    for p, opt in ((output, "--output"), (model_spectra, "--model-spectra")):
+    for p, opt in ((output, "--output"), (errors_path_for(output), "the error report"),
+                   (model_spectra, "--model-spectra")):
         if p is not None and os.path.realpath(p) in given:
             raise ValueError(f"{opt} {p} is the {given[os.path.realpath(p)]} file; choose "
                              "another path")
@@ -601,10 +602,14 @@ def label_files(model_path, inputs, output, *, workers: int | None = 1, chunk_si
         if clash:
             raise ValueError(f"{clash[0][1]} {clash[0][0]} is also one of the input spectra; "
                              "choose another path")
-        tasks = [list(range(a, min(a + chunk_size, len(sources))))
-                 for a in range(0, len(sources), chunk_size)]
+        from .spectra import printable_path, unencodable_name
+
+        errors = {i: why for i, why in enumerate(map(unencodable_name, sources)) if why}
+        usable = [i for i in range(len(sources)) if i not in errors] if errors else \
+            range(len(sources))
+        tasks = [list(usable[a:a + chunk_size]) for a in range(0, len(usable), chunk_size)]
         n_proc = min(auto_workers(len(sources), workers) if auto else workers, max(len(tasks), 1))
-        parts, errors, seen = [], {}, {}
+        parts, seen = [], {}
         writer = None
         if model_spectra is not None:
             from .labelling import ModelSpectraWriter
@@ -642,7 +647,7 @@ def label_files(model_path, inputs, output, *, workers: int | None = 1, chunk_si
                         if c in rows]
                 writer.add(rows[cols], flux, ivar, model_flux)
 
-        bar = tqdm(total=len(sources), desc="label", unit="file", disable=not progress,
+        bar = tqdm(total=len(usable), desc="label", unit="file", disable=not progress,
                    file=sys.stderr)
         try:
             if n_proc <= 1:
@@ -668,7 +673,8 @@ def label_files(model_path, inputs, output, *, workers: int | None = 1, chunk_si
         try:
             _write_output(df, output, names, labeller)
             err_path = errors_path_for(output)
-            _write_errors([(sources[i], errors[i]) for i in sorted(errors)], err_path)
+            _write_errors([(printable_path(sources[i]), errors[i]) for i in sorted(errors)],
+                          err_path)
             spectra_path = writer.close({"output": output.name}) if writer is not None else None
         except BaseException:
             if writer is not None:

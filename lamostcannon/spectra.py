@@ -133,7 +133,19 @@ LAYOUTS = ("dr1-3", "dr4-9", "dr10+")
 #: spectrum is < ~1 MB uncompressed; anything bigger than this is refused (gzip-bomb guard).
 #: Override with the environment variable ``LAMOSTCANNON_MAX_SPECTRUM_BYTES`` (read at import,
 #: so worker processes inherit it) or ``read_lamost(..., max_bytes=)``.
-MAX_SPECTRUM_BYTES = int(os.environ.get("LAMOSTCANNON_MAX_SPECTRUM_BYTES", "") or 64 * 2 ** 20)
+def _max_bytes_from_env(default: int = 64 * 2 ** 20) -> int:
+    text = os.environ.get("LAMOSTCANNON_MAX_SPECTRUM_BYTES", "").strip()
+    try:
+        value = int(text) if text else default
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError("LAMOSTCANNON_MAX_SPECTRUM_BYTES must be a positive number of bytes "
+                         f"(default {default}), got {text!r}")
+    return value
+
+
+MAX_SPECTRUM_BYTES = _max_bytes_from_env()
 #: File names :func:`find_spectra` picks up (case-insensitive).
 SPECTRUM_SUFFIXES = (".fits", ".fits.gz", ".fit", ".fit.gz", ".fz")
 
@@ -1348,6 +1360,26 @@ def _process_files(sources: Sequence[str], use_ormask: bool, min_good_pixels: in
 def _process_payload(payload):
     """Task of an ingest worker: ``_process_files(*payload)``."""
     return _process_files(*payload)
+
+
+def unencodable_name(path: str) -> str | None:
+    """Why ``path`` cannot be kept in a table, or None: a file name that is not valid UTF-8
+    (possible on POSIX; Python holds it with surrogate escapes, which Parquet, FITS and CSV
+    writers refuse, so one such name would stop a whole run at its first write)."""
+    if path.isascii():
+        return None
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return "the file name is not valid UTF-8; rename the file to read it"
+    return None
+
+
+def printable_path(path: str) -> str:
+    """``path`` as text any writer accepts: bytes that are not UTF-8 as ``\\xNN`` escapes."""
+    if unencodable_name(path) is None:
+        return path
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def find_spectra(folder: str | PathLike) -> list[Path]:

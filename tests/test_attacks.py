@@ -219,6 +219,11 @@ def test_label_never_writes_over_a_file_it_reads(model_path, tmp_path, capsys):
                   "--model-spectra", model_path, "--overwrite") == 2
     assert "is the --model file" in capsys.readouterr().err
     assert model_path.read_bytes() == before  # the model used to be replaced by the labels
+    table = tmp_path / "lasp.errors.csv"  # the error report of -o lasp.csv
+    table.write_text("filename,teff,logg\nstar.fits,5000,4\n")
+    assert _label("--model", model_path, spectrum, "-o", tmp_path / "lasp.csv",
+                  "--pipeline-labels", table) == 2
+    assert "the error report" in capsys.readouterr().err and "5000" in table.read_text()
     spectrum_bytes = spectrum.read_bytes()
     assert _label("--model", model_path, tmp_path, "-o", spectrum, "--overwrite") == 2
     assert "is also one of the input spectra" in capsys.readouterr().err
@@ -271,3 +276,127 @@ def test_the_model_spectra_file_is_claimed_like_the_output(model_path, tmp_path,
                   "--model-spectra", shared) == 0
     table = pd.read_csv(tmp_path / "b.errors.csv")
     assert table.empty
+
+
+# ------------------------------------------------------------------------------ file names
+
+def _non_utf8_file(folder):
+    """A spectrum under a name that is not UTF-8 (Latin-1 bytes), or skip where the file
+    system refuses such names."""
+    import os
+
+    name = os.fsencode(folder) + b"/spec-\xe9t\xe9.fits"
+    try:
+        with open(name, "wb") as fh:
+            fh.write(_write(folder / "tmp_src.fits", OBSID=99).read_bytes())
+    except (OSError, UnicodeError) as exc:  # pragma: no cover - e.g. macOS APFS
+        pytest.skip(f"this file system refuses non-UTF-8 names: {exc}")
+    (folder / "tmp_src.fits").unlink()
+    return os.fsdecode(name)
+
+
+def test_a_file_name_that_is_not_utf8_is_listed_not_fatal(model_path, tmp_path):
+    """One such name stopped the ingest at its first commit (and every resume at its start)
+    and lost a whole label run at the final write (pyarrow refuses surrogate escapes)."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    good = [_write(folder / f"good{k}.fits", OBSID=10 + k) for k in range(2)]
+    bad = _non_utf8_file(folder)
+    for attempt in range(2):  # the first run, then the resume
+        report = ingest(folder, tmp_path / "s.zarr", n_workers=1, progress=False)
+        assert report["status"].tolist() == (["stored"] * 2 if attempt == 0 else
+                                             ["already_stored"] * 2) + ["failed"]
+        assert "not valid UTF-8" in report["reason"].iloc[2]
+        assert report["source"].iloc[2].endswith("spec-\\xe9t\\xe9.fits")
+        assert pd.read_csv(tmp_path / "s.zarr" / "ingest_report.csv").shape[0] == 3
+    assert len(SpectraStore(tmp_path / "s.zarr")) == 2
+    for suffix in (".fits", ".parquet", ".csv"):
+        out = tmp_path / f"labels{suffix}"
+        assert _label("--model", model_path, folder, "-o", out) == 0
+        errors = pd.read_csv(cli.errors_path_for(out))
+        assert len(errors) == 1 and "not valid UTF-8" in errors["reason"].iloc[0]
+    assert sorted(pd.read_csv(tmp_path / "labels.csv")["filename"]) == [g.name for g in good]
+    assert bad.endswith(".fits")
+
+
+# ------------------------------------------------------------------------------ a damaged store
+
+def test_a_damaged_store_says_so_and_which_file(tmp_path):
+    """Files damaged outside the code (writes are atomic, so no killed run does this) gave a
+    bare JSONDecodeError, ArrowInvalid, KeyError('flux') or blosc RuntimeError."""
+    import json
+    import shutil
+
+    from lamostcannon.store import StoreDamaged
+
+    base = tmp_path / "base.zarr"
+    with SpectraStore.create(base, chunk_rows=8) as store:
+        store.append(np.ones((16, P), np.float32), np.ones((16, P), np.float32),
+                     pd.DataFrame({"obsid": np.arange(16)}))
+
+    def damaged(name, damage):
+        path = tmp_path / name
+        shutil.copytree(base, path)
+        damage(path)
+        return path
+
+    commit = damaged("commit.zarr", lambda p: (p / "COMMIT.json").write_text("{cut sh"))
+    with pytest.raises(StoreDamaged, match="COMMIT.json is unreadable"):
+        SpectraStore(commit)
+    with pytest.raises(StoreDamaged, match="COMMIT.json is unreadable"):
+        ingest([], commit, n_workers=1, progress=False)
+    rows = damaged("rows.zarr", lambda p: (p / "COMMIT.json").write_text(json.dumps(
+        {**json.loads((p / "COMMIT.json").read_text()), "n_rows": 99})))
+    with pytest.raises(StoreDamaged, match="inconsistent"):
+        SpectraStore(rows)
+
+    def cut_part(p):
+        part = sorted((p / "meta").glob("*.parquet"))[0]
+        part.write_bytes(part.read_bytes()[:100])
+
+    with pytest.raises(StoreDamaged, match="metadata part .* is unreadable"):
+        SpectraStore(damaged("part.zarr", cut_part)).read_meta()
+
+    def cut_chunk(p):
+        chunk = sorted(c for c in (p / "ivar").rglob("*") if c.is_file()
+                       and c.name not in ("zarr.json", ".zarray", ".zattrs"))[-1]
+        chunk.write_bytes(chunk.read_bytes()[:10])
+
+    store = SpectraStore(damaged("chunk.zarr", cut_chunk))
+    with pytest.raises(StoreDamaged, match="cannot read rows"):
+        store.read()
+    assert len(SpectraStore(base).read()[0]) == 16  # the undamaged store reads
+
+
+def test_a_bad_size_limit_in_the_environment_is_named(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    for value in ("abc", "-1"):
+        env = dict(os.environ, LAMOSTCANNON_MAX_SPECTRUM_BYTES=value)
+        done = subprocess.run([sys.executable, "-c", "import lamostcannon.spectra"], env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode != 0
+        assert "LAMOSTCANNON_MAX_SPECTRUM_BYTES must be a positive number" in done.stderr
+
+
+def test_a_label_table_that_lists_a_spectrum_twice_trains_on_it_once(tmp_path):
+    """Duplicated rows put the same star twice in the training set (and on both sides of a CV
+    split) without a word."""
+    from lamostcannon import real
+
+    folder = tmp_path / "spectra"
+    folder.mkdir()
+    names = [_write(folder / f"s{k}.fits", OBSID=500 + k).name for k in range(4)]
+    (folder / "copy_of_s1.fits").write_bytes((folder / names[1]).read_bytes())  # same obsid
+    rows = names + [names[2], "copy_of_s1.fits"]
+    pd.DataFrame({"filename": rows, "teff": 5000.0, "logg": 4.0, "fe_h": 0.0,
+                  "snrg": 100.0}).to_csv(tmp_path / "labels.csv", index=False)
+    sample = real.build_sample(real.RealSources(folder, tmp_path / "labels.csv"), n_workers=1,
+                               store_path=tmp_path / "s.zarr")
+    table = sample.table
+    assert table["ok"].tolist() == [True] * 4 + [False, False]
+    assert table["reason"].iloc[4].startswith("duplicate of row 2")
+    assert table["reason"].iloc[5].startswith("duplicate of row 1")
+    assert table["train"].sum() == 4
