@@ -592,6 +592,8 @@ def label_files(model_path, inputs, output, *, workers: int | None = 1, chunk_si
                              f"{'' if giant_model_path is None else f' or {giant_model_path}'}"
                              f" with its calibrations: {type(exc).__name__}: {exc}") from exc
         labeller = state["labeller"]
+        for bundle in labeller.models.values():
+            _check_grid(bundle)
         names = labeller.label_names
         files = collect_inputs(inputs)
         sources = [str(f) for f in files]
@@ -685,6 +687,27 @@ def label_files(model_path, inputs, output, *, workers: int | None = 1, chunk_si
                    time.perf_counter() - t0, n_proc, spectra_path)
     log.info(run.summary())
     return run
+
+
+def _check_grid(bundle) -> None:
+    """The files are resampled onto the common grid: a model of another grid would give labels
+    from misaligned pixels (no error, wrong labels), or fail on every file."""
+    from .spectra import N_PIXELS, common_wavelength
+
+    model = bundle.model
+    wl = getattr(model, "wavelength", None)
+    n = int(np.asarray(model.theta).shape[0])
+    same = n == N_PIXELS and (wl is None or np.allclose(np.asarray(wl, float),
+                                                          common_wavelength(), rtol=1e-7,
+                                                          atol=0.0))
+    if not same:
+        where = "" if wl is None else (f" from {float(np.min(wl)):.2f} to {float(np.max(wl)):.2f}"
+                                        " A")
+        source = bundle.sources.get("model", bundle.name)
+        raise ValueError(f"the model {source} is on a grid of {n} pixels{where}; the label "
+                         f"command puts spectra on the common grid ({N_PIXELS} pixels, "
+                         f"{common_wavelength()[0]:.2f} to {common_wavelength()[-1]:.2f} A): "
+                         "train the model on that grid")
 
 
 def _empty_frame(labeller) -> pd.DataFrame:

@@ -400,3 +400,41 @@ def test_a_label_table_that_lists_a_spectrum_twice_trains_on_it_once(tmp_path):
     assert table["reason"].iloc[4].startswith("duplicate of row 2")
     assert table["reason"].iloc[5].startswith("duplicate of row 1")
     assert table["train"].sum() == 4
+
+
+# ------------------------------------------------------------------------------ archives
+
+def test_a_download_is_never_written_outside_the_output_folder(tmp_path):
+    """Destinations come from the archive's catalogue (``filename`` from its plan id): one
+    holding '../' would have been written, or an existing file adopted, outside the folder."""
+    from lamostcannon.archives import Downloader, FileTask, Manifest
+
+    root = tmp_path / "raw"
+    root.mkdir()
+    outside = tmp_path / "precious.fits.gz"
+    outside.write_bytes(b"keep me")
+    tasks = [FileTask("http://127.0.0.1:9/x", "lamost/spectra/spec-1-../../../../precious.fits.gz",
+                      key="1"),
+             FileTask("http://127.0.0.1:9/y", "/etc/spec.fits.gz", key="2")]
+    report = Downloader(progress=False, retries=0).fetch_many(tasks, root, Manifest(root),
+                                                              what="LAMOST spectra")
+    assert [f.key for f in report.failures] == ["1", "2"]
+    assert all("outside the output folder" in f.reason for f in report.failures)
+    assert not report.skipped and not report.fetched
+    assert outside.read_bytes() == b"keep me"
+
+
+def test_label_refuses_a_model_of_another_wavelength_grid(tmp_path, capsys):
+    """A model trained on a shifted grid labelled every file from misaligned pixels, without a
+    word; one of a shorter grid failed every file one by one."""
+    labels, flux, ivar = _model(np.random.default_rng(5))
+    spectrum = _write(tmp_path / "star.fits")
+    for name, wave in (("shifted", sp.common_wavelength() * 1.001),
+                       ("short", sp.common_wavelength()[:2000])):
+        path = tmp_path / f"model_{name}.fits"
+        n = len(wave)
+        CannonModel(["teff", "logg", "fe_h"], wave).train(labels, flux[:, :n], ivar[:, :n]
+                                                          ).write(path)
+        assert _label("--model", path, spectrum, "-o", tmp_path / f"{name}.csv") == 2
+        assert "train the model on that grid" in capsys.readouterr().err
+        assert not (tmp_path / f"{name}.csv").exists()
