@@ -7,7 +7,7 @@ Format (a folder, conventionally ``<name>.zarr``)
     <store>/
       zarr.json            Zarr 3 group; attributes: format, format_version, grid constants
       flux/                Zarr 3 array (N, 3909) float32, chunks (chunk_rows, 3909),
-                           Blosc LZ4 + bitshuffle (~23 kB per spectrum and array pair)
+                           Blosc LZ4 + byte shuffle (~24 kB per spectrum and array pair)
       ivar/                Zarr 3 array (N, 3909) float32, same chunks
       wavelength/          Zarr 3 array (3909,) float64: the common rest-frame grid (Angstrom)
       meta/part-*.parquet  the metadata table, row-aligned with flux/ivar, in committed parts
@@ -177,10 +177,15 @@ def source_fingerprints(sources: Sequence[str]) -> tuple[np.ndarray, np.ndarray]
 
 
 def _codec():
-    """Blosc LZ4 with bit shuffling: ~25% smaller than raw float32, ~0.03 ms per spectrum."""
+    """Blosc LZ4 with byte shuffling: ~25% smaller than raw float32.
+
+    Per spectrum (flux and ivar, 256-row chunks, one core): 0.016 ms to compress and 0.005 ms
+    to decompress, 23.6 kB; bit shuffling (the codec of stores written before 2026-11-30, still
+    read) took 0.027 and 0.011 ms for 23.1 kB.
+    """
     from zarr.codecs import BloscCodec
 
-    return BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle")
+    return BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
 
 
 def _write_atomic(path: Path, write) -> None:
