@@ -808,6 +808,9 @@ class CannonModel:
         need = 2 * n_act if min_stars is None else np.full(P, int(min_stars))
         n_use = (ivT > 0).sum(axis=1)
         ok = n_use >= need
+        if not ok.any():  # nothing to fit: a model of no pixel would fail only at test time
+            raise ValueError(f"no pixel has enough training spectra with ivar > 0 (need "
+                             f"{int(need.min())}; at most {int(n_use.max())} at any pixel)")
         # harmonic-mean noise variance per pixel: the scale of the absolute s2 tolerance
         sig2_typ = n_use / np.maximum(ivT.sum(axis=1), 1e-300)
 
@@ -959,6 +962,9 @@ class CannonModel:
         TestResult
         """
         self._require_trained()
+        if not np.any(self.pixel_ok):
+            raise ValueError("the model has no trained pixel (pixel_ok is all False); it cannot "
+                             "label spectra")
         flux, ivar = _check_spectra(flux, ivar, self.n_pixels, "test")
         S, P = flux.shape
         win_names, win_mat = [], None

@@ -44,7 +44,9 @@ Outputs
 A bad file never stops the run. Outputs are written to a temporary name and renamed into place,
 so an interrupted run leaves no partial output. A run claims its output with an OS lock
 (``fcntl.flock`` on ``<OUTPUT>.lock``, released when the process ends however it ends): a second
-run to the same output while the first is running is refused. Exit status: 0 when at least one
+run to the same output while the first is running is refused (the ``--model-spectra`` file is
+claimed the same way). An output (or ``--model-spectra``) that is the model, a calibration, the
+pipeline-label table or one of the input spectra is refused, even with ``--overwrite``. Exit status: 0 when at least one
 file was labelled, 1 when none was, 2 for a usage error (missing model, existing output without
 ``--overwrite``, output claimed by another run).
 """
@@ -198,6 +200,17 @@ def claim_output(output):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(lock)
         os.close(fd)
+
+
+@contextlib.contextmanager
+def _claim_outputs(*outputs):
+    """:func:`claim_output` of every path given (None skipped): a run's ``--model-spectra`` file
+    is claimed as its output is, so no other run can write either meanwhile."""
+    with contextlib.ExitStack() as stack:
+        for output in outputs:
+            if output is not None:
+                stack.enter_context(claim_output(output))
+        yield
 
 
 # --------------------------------------------------------------------------------------------
@@ -555,7 +568,16 @@ def label_files(model_path, inputs, output, *, workers: int | None = 1, chunk_si
     for p in (model_path, giant_model_path):
         if p is not None and not Path(p).is_file():
             raise FileNotFoundError(f"no model file at {p}")
-    with claim_output(output):
+    # an output must never replace a file the run reads (with --overwrite it would)
+    given = {os.path.realpath(p): opt for p, opt in (
+        (model_path, "--model"), (giant_model_path, "--giant-model"),
+        (pipeline_labels, "--pipeline-labels"), (boundaries_path, "--boundaries")) if p is not None}
+    for p, opt in ((output, "--output"), (errors_path_for(output), "the error report"),
+                   (model_spectra, "--model-spectra")):
+        if p is not None and os.path.realpath(p) in given:
+            raise ValueError(f"{opt} {p} is the {given[os.path.realpath(p)]} file; choose "
+                             "another path")
+    with _claim_outputs(output, model_spectra):
         if output.exists() and not overwrite:
             raise FileExistsError(f"{output} exists; pass --overwrite to replace it")
         if model_spectra is not None and Path(model_spectra).exists() and not overwrite:
@@ -563,15 +585,33 @@ def label_files(model_path, inputs, output, *, workers: int | None = 1, chunk_si
         pipeline = _read_pipeline_labels(pipeline_labels) if pipeline_labels else None
         args = (str(model_path), boundaries_path and str(boundaries_path), test_chunk,
                 giant_model_path and str(giant_model_path), pipeline, model_spectra is not None)
-        state = _load_state(*args)  # fails early on a bad model
+        try:
+            state = _load_state(*args)  # fails early on a bad model
+        except (KeyError, TypeError, ValueError) as exc:  # a damaged model or calibration file
+            raise ValueError(f"cannot load the model {model_path}"
+                             f"{'' if giant_model_path is None else f' or {giant_model_path}'}"
+                             f" with its calibrations: {type(exc).__name__}: {exc}") from exc
         labeller = state["labeller"]
+        for bundle in labeller.models.values():
+            _check_grid(bundle)
         names = labeller.label_names
         files = collect_inputs(inputs)
         sources = [str(f) for f in files]
-        tasks = [list(range(a, min(a + chunk_size, len(sources))))
-                 for a in range(0, len(sources), chunk_size)]
+        outputs = {os.path.abspath(p): opt for p, opt in ((output, "--output"),
+                                                           (model_spectra, "--model-spectra"))
+                   if p is not None}
+        clash = [(s_, outputs[s_]) for s_ in sources if s_ in outputs]
+        if clash:
+            raise ValueError(f"{clash[0][1]} {clash[0][0]} is also one of the input spectra; "
+                             "choose another path")
+        from .spectra import printable_path, unencodable_name
+
+        errors = {i: why for i, why in enumerate(map(unencodable_name, sources)) if why}
+        usable = [i for i in range(len(sources)) if i not in errors] if errors else \
+            range(len(sources))
+        tasks = [list(usable[a:a + chunk_size]) for a in range(0, len(usable), chunk_size)]
         n_proc = min(auto_workers(len(sources), workers) if auto else workers, max(len(tasks), 1))
-        parts, errors, seen = [], {}, {}
+        parts, seen = [], {}
         writer = None
         if model_spectra is not None:
             from .labelling import ModelSpectraWriter
@@ -609,7 +649,7 @@ def label_files(model_path, inputs, output, *, workers: int | None = 1, chunk_si
                         if c in rows]
                 writer.add(rows[cols], flux, ivar, model_flux)
 
-        bar = tqdm(total=len(sources), desc="label", unit="file", disable=not progress,
+        bar = tqdm(total=len(usable), desc="label", unit="file", disable=not progress,
                    file=sys.stderr)
         try:
             if n_proc <= 1:
@@ -635,7 +675,8 @@ def label_files(model_path, inputs, output, *, workers: int | None = 1, chunk_si
         try:
             _write_output(df, output, names, labeller)
             err_path = errors_path_for(output)
-            _write_errors([(sources[i], errors[i]) for i in sorted(errors)], err_path)
+            _write_errors([(printable_path(sources[i]), errors[i]) for i in sorted(errors)],
+                          err_path)
             spectra_path = writer.close({"output": output.name}) if writer is not None else None
         except BaseException:
             if writer is not None:
@@ -646,6 +687,27 @@ def label_files(model_path, inputs, output, *, workers: int | None = 1, chunk_si
                    time.perf_counter() - t0, n_proc, spectra_path)
     log.info(run.summary())
     return run
+
+
+def _check_grid(bundle) -> None:
+    """The files are resampled onto the common grid: a model of another grid would give labels
+    from misaligned pixels (no error, wrong labels), or fail on every file."""
+    from .spectra import N_PIXELS, common_wavelength
+
+    model = bundle.model
+    wl = getattr(model, "wavelength", None)
+    n = int(np.asarray(model.theta).shape[0])
+    same = n == N_PIXELS and (wl is None or np.allclose(np.asarray(wl, float),
+                                                          common_wavelength(), rtol=1e-7,
+                                                          atol=0.0))
+    if not same:
+        where = "" if wl is None else (f" from {float(np.min(wl)):.2f} to {float(np.max(wl)):.2f}"
+                                        " A")
+        source = bundle.sources.get("model", bundle.name)
+        raise ValueError(f"the model {source} is on a grid of {n} pixels{where}; the label "
+                         f"command puts spectra on the common grid ({N_PIXELS} pixels, "
+                         f"{common_wavelength()[0]:.2f} to {common_wavelength()[-1]:.2f} A): "
+                         "train the model on that grid")
 
 
 def _empty_frame(labeller) -> pd.DataFrame:
@@ -714,6 +776,14 @@ def _label_command(args) -> int:
                           model_spectra=args.model_spectra)
     except (FileNotFoundError, FileExistsError, ValueError, OutputBusyError) as exc:
         print(f"label: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("label: interrupted; no output written (outputs are renamed into place only "
+              "when complete)", file=sys.stderr)
+        return 130
+    except OSError as exc:  # e.g. an output folder that cannot be written
+        print(f"label: error: {exc.strerror or exc}: "
+              f"{exc.filename if exc.filename else args.output}", file=sys.stderr)
         return 2
     print(run.summary())
     return 0 if run.n_labelled > 0 else 1

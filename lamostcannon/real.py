@@ -529,6 +529,27 @@ def build_sample(sources: RealSources | None = None, *, snr_min: float = SNR_MIN
     table["ok"] = meta["ok"].to_numpy(bool)
     table["reason"] = meta["reason"].to_numpy()
     table["snrg_header"] = meta["snrg"].to_numpy(float)
+    # a table that lists a file (or an observation) twice gives its spectrum once: a star in
+    # the training set twice, and on both sides of a CV split, would flatter the CV silently
+    ok = table["ok"].to_numpy(bool)
+    obsid = meta["obsid"].fillna(-1).to_numpy(np.int64)
+    first_source, first_obsid, dup = {}, {}, {}
+    for k in np.flatnonzero(ok):
+        source = str(files[k])
+        j = first_source.get(source, first_obsid.get(obsid[k]) if obsid[k] >= 0 else None)
+        if j is None:
+            first_source[source] = k
+            if obsid[k] >= 0:
+                first_obsid[obsid[k]] = k
+        else:
+            dup[k] = j
+    if dup:
+        for k, j in dup.items():
+            table.loc[k, "reason"] = (f"duplicate of row {j} (the same file or obsid); its "
+                                      "spectrum is used once")
+        table.loc[list(dup), "ok"] = False
+        log.warning("the label table lists %d files or observations a second time: each is "
+                    "used once (see the 'reason' column)", len(dup))
     if "snrg" not in table.columns:
         table["snrg"] = table["snrg_header"]
     if "obsid" not in table.columns:

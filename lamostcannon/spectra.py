@@ -133,7 +133,19 @@ LAYOUTS = ("dr1-3", "dr4-9", "dr10+")
 #: spectrum is < ~1 MB uncompressed; anything bigger than this is refused (gzip-bomb guard).
 #: Override with the environment variable ``LAMOSTCANNON_MAX_SPECTRUM_BYTES`` (read at import,
 #: so worker processes inherit it) or ``read_lamost(..., max_bytes=)``.
-MAX_SPECTRUM_BYTES = int(os.environ.get("LAMOSTCANNON_MAX_SPECTRUM_BYTES", "") or 64 * 2 ** 20)
+def _max_bytes_from_env(default: int = 64 * 2 ** 20) -> int:
+    text = os.environ.get("LAMOSTCANNON_MAX_SPECTRUM_BYTES", "").strip()
+    try:
+        value = int(text) if text else default
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError("LAMOSTCANNON_MAX_SPECTRUM_BYTES must be a positive number of bytes "
+                         f"(default {default}), got {text!r}")
+    return value
+
+
+MAX_SPECTRUM_BYTES = _max_bytes_from_env()
 #: File names :func:`find_spectra` picks up (case-insensitive).
 SPECTRUM_SUFFIXES = (".fits", ".fits.gz", ".fit", ".fit.gz", ".fz")
 
@@ -612,13 +624,21 @@ def _as_float(value) -> float:
         return float("nan")
 
 
+_INT64_MIN, _INT64_MAX = -2 ** 63, 2 ** 63 - 1
+
+
 def _meta(header, layout: str, path: Path) -> dict:
     """The metadata dictionary from the primary header."""
-    obsid = _header_get(header, ("OBSID",), -1)
+    raw_obsid = _header_get(header, ("OBSID",), -1)
     try:
-        obsid = int(obsid)
-    except (TypeError, ValueError):
-        raise SpectrumReadError(path, f"unreadable header: OBSID = {obsid!r}") from None
+        obsid = int(raw_obsid)
+        if isinstance(raw_obsid, float) and obsid != raw_obsid:
+            raise ValueError("not a whole number")  # int(1.5) would silently give 1
+    except (TypeError, ValueError, OverflowError):
+        raise SpectrumReadError(path, f"unreadable header: OBSID = {raw_obsid!r}") from None
+    if not _INT64_MIN <= obsid <= _INT64_MAX:  # the stores and tables keep obsid as int64
+        raise SpectrumReadError(path, f"unreadable header: OBSID = {raw_obsid!r} does not fit "
+                                      "a 64-bit integer")
     data_v = str(_header_get(header, ("DATA_V",), "")).strip()
     match = re.search(r"DR\s*(\d+)", data_v.upper())
     release = f"DR{match.group(1)}" if match else ("DR1-3" if layout == "dr1-3" else data_v)
@@ -637,7 +657,8 @@ def _meta(header, layout: str, path: Path) -> dict:
     meta.update({
         "class": str(_header_get(header, ("CLASS",), "")).strip(),
         "subclass": str(_header_get(header, ("SUBCLASS",), "")).strip(),
-        "mjd": int(mjd) if isinstance(mjd, (int, float)) and np.isfinite(mjd) else -1,
+        "mjd": int(mjd) if isinstance(mjd, (int, float)) and not isinstance(mjd, bool)
+        and np.isfinite(mjd) and _INT64_MIN <= mjd <= _INT64_MAX else -1,  # -1: unknown
         "data_release": release,
         "layout": layout,
         "filename": path.name,
@@ -646,7 +667,13 @@ def _meta(header, layout: str, path: Path) -> dict:
 
 
 def _check_wavelength(wave: np.ndarray, path) -> np.ndarray:
-    wave = np.asarray(wave, dtype=np.float64)
+    try:
+        wave = np.asarray(wave, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise SpectrumReadError(path, "wavelengths are not numbers (dtype "
+                                      f"{np.asarray(wave).dtype})") from None
+    if wave.ndim != 1:
+        raise SpectrumReadError(path, f"wavelengths of shape {wave.shape}, expected (N,)")
     if not np.all(np.isfinite(wave)):
         raise SpectrumReadError(path, f"NaN/inf wavelengths ({np.sum(~np.isfinite(wave))} pixels)")
     if wave.size < 2 or not np.all(wave[1:] > wave[:-1]):  # = diff > 0 for finite values
@@ -699,6 +726,12 @@ def _interpret(raw: _RawFits, path: Path) -> LamostSpectrum:
         flux, ivar = cols["FLUX"], cols["IVAR"]
         zeros = np.zeros(len(wave))
         andmask, ormask = cols.get("ANDMASK", zeros), cols.get("ORMASK", zeros)
+    for name, values in (("flux", flux), ("ivar", ivar), ("andmask", andmask),
+                         ("ormask", ormask)):
+        values = np.asarray(values)
+        if values.ndim != 1 or values.dtype.kind not in "fiub":
+            raise SpectrumReadError(path, f"{name} is not a numeric 1-D array (dtype "
+                                          f"{values.dtype}, shape {values.shape})")
     if not (len(flux) == len(ivar) == len(wave) == len(andmask) == len(ormask)):
         raise SpectrumReadError(path, "flux, ivar, wavelength and masks differ in length")
     return LamostSpectrum(
@@ -724,10 +757,11 @@ def _median_above(values: np.ndarray, threshold: float) -> bool:
 def _mask(values) -> np.ndarray:
     values = np.asarray(values)
     if values.dtype.kind == "f":
-        # NaN in a mask marks a bad pixel; masks are small integers stored as floats in DR10
-        finite = np.isfinite(values)
-        if not finite.all():
-            values = np.where(finite, values, 1)
+        # NaN in a mask marks a bad pixel; masks are small integers stored as floats in DR10.
+        # So does a value beyond int64 (a damaged file), which would not cast.
+        usable = np.abs(values) < 2.0 ** 62  # False for NaN and inf
+        if not usable.all():
+            values = np.where(usable, values, 1)
     return values.astype(np.int64)
 
 
@@ -893,7 +927,8 @@ def _resample_many(spectra: Sequence[LamostSpectrum], use_ormask: bool = True,
     t = u - j
     j = j.astype(np.intp)
     f = np.where(good, flux, 0.0)  # float32, as for one spectrum
-    var = np.where(good, 1.0 / np.where(good, ivar, 1.0), 0.0)
+    with np.errstate(over="ignore"):  # a subnormal ivar: variance inf, so ivar 0 below
+        var = np.where(good, 1.0 / np.where(good, ivar, 1.0), 0.0)
     j += (np.arange(len(rows)) * width)[:, None]  # flat indices into the padded rows
     # the two neighbours' flux and variance side by side, and whether both are good: one
     # gather each instead of six (the same values, so the same bits)
@@ -1181,7 +1216,22 @@ def preprocess(spectrum: LamostSpectrum, *, use_ormask: bool = True,
     """
     f, i = resample(spectrum, use_ormask=use_ormask, min_good_pixels=min_good_pixels)
     nf, ni = normalise(f[None], i[None])
+    why = _too_few_after_normalise(ni, min_good_pixels)
+    if why[0] is not None:
+        raise SpectrumReadError(spectrum.meta.get("filename", "<spectrum>"), why[0])
     return nf[0], ni[0]
+
+
+def _too_few_after_normalise(ivar: np.ndarray, min_good_pixels: int) -> list:
+    """Per normalised row: None, or why it is unusable (fewer than ``min_good_pixels`` pixels
+    kept by :func:`normalise`; it drops pixels whose continuum is not positive or whose
+    normalised values overflow float32, e.g. a damaged file's flux of 1e38)."""
+    n_valid = np.count_nonzero(ivar, axis=1)
+    return [None if n >= min_good_pixels else
+            f"no valid pixels after continuum normalisation: only {int(n)} of {N_PIXELS} "
+            f"pixels keep a usable inverse variance (need >= {min_good_pixels}; ivar too small "
+            "or values too large for float32, or a continuum that is not positive)"
+            for n in n_valid]
 
 
 def preprocess_many(spectra: Iterable[LamostSpectrum], *, use_ormask: bool = True,
@@ -1203,13 +1253,18 @@ def preprocess_many(spectra: Iterable[LamostSpectrum], *, use_ormask: bool = Tru
     SpectrumReadError
         For the first unusable spectrum (use :func:`ingest` to skip and report them instead).
     """
-    rows = _resample_many(list(spectra), use_ormask, min_good_pixels)
+    spectra = list(spectra)
+    rows = _resample_many(spectra, use_ormask, min_good_pixels)
     if not rows:
         return (np.empty((0, N_PIXELS), np.float32),) * 2
     for row in rows:
         if isinstance(row, SpectrumReadError):
             raise row
-    return normalise(np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows]))
+    flux, ivar = normalise(np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows]))
+    for k, why in enumerate(_too_few_after_normalise(ivar, min_good_pixels)):
+        if why is not None:
+            raise SpectrumReadError(spectra[k].meta.get("filename", "<spectrum>"), why)
+    return flux, ivar
 
 
 def _init_worker() -> None:
@@ -1288,10 +1343,16 @@ def _process_files(sources: Sequence[str], use_ormask: bool, min_good_pixels: in
                           source_size=stamp[k][0], source_mtime_ns=stamp[k][1]))
         fluxes.append(f)
         ivars.append(i)
-    failed.sort()
     if ok:
         flux, ivar = normalise(np.stack(fluxes), np.stack(ivars))
-    else:
+        whys = _too_few_after_normalise(ivar, min_good_pixels)
+        if any(w is not None for w in whys):  # never on a sane file: no copy in the common case
+            keep = [r for r, w in enumerate(whys) if w is None]
+            failed += [(ok[r], w) for r, w in enumerate(whys) if w is not None]
+            ok, metas = [ok[r] for r in keep], [metas[r] for r in keep]
+            flux, ivar = flux[keep], ivar[keep]
+    failed.sort()
+    if not ok:
         flux = ivar = np.empty((0, N_PIXELS), np.float32)
     return {"ok": ok, "flux": flux, "ivar": ivar, "meta": metas, "failed": failed}
 
@@ -1299,6 +1360,26 @@ def _process_files(sources: Sequence[str], use_ormask: bool, min_good_pixels: in
 def _process_payload(payload):
     """Task of an ingest worker: ``_process_files(*payload)``."""
     return _process_files(*payload)
+
+
+def unencodable_name(path: str) -> str | None:
+    """Why ``path`` cannot be kept in a table, or None: a file name that is not valid UTF-8
+    (possible on POSIX; Python holds it with surrogate escapes, which Parquet, FITS and CSV
+    writers refuse, so one such name would stop a whole run at its first write)."""
+    if path.isascii():
+        return None
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return "the file name is not valid UTF-8; rename the file to read it"
+    return None
+
+
+def printable_path(path: str) -> str:
+    """``path`` as text any writer accepts: bytes that are not UTF-8 as ``\\xNN`` escapes."""
+    if unencodable_name(path) is None:
+        return path
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def find_spectra(folder: str | PathLike) -> list[Path]:

@@ -92,11 +92,11 @@ from . import __version__
 from .parallel import ordered_map
 from .spectra import (LOG10_WAVE_START, LOG10_WAVE_STEP, MIN_GOOD_PIXELS, N_PIXELS,
                       _init_worker, _one_blas_thread, _process_files, _process_payload,
-                      common_wavelength, find_spectra)
+                      common_wavelength, find_spectra, printable_path, unencodable_name)
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SpectraStore", "StoreBusy", "ingest", "META_COLUMNS", "REPORT_COLUMNS", "FORMAT",
+__all__ = ["SpectraStore", "StoreBusy", "StoreDamaged", "ingest", "META_COLUMNS", "REPORT_COLUMNS", "FORMAT",
            "FORMAT_VERSION", "source_fingerprints"]
 
 FORMAT = "lamostcannon.SpectraStore"
@@ -147,8 +147,12 @@ def _read_part(path: Path, columns: list) -> pd.DataFrame:
     """The columns of one metadata file that it has (a version-1 part lacks the fingerprint)."""
     import pyarrow.parquet as pq
 
-    have = set(pq.read_schema(path).names)
-    return pd.read_parquet(path, columns=[c for c in columns if c in have])
+    try:
+        have = set(pq.read_schema(path).names)
+        return pd.read_parquet(path, columns=[c for c in columns if c in have])
+    except (OSError, ValueError) as exc:  # missing or cut short (pyarrow's errors are these)
+        raise StoreDamaged(f"metadata part {path} is unreadable ({type(exc).__name__}: "
+                           f"{exc}); the store is damaged") from None
 
 
 def source_fingerprints(sources: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -196,6 +200,11 @@ def _write_atomic(path: Path, write) -> None:
 
 class StoreBusy(RuntimeError):
     """The store is open for writing by another process (or another writer in this one)."""
+
+
+class StoreDamaged(ValueError):
+    """A store file was damaged outside this code (its commit, a metadata part, an array's
+    description or a chunk cannot be read): writes are atomic, so no interrupted run does this."""
 
 
 def _os_lock(fd: int) -> None:
@@ -370,8 +379,12 @@ class SpectraStore:
                                  f"{' or '.join(map(str, READABLE_VERSIONS))} "
                                  f"(attributes {attrs})")
             self.format_version = int(attrs["format_version"])
-            self.flux = self._group["flux"]
-            self.ivar = self._group["ivar"]
+            try:
+                self.flux = self._group["flux"]
+                self.ivar = self._group["ivar"]
+            except KeyError as exc:
+                raise StoreDamaged(f"{self.path}: the {exc} array cannot be opened; the store "
+                                   "is damaged") from None
             if mode == "a":
                 # zarr would compare every chunk it writes with the fill value, to skip writing
                 # chunks that hold nothing else: spectra never do, and the comparison cost 15%
@@ -513,14 +526,19 @@ class SpectraStore:
     # -- commit bookkeeping -----------------------------------------------------------------------
 
     def _read_commit(self) -> None:
-        commit = json.loads((self.path / _COMMIT).read_text())
-        self._n = int(commit["n_rows"])
-        self._parts = [tuple(p) for p in commit["parts"]]
-        self._patches = list(commit.get("patches", []))
-        self._revision = int(commit.get("revision", 0))
-        self._pending = commit.get("pending")
+        try:
+            commit = json.loads((self.path / _COMMIT).read_text())
+            self._n = int(commit["n_rows"])
+            self._parts = [tuple(p) for p in commit["parts"]]
+            self._patches = list(commit.get("patches", []))
+            self._revision = int(commit.get("revision", 0))
+            self._pending = commit.get("pending")
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:  # never a killed
+            # run's doing (the commit is replaced atomically): the file was damaged
+            raise StoreDamaged(f"{self.path}/{_COMMIT} is unreadable ({type(exc).__name__}: "
+                               f"{exc}); the store is damaged") from None
         if sum(p[2] for p in self._parts) != self._n:
-            raise ValueError(f"{self.path}/{_COMMIT} is inconsistent: parts hold "
+            raise StoreDamaged(f"{self.path}/{_COMMIT} is inconsistent: parts hold "
                              f"{sum(p[2] for p in self._parts)} rows, n_rows = {self._n}")
 
     def _write_commit(self, n_rows: int, parts: list, *, patches: list | None = None,
@@ -645,7 +663,19 @@ class SpectraStore:
         Returns
         -------
         flux, ivar : ndarray, shape (len(rows), 3909) (or (3909,) for an int), float32
+
+        Raises
+        ------
+        StoreDamaged
+            A chunk file cannot be decoded (cut short or overwritten).
         """
+        try:
+            return self._read(rows)
+        except (RuntimeError, ValueError, OSError) as exc:  # zarr / blosc on a damaged chunk
+            raise StoreDamaged(f"{self.path}: cannot read rows {_describe_rows(rows)} "
+                               f"({type(exc).__name__}: {exc}); the store is damaged") from exc
+
+    def _read(self, rows):
         n = self._n
         if rows is None:
             rows = slice(0, n)
@@ -890,6 +920,13 @@ class SpectraStore:
 # Ingest
 # ------------------------------------------------------------------------------------------------
 
+def _describe_rows(rows) -> str:
+    if rows is None or isinstance(rows, slice) or np.isscalar(rows):
+        return "all" if rows is None else str(rows)
+    rows = np.asarray(rows)
+    return f"{rows.size} rows" + (f" from {rows.min()} to {rows.max()}" if rows.size else "")
+
+
 class _ObsidIndex:
     """Set of obsids with 8 bytes per entry: a sorted array plus a small recent set."""
 
@@ -977,6 +1014,9 @@ def ingest(files_or_folder: str | PathLike | Iterable[str | PathLike],
     sources = [os.path.normpath(os.path.join(cwd, os.fsdecode(p))) for p in paths]
     if chunk_size < 1 or commit_rows < 1:
         raise ValueError("chunk_size and commit_rows must be >= 1")
+    # a name that is not UTF-8 cannot be stored (nor reported as it is): listed as failed
+    bad_name = {i: why for i, why in enumerate(map(unencodable_name, sources)) if why}
+    listed = [printable_path(p) for p in sources] if bad_name else sources  # for tables
     if n_workers is None:
         from .config import settings
 
@@ -997,8 +1037,9 @@ def ingest(files_or_folder: str | PathLike | Iterable[str | PathLike],
             stored = store.read_meta(["source", "obsid", "source_size", "source_mtime_ns",
                                       "n_good"])
             first = stored.reset_index(names="row").drop_duplicates("source").set_index("source")
-            index = pd.Index(sources)
+            index = pd.Index(listed)
             known = index.isin(first.index) & ~index.duplicated()  # first listing of a path
+            known[list(bad_name)] = False
             if known.any():
                 at = first.reindex(index[known])
                 size, mtime = source_fingerprints([sources[i] for i in np.flatnonzero(known)])
@@ -1027,6 +1068,10 @@ def ingest(files_or_folder: str | PathLike | Iterable[str | PathLike],
                     free = np.ones(len(stored_obsid), bool)
                     free[target[changed]] = False
                     stored_obsid = stored_obsid[free]
+        if bad_name:
+            for i, why in bad_name.items():
+                status[i], reason[i] = "failed", why
+            todo = todo[~np.isin(todo, list(bad_name))]
         seen = _ObsidIndex(stored_obsid)
         tasks = [todo[i:i + chunk_size] for i in range(0, len(todo), chunk_size)]
         buffer = {"flux": [], "ivar": [], "meta": [], "n": 0}
@@ -1112,7 +1157,7 @@ def ingest(files_or_folder: str | PathLike | Iterable[str | PathLike],
                 writer.close()  # waits for every append; raises the writer's error, if any
         if len(store._parts) > 1 or store._patches:
             store.compact()
-        report = pd.DataFrame({"source": sources, "status": status, "reason": reason,
+        report = pd.DataFrame({"source": listed, "status": status, "reason": reason,
                                "obsid": obsid_col, "row": row_col})
         if (report["status"] == "already_stored").any():
             source = store.read_meta(["source"])["source"]

@@ -447,6 +447,10 @@ class Downloader:
         report = FetchReport()
         todo = []
         for t in tasks:
+            unsafe = _unsafe_path(t.path)
+            if unsafe:  # e.g. a catalogue whose plan id holds '../': never write outside root
+                report.failures.append(Failure(t.key or t.path, t.url, unsafe))
+                continue
             dest = root / t.path
             if manifest.is_verified(t.path):
                 report.skipped.append(t.key or t.path)
@@ -459,6 +463,7 @@ class Downloader:
                 todo.append(t)
         if not todo:
             manifest.save()
+            report.failures.sort(key=lambda f: f.key)
             return report
         self.check_reachable(todo[0].url, what)
 
@@ -514,6 +519,18 @@ class Downloader:
                                      f"{last.reason}") from None
         report.failures.sort(key=lambda f: f.key)
         return report
+
+
+def _unsafe_path(path: str) -> str | None:
+    """Why ``path`` may not be a destination below the output folder, or None."""
+    from pathlib import PurePosixPath, PureWindowsPath
+
+    parts = PurePosixPath(path).parts
+    if (not path or PurePosixPath(path).is_absolute() or PureWindowsPath(path).is_absolute()
+            or ".." in parts or ".." in PureWindowsPath(path).parts):
+        return (f"unsafe destination path {path!r} (absolute or with '..'): it would be "
+                "written outside the output folder; not fetched")
+    return None
 
 
 def _chunks(r, size: int = 1 << 16):
