@@ -40,6 +40,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 HERE = Path(__file__).resolve().parent
 RESULT = HERE / "results" / "ingest.json"
@@ -210,13 +211,36 @@ def child_stages(n_files: int) -> dict:
         batches = [specs[k:k + 32] for k in range(0, n_files, 32)]
         resample, grids = best(lambda: [sp._resample_many(b) for b in batches])
         stacked = [(np.stack([g[0] for g in b]), np.stack([g[1] for g in b])) for b in grids]
-        normalise, _ = best(lambda: [sp.normalise(f, i) for f, i in stacked])
+        normalise, normed = best(lambda: [sp.normalise(f, i) for f, i in stacked])
         total, _ = best(lambda: [sp._process_files([str(p) for p in files[k:k + 32]], True, 100)
                                  for k in range(0, n_files, 32)])
+        append = _store_append(normed, best)
     return {"read_bytes_ms": read, "gunzip_ms": gunzip, "gunzip_ms_with_zlib": gunzip_zlib,
             "gunzip_library": sp.GZIP_LIBRARY, "parse_ms": parse, "interpret_ms": interpret,
             "resample_ms_batch32": resample, "normalise_ms_batch32": normalise,
-            "worker_task_ms_batch32": total, "package": _package()}
+            "worker_task_ms_batch32": total, "store_append_ms": append, "package": _package()}
+
+
+def _store_append(normed, best) -> float:
+    """CPU of the parent's store appends per spectrum (all threads: zarr encodes and writes its
+    chunk files on its own): the normalised spectra appended to a fresh store in ingest's
+    batches (``commit_rows`` 2048), with their compression, chunk files, metadata and commits."""
+    from lamostcannon.store import SpectraStore
+
+    flux = np.concatenate([f for f, _ in normed])
+    ivar = np.concatenate([i for _, i in normed])
+    meta = pd.DataFrame({"obsid": np.arange(len(flux), dtype=np.int64)})
+
+    def run():
+        tmp = Path(tempfile.mkdtemp(prefix="bench_append_"))
+        try:
+            with SpectraStore.open(tmp / "s.zarr", "a", create=True) as store:
+                for k in range(0, len(flux), 2048):
+                    store.append(flux[k:k + 2048], ivar[k:k + 2048], meta.iloc[k:k + 2048])
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    return best(run)[0]
 
 
 def _run_child(kind: str, *args, package_root: str | None = None) -> dict:

@@ -926,7 +926,22 @@ def combine_repeats(obs: pd.DataFrame) -> pd.DataFrame:
     the visits and does not average down, so ``e_<label> = sqrt(e_random^2 + floor^2)`` with
     ``floor^2`` the weighted mean of ``e_<label>^2 - e_<label>_random^2`` over the observations.
     """
+    missing = [c for c in ("designation", "snr_z", "flag", "giantmodel") if c not in obs]
+    if missing:
+        raise KeyError(f"combine_repeats: the observations lack the columns {missing} "
+                       "(see observation_columns)")
     df = obs.reset_index(drop=True)
+    # an observation listed twice is one visit, not two (it would shrink the random errors);
+    # one without a star identity cannot be combined with anything
+    drop = df["designation"].isna().to_numpy().copy()
+    if "obsid" in df:
+        obsid = pd.to_numeric(df["obsid"], errors="coerce").fillna(-1).to_numpy(np.int64)
+        drop |= (obsid >= 0) & pd.Series(obsid).duplicated().to_numpy()
+    if drop.any():
+        log.warning("combine_repeats: %d of %d observation rows skipped (%d without a "
+                    "designation, the rest a repeated obsid)", int(drop.sum()), len(df),
+                    int(df["designation"].isna().sum()))
+        df = df[~drop].reset_index(drop=True)
     if len(df) == 0:
         return _combine_empty()
     snr = df["snr_z"].to_numpy(float)

@@ -42,13 +42,23 @@ class Settings:
             raise ValueError(f"LAMOSTCANNON_WORKERS must be >= 1, got {self.n_workers}")
 
 
+def _int_setting(name: str, default: int) -> int:
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"{name} must be a whole number, got {text!r}") from None
+
+
 def settings() -> Settings:
     """Read the current settings from the environment."""
     env = os.environ
     return Settings(
         source=env.get("LAMOSTCANNON_SOURCE", "mock").strip().lower(),
         size=env.get("LAMOSTCANNON_SIZE", "small").strip().lower(),
-        seed=int(env.get("LAMOSTCANNON_SEED", "2020")),
-        n_workers=int(env.get("LAMOSTCANNON_WORKERS", str(os.cpu_count() or 1))),
+        seed=_int_setting("LAMOSTCANNON_SEED", 2020),
+        n_workers=_int_setting("LAMOSTCANNON_WORKERS", os.cpu_count() or 1),
         require_real=env.get("LAMOSTCANNON_REQUIRE_REAL", "") not in ("", "0", "false", "no"),
     )

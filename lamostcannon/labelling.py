@@ -449,6 +449,12 @@ class Labeller:
         if flux.ndim != 2 or flux.shape != ivar.shape:
             raise ValueError(f"flux {flux.shape} and ivar {ivar.shape} must both be (S, P)")
         n = flux.shape[0]
+        for name, values in (("pipeline_teff", pipeline_teff), ("pipeline_logg", pipeline_logg),
+                             ("pipeline_class", pipeline_class), ("redshift", redshift)):
+            if values is not None and np.shape(values) != (n,):
+                # a length-1 array would broadcast: every spectrum routed like the first one
+                raise ValueError(f"{name} has shape {np.shape(values)}, expected ({n},): one "
+                                 "value per spectrum")
         # bad input (NaN/inf flux or ivar, negative ivar) is masked by the test step, the S/N
         # and the window statistics themselves: no full copy of the chunk here
         out = {k: v.to_numpy().copy() for k, v in self.empty(n).items()}

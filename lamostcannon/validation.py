@@ -781,10 +781,14 @@ def write_boundaries(boundaries, path, *, level=0.9, metrics=None, meta=None):
 def read_boundaries(path):
     """Read :func:`write_boundaries` output: dict label -> (low, high) with ``null`` as
     ``-inf`` / ``+inf``."""
-    record = json.loads(Path(path).read_text())
-    return {name: (-np.inf if e["low"] is None else e["low"],
-                   np.inf if e["high"] is None else e["high"])
-            for name, e in record["labels"].items()}
+    try:
+        record = json.loads(Path(path).read_text())
+        return {name: (-np.inf if e["low"] is None else e["low"],
+                       np.inf if e["high"] is None else e["high"])
+                for name, e in record["labels"].items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"{path}: not an extrapolation-boundaries file written by "
+                         f"write_boundaries ({type(exc).__name__}: {exc})") from None
 
 
 def write_cv(cv, path):

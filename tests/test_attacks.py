@@ -438,3 +438,20 @@ def test_label_refuses_a_model_of_another_wavelength_grid(tmp_path, capsys):
         assert _label("--model", path, spectrum, "-o", tmp_path / f"{name}.csv") == 2
         assert "train the model on that grid" in capsys.readouterr().err
         assert not (tmp_path / f"{name}.csv").exists()
+
+
+def test_settings_and_boundaries_files_name_what_is_wrong(tmp_path, monkeypatch):
+    """A bad environment value names its variable; a damaged boundaries file names the file."""
+    from lamostcannon import config, validation
+
+    monkeypatch.setenv("LAMOSTCANNON_WORKERS", "two")
+    with pytest.raises(ValueError, match="LAMOSTCANNON_WORKERS must be a whole number"):
+        config.settings()
+    monkeypatch.setenv("LAMOSTCANNON_WORKERS", "2")
+    monkeypatch.setenv("LAMOSTCANNON_SEED", "")
+    assert config.settings().seed == 2020 and config.settings().n_workers == 2
+    for text in ("{}", "[]", "not json", '{"labels": {"teff": {"low": 1}}}'):
+        path = tmp_path / "extrapolation_x.json"
+        path.write_text(text)
+        with pytest.raises(ValueError, match="extrapolation_x.json: not an extrapolation"):
+            validation.read_boundaries(path)

@@ -219,6 +219,23 @@ def test_combine_repeats_snr_weighted_and_or_flags():
     assert c["flag"] == catalog.FLAG_NOT_CONVERGED and c["teff"] == 6000
 
 
+def test_combine_repeats_counts_a_repeated_row_once_and_names_missing_columns(caplog):
+    rows = [dict(obsid=1, designation="A", snr_z=10.0, teff=5000.0, e_teff=100.0),
+            dict(obsid=2, designation="A", snr_z=30.0, teff=5400.0, e_teff=100.0)]
+    once = catalog.combine_repeats(_obs_rows(rows)).set_index("designation").loc["A"]
+    # the second visit listed twice, and a row without a star: the same star, once each
+    twice = _obs_rows(rows + [rows[1], dict(obsid=9, designation=None, snr_z=50.0)])
+    with caplog.at_level("WARNING", logger="lamostcannon.catalog"):
+        stars = catalog.combine_repeats(twice).set_index("designation")
+    assert list(stars.index) == ["A"] and "2 of 4 observation rows skipped" in caplog.text
+    again = stars.loc["A"]
+    assert again["n_obs"] == once["n_obs"] == 2
+    assert again["e_teff"] == pytest.approx(once["e_teff"])
+    assert again["teff"] == pytest.approx(once["teff"])
+    with pytest.raises(KeyError, match="snr_z"):
+        catalog.combine_repeats(_obs_rows(rows).drop(columns="snr_z"))
+
+
 def test_combine_repeats_prefers_recommended_and_propagates_calibrated_errors():
     from lamostcannon.labelling import QF_AT_BOUND, QF_LOW_SNR
 

@@ -305,6 +305,11 @@ def test_labeller_two_models_eq1_and_no_pipeline(trained):
     assert nopipe.tolist() == [False, False, True, True]
     with pytest.raises(ValueError, match="dwarf"):
         labelling.Labeller({"a": dwarf, "b": giant})
+    # one pipeline value for four spectra would route all four like the first: refused
+    with pytest.raises(ValueError, match=r"pipeline_teff has shape \(1,\), expected \(4,\)"):
+        labeller.label(flux, ivar, pipeline_teff=[4800], pipeline_logg=[2.5])
+    with pytest.raises(ValueError, match="redshift"):
+        labeller.label(flux, ivar, redshift=np.zeros(5))
 
 
 def test_labeller_decides_the_compiled_newton_on_the_whole_chunk(trained, monkeypatch):
