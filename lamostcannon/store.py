@@ -1249,8 +1249,12 @@ def _run_pool(tasks, sources, args, n_workers, take, bar) -> None:
 
     # the task function lives in spectra (numpy only), so a worker starts without importing
     # pandas and zarr (0.45 s of CPU per worker)
+    # 4 tasks in flight per worker (2 MB of results each): with 2, a worker that finished its
+    # tasks while the oldest one was still running waited for it (results are taken in order):
+    # 1.86-1.88 against 1.82 cores busy on 2 cores, 30,000 files, 5 of 5 pairs (by hand)
     for index, result in ordered_map(_process_payload, payloads, n_workers,
                                      initializer=_init_worker, on_error=failed,
+                                     in_flight_per_worker=4,
                                      env={"OPENBLAS_NUM_THREADS": "1"}):
         take(tasks[index], result)
         bar.update(len(tasks[index]))
