@@ -46,9 +46,9 @@ so an interrupted run leaves no partial output. A run claims its output with an 
 (``fcntl.flock`` on ``<OUTPUT>.lock``, released when the process ends however it ends): a second
 run to the same output while the first is running is refused (the ``--model-spectra`` file is
 claimed the same way). An output (or ``--model-spectra``) that is the model, a calibration, the
-pipeline-label table or one of the input spectra is refused, even with ``--overwrite``. Exit status: 0 when at least one
-file was labelled, 1 when none was, 2 for a usage error (missing model, existing output without
-``--overwrite``, output claimed by another run).
+pipeline-label table or one of the input spectra is refused, even with ``--overwrite``. Exit
+status: 0 when at least one file was labelled, 1 when none was, 2 for a usage error (missing
+model, existing output without ``--overwrite``, output claimed by another run).
 """
 
 from __future__ import annotations

@@ -387,7 +387,6 @@ class LabelDensity:
             -1, len(d["label_names"])), np.asarray(d["mean"], float), np.asarray(d["std"], float))
 
 
-
 def _convolve_same(a: np.ndarray, kernel: np.ndarray) -> np.ndarray:
     """N-d convolution of ``a`` with an odd-sized ``kernel`` by FFT, cropped to ``a``'s shape
     and centred (``scipy.signal.fftconvolve(a, kernel, mode="same")``)."""

@@ -96,8 +96,8 @@ from .spectra import (LOG10_WAVE_START, LOG10_WAVE_STEP, MIN_GOOD_PIXELS, N_PIXE
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SpectraStore", "StoreBusy", "StoreDamaged", "ingest", "META_COLUMNS", "REPORT_COLUMNS", "FORMAT",
-           "FORMAT_VERSION", "source_fingerprints"]
+__all__ = ["SpectraStore", "StoreBusy", "StoreDamaged", "ingest", "META_COLUMNS", "REPORT_COLUMNS",
+           "FORMAT", "FORMAT_VERSION", "source_fingerprints"]
 
 FORMAT = "lamostcannon.SpectraStore"
 FORMAT_VERSION = 2
