@@ -352,7 +352,8 @@ class LabelDensity:
         numpy only (the kernel's covariance is :class:`scipy.stats.gaussian_kde`'s, Silverman's
         factor times the unbiased covariance of the points): a labelling worker that builds it
         does not import ``scipy.stats``, ``scipy.signal`` and ``scipy.interpolate``, ~1.3 s of
-        CPU per process.
+        CPU per process (measured by hand; ``bench_e2e.py`` reports the label stage's whole
+        start-up, ``fixed_cpu_seconds``).
         """
         if getattr(self, "_interp", None) is None:
             D, G, W = len(self.label_names), self.GRID_NODES, self.GRID_HALF_WIDTH

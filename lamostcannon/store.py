@@ -179,8 +179,8 @@ def source_fingerprints(sources: Sequence[str]) -> tuple[np.ndarray, np.ndarray]
 def _codec():
     """Blosc LZ4 with byte shuffling: ~25% smaller than raw float32.
 
-    Per spectrum (flux and ivar, 256-row chunks, one core): 0.016 ms to compress and 0.005 ms
-    to decompress, 23.6 kB; bit shuffling (the codec of stores written before 2026-11-30, still
+    Per spectrum (flux and ivar, 256-row chunks, one core, measured by hand): 0.016 ms to
+    compress and 0.005 ms to decompress, 23.6 kB; bit shuffling (the codec of stores written before 2026-11-30, still
     read) took 0.027 and 0.011 ms for 23.1 kB.
     """
     from zarr.codecs import BloscCodec
@@ -388,8 +388,9 @@ class SpectraStore:
             if mode == "a":
                 # zarr would compare every chunk it writes with the fill value, to skip writing
                 # chunks that hold nothing else: spectra never do, and the comparison cost 15%
-                # of an append's CPU (0.086 -> 0.073 ms per spectrum, paired). A chunk of fill
-                # values written anyway reads back the same.
+                # of an append's CPU (0.086 -> 0.073 ms per spectrum, paired, by hand;
+                # bench_ingest.py's store_append_ms measures appends against a baseline). A
+                # chunk of fill values written anyway reads back the same.
                 self.flux = self.flux.with_config({"write_empty_chunks": True})
                 self.ivar = self.ivar.with_config({"write_empty_chunks": True})
             self.chunk_rows = int(self.flux.chunks[0])
