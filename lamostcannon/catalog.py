@@ -79,7 +79,8 @@ import pandas as pd
 from . import calibration as _calibration
 from . import labels as labelsets
 from . import paths
-from .labelling import QUALITY_BITS, Labeller, ModelBundle, _hash_arrays, quality_flag_description
+from .labelling import (QUALITY_BITS, Labeller, ModelBundle, _hash_arrays, empty_arrays,
+                        quality_flag_description, typed_frame)
 
 log = logging.getLogger(__name__)
 
@@ -375,17 +376,7 @@ def choose_model(teff, logg) -> tuple[np.ndarray, np.ndarray]:
 
 def _empty_columns(n: int) -> dict[str, np.ndarray]:
     """Per-observation columns of ``n`` rows: NaN, False, 0 or ""."""
-    data = {}
-    for name, dtype in observation_columns().items():
-        if dtype == "float64":
-            data[name] = np.full(n, np.nan)
-        elif dtype == "bool":
-            data[name] = np.zeros(n, dtype=bool)
-        elif dtype == "str":
-            data[name] = np.full(n, "", dtype=object)
-        else:
-            data[name] = np.zeros(n, dtype=dtype)
-    return data
+    return empty_arrays(observation_columns(), n)
 
 
 def _empty_frame(n: int) -> pd.DataFrame:
@@ -454,7 +445,7 @@ def label_chunk(flux, ivar, meta: pd.DataFrame, ctx: LabelContext, rows=None) ->
     flag |= np.where(fitted & ~np.all(np.isfinite(stellar), axis=1), FLAG_NONFINITE,
                      0).astype(np.int32)
     out["flag"] = flag
-    return pd.DataFrame(out).astype(observation_columns())
+    return typed_frame(out, observation_columns())
 
 
 # --------------------------------------------------------------------------------------------

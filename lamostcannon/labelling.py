@@ -410,17 +410,7 @@ class Labeller:
         return cols
 
     def empty(self, n: int = 0) -> pd.DataFrame:
-        data = {}
-        for name, dtype in self.columns().items():
-            if dtype == "float64":
-                data[name] = np.full(n, np.nan)
-            elif dtype == "bool":
-                data[name] = np.zeros(n, bool)
-            elif dtype == "str":
-                data[name] = np.full(n, "", dtype=object)
-            else:
-                data[name] = np.zeros(n, dtype=dtype)
-        return pd.DataFrame(data)
+        return pd.DataFrame(empty_arrays(self.columns(), n))
 
     # ---- the core -------------------------------------------------------------------------
     def label(self, flux, ivar, pipeline_teff=None, pipeline_logg=None, pipeline_class=None,
@@ -457,7 +447,8 @@ class Labeller:
                                  "value per spectrum")
         # bad input (NaN/inf flux or ivar, negative ivar) is masked by the test step, the S/N
         # and the window statistics themselves: no full copy of the chunk here
-        out = {k: v.to_numpy().copy() for k, v in self.empty(n).items()}
+        columns = self.columns()
+        out = empty_arrays(columns, n)
         qf = np.zeros(n, np.int32)
         from .ood import spectrum_snr
 
@@ -535,7 +526,7 @@ class Labeller:
             part = fit if keep.all() else {k: _take(v, keep) for k, v in fit.items()}
             self._fill(out, qf, self.models[name], rows, part, snr[rows])
         out["quality_flag"] = qf
-        return pd.DataFrame(out).astype(self.columns())
+        return typed_frame(out, columns)
 
     def _fit(self, bundle, flux, ivar, compiled=None) -> dict:
         kwargs = dict(self.test_kwargs)
@@ -661,6 +652,49 @@ class Labeller:
     def predict(self, table: pd.DataFrame) -> np.ndarray:
         """Model flux (S, P) at the labels of rows of :meth:`label` output (NaN where unfitted)."""
         return predict_rows(self.models, table)
+
+
+def empty_arrays(columns: dict, n: int) -> dict:
+    """One array of ``n`` rows per column of ``columns`` (name -> dtype name): NaN for
+    ``float64``, False, 0, or ``""`` (object) for ``str``."""
+    data = {}
+    for name, dtype in columns.items():
+        if dtype == "float64":
+            data[name] = np.full(n, np.nan)
+        elif dtype == "bool":
+            data[name] = np.zeros(n, bool)
+        elif dtype == "str":
+            data[name] = np.full(n, "", dtype=object)
+        else:
+            data[name] = np.zeros(n, dtype=dtype)
+    return data
+
+
+def typed_frame(data: dict, columns: dict) -> pd.DataFrame:
+    """``pd.DataFrame(data).astype(columns)`` (the same frame), without pandas' per-column
+    ``astype`` where an array already has its dtype.
+
+    ``DataFrame.astype`` with a dict walks every column through pandas' casting machinery
+    (tens of microseconds a column whether it changes or not: ~0.003 ms per observation for
+    the catalogue's two frames of ~90 columns in chunks of 2048); here only the ``str`` columns
+    and values that are not a numpy array of their dtype are cast, each by pandas' own
+    ``astype``.
+
+    Parameters
+    ----------
+    data : dict name -> array (S,)
+        At least the names of ``columns``; in ``columns``' order in the result.
+    columns : dict name -> dtype name (``"float64"``, ``"int32"``, ``"bool"``, ``"str"``, ...)
+    """
+    typed = {}
+    for name, dtype in columns.items():
+        values = data[name]
+        if dtype != "str" and isinstance(values, np.ndarray) and values.ndim == 1 \
+                and values.dtype == np.dtype(dtype):
+            typed[name] = values
+        else:
+            typed[name] = pd.Series(values).astype(dtype)
+    return pd.DataFrame(typed)
 
 
 def not_stellar(pipeline_class=None, redshift=None, n: int | None = None) -> np.ndarray:

@@ -125,6 +125,27 @@ def test_label_chunk_validates_shapes():
         catalog.label_chunk(np.ones((2, P)), np.ones((3, P)), meta_frame(2), stub_context())
 
 
+def test_typed_frame_is_the_frame_astype_gives():
+    """typed_frame skips pandas' per-column astype where an array has its dtype: the frame is
+    that of ``pd.DataFrame(data).astype(columns)`` for arrays of the right dtype, of another
+    dtype, lists, Series and strings, in the order of ``columns``."""
+    from lamostcannon.labelling import empty_arrays, typed_frame
+
+    cols = catalog.observation_columns()
+    for n in (0, 1, 5):
+        data = empty_arrays(cols, n)
+        data["designation"] = np.array([f"LAMOST J{i:04d}" for i in range(n)], object)
+        data["obsid"] = list(range(n))                         # a list
+        data["n_pixels"] = np.arange(n, dtype=np.int64)        # int64 for an int32 column
+        data["teff"] = pd.Series(np.linspace(4000, 6000, n))  # a Series
+        data["converged"] = np.ones(n, np.int8)                # int8 for a bool column
+        data = dict(reversed(list(data.items())))               # the columns' order wins
+        pd.testing.assert_frame_equal(typed_frame(data, cols),
+                                      pd.DataFrame(data)[list(cols)].astype(cols),
+                                      check_exact=True)
+        assert list(typed_frame(data, cols).columns) == list(cols)
+
+
 # ------------------------------------------------------------------------------------------
 # Part files and resumption logic
 # ------------------------------------------------------------------------------------------
