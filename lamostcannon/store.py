@@ -683,7 +683,7 @@ class SpectraStore:
         if isinstance(rows, slice):
             start, stop, step = rows.indices(n)
             if step == 1:
-                return self.flux[start:stop], self.ivar[start:stop]
+                return _read_slice(self.flux, start, stop), _read_slice(self.ivar, start, stop)
             rows = np.arange(start, stop, step)
         if np.isscalar(rows):
             r = int(rows)
@@ -920,6 +920,71 @@ class SpectraStore:
 # ------------------------------------------------------------------------------------------------
 # Ingest
 # ------------------------------------------------------------------------------------------------
+
+def _direct_layout(array):
+    """``(folder, chunk_rows, encode_chunk_key)`` when the rows of ``array`` can be decoded
+    straight from its chunk files (what :meth:`SpectraStore.create` writes: a local Zarr 3
+    array (N, P) of little-endian float32, regular chunks of whole rows, codecs bytes + Blosc);
+    else None."""
+    try:
+        import zarr
+        from zarr.codecs import BloscCodec, BytesCodec
+
+        md = array.metadata
+        store = array.store_path.store
+        codecs = tuple(md.codecs)
+        if not (isinstance(store, zarr.storage.LocalStore) and md.zarr_format == 3
+                and np.dtype(array.dtype) == np.dtype("<f4") and np.little_endian
+                and len(array.shape) == 2 and len(codecs) == 2
+                and isinstance(codecs[0], BytesCodec) and isinstance(codecs[1], BloscCodec)
+                and tuple(md.chunk_grid.chunk_shape)[1] == array.shape[1]):
+            return None
+        folder = Path(store.root) / array.store_path.path
+        return folder, int(md.chunk_grid.chunk_shape[0]), md.chunk_key_encoding.encode_chunk_key
+    except (AttributeError, ImportError, TypeError, ValueError):  # another zarr or layout
+        return None
+
+
+def _read_slice(array, start: int, stop: int) -> np.ndarray:
+    """``array[start:stop]`` of a spectra array (N, P) float32, the same values.
+
+    Zarr's read of a row range decodes each chunk into a buffer of its own, copies it into the
+    result and runs on an asyncio thread: ~0.02 ms of CPU per spectrum for rows of 3909
+    float32, of which reading the chunk files and Blosc's decompression are ~0.012. Where the
+    layout allows (:func:`_direct_layout`) the chunk files are read here and decompressed
+    straight into the result (partial chunks at the ends through a buffer); otherwise, and when
+    a chunk file is missing (Zarr's fill value), Zarr reads them. A chunk file that does not
+    decompress to a whole chunk raises ValueError or RuntimeError, as Zarr would.
+    """
+    layout = _direct_layout(array) if stop > start else None
+    if layout is None:
+        return array[start:stop]
+    from numcodecs import blosc
+
+    folder, rows_per_chunk, key = layout
+    width = int(array.shape[1])
+    out = np.empty((stop - start, width), np.float32)
+    chunk_bytes = rows_per_chunk * width * 4
+    buffer = None
+    for c in range(start // rows_per_chunk, (stop - 1) // rows_per_chunk + 1):
+        a, b = max(start, c * rows_per_chunk), min(stop, (c + 1) * rows_per_chunk)
+        try:
+            data = (folder / key((c, 0))).read_bytes()
+        except FileNotFoundError:
+            return array[start:stop]
+        # Blosc header: bytes 4-8 hold the decompressed size (a shorter frame would leave
+        # rows of the result unwritten)
+        if len(data) < 16 or int.from_bytes(data[4:8], "little") != chunk_bytes:
+            raise ValueError(f"chunk {c} of {folder} does not hold {rows_per_chunk} rows")
+        if b - a == rows_per_chunk:
+            blosc.decompress(data, out[a - start:b - start])
+        else:
+            if buffer is None:
+                buffer = np.empty((rows_per_chunk, width), np.float32)
+            blosc.decompress(data, buffer)
+            out[a - start:b - start] = buffer[a - c * rows_per_chunk:b - c * rows_per_chunk]
+    return out
+
 
 def _describe_rows(rows) -> str:
     if rows is None or isinstance(rows, slice) or np.isscalar(rows):

@@ -74,6 +74,41 @@ def test_store_round_trip_read_meta_and_dask(tmp_path):
         SpectraStore(path, "a").append(f1[:, :10], i1[:, :10], m1)
 
 
+def test_row_ranges_decoded_from_the_chunk_files_are_zarrs_values(tmp_path):
+    """store.read(slice) decodes the chunk files itself (_read_slice): the same bits as Zarr's
+    read for every range (whole chunks, partial ones at both ends, the short last chunk); a
+    missing chunk file is Zarr's fill value; a chunk file of the wrong size or cut short is
+    StoreDamaged."""
+    from lamostcannon.store import StoreDamaged, _direct_layout, _read_slice
+
+    path = tmp_path / "s.zarr"
+    with SpectraStore.create(path, chunk_rows=8) as store:
+        f, i, m = rows(21)
+        f[3, 7], i[4, 8] = np.nan, -np.inf
+        store.append(f, i, m)
+    store = SpectraStore(path)
+    assert _direct_layout(store.flux) is not None
+    for a in range(0, 22, 3):
+        for b in range(a, 22, 2):
+            for arr, want in ((store.flux, f), (store.ivar, i)):
+                got = _read_slice(arr, a, b)
+                assert got.dtype == np.float32 and got.shape == (b - a, P)
+                np.testing.assert_array_equal(got.view(np.uint32), arr[a:b].view(np.uint32))
+                np.testing.assert_array_equal(got.view(np.uint32), want[a:b].view(np.uint32))
+    folder, _, key = _direct_layout(store.flux)
+    (folder / key((1, 0))).unlink()                       # rows 8-15: Zarr's fill value
+    np.testing.assert_array_equal(store.read(slice(5, 19))[0], store.flux[5:19])
+    from numcodecs import blosc
+
+    (folder / key((0, 0))).write_bytes(blosc.compress(np.ones((4, P), np.float32), b"lz4", 5))
+    with pytest.raises(StoreDamaged, match="does not hold 8 rows"):
+        store.read(slice(0, 4))
+    chunk = folder / key((2, 0))
+    chunk.write_bytes(chunk.read_bytes()[:100])
+    with pytest.raises(StoreDamaged, match="cannot read rows"):
+        store.read(slice(16, 21))
+
+
 def test_an_interrupted_append_is_rolled_back_on_reopen(tmp_path):
     """A partially written append: data rows and a metadata part, but no commit."""
     path = tmp_path / "s.zarr"
