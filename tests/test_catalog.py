@@ -446,6 +446,25 @@ def test_dask_local_cluster_gives_the_same_rows(survey, reference_run):
     pd.testing.assert_frame_equal(dask_rows, reference_run, check_exact=True)
 
 
+def test_run_inference_own_local_cluster_gives_the_same_rows(survey, reference_run):
+    """n_workers=2 without a client: run_inference starts its own LocalCluster under
+    LOCAL_CLUSTER_CONFIG (diagnostics sampled less often), which changes no row; the setting
+    is scoped to the cluster's start, not left in this process's Dask config."""
+    import dask
+    import distributed  # noqa: F401  (its defaults enter dask.config on import)
+
+    ctx = catalog.load_context(survey.root)
+    parts = survey.root / "parts_own_cluster"
+    before = {k: dask.config.get(k) for k in catalog.LOCAL_CLUSTER_CONFIG}
+    report = catalog.run_inference(survey.store, ctx, lamost_catalog=survey.catalog,
+                                   parts_dir=parts, chunk_size=CHUNK, n_workers=2,
+                                   progress=False)
+    assert report.executor == "dask-local" and report.n_workers == 2
+    assert {k: dask.config.get(k) for k in catalog.LOCAL_CLUSTER_CONFIG} == before
+    pd.testing.assert_frame_equal(catalog.read_parts(parts, report.n_chunks), reference_run,
+                                  check_exact=True)
+
+
 _KILL_SCRIPT = textwrap.dedent("""
     import sys
     from lamostcannon import catalog
