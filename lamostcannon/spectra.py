@@ -417,10 +417,15 @@ def _parse_value(raw: str):
         return False
     if not v:
         return None
+    if "." in v or "E" in v or "e" in v or "D" in v:  # never an int: skip int()'s exception
+        return float(v.replace("D", "E"))
     try:
         return int(v)
     except ValueError:
         return float(v.replace("D", "E"))
+
+
+_UNPARSED = object()
 
 
 class _Header(dict):
@@ -435,10 +440,9 @@ class _Header(dict):
         self._layout = None  # a binary table's column layout (_bintable_layout), once known
 
     def __getitem__(self, key):
-        try:
-            return self._parsed[key]
-        except KeyError:
-            pass
+        parsed = self._parsed.get(key, _UNPARSED)
+        if parsed is not _UNPARSED:
+            return parsed
         value = dict.__getitem__(self, key)
         try:
             parsed = self._parsed[key] = _parse_value(value)

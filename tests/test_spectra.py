@@ -663,3 +663,22 @@ def test_a_store_records_its_continuum_and_says_when_appends_differ(tmp_path, ca
     with caplog.at_level("WARNING", logger="lamostcannon.store"):
         SpectraStore(tmp_path / "s.zarr", mode="a").close()
     assert "evaluated at every pixel" in caplog.text and sp.CONTINUUM_METHOD in caplog.text
+
+
+@pytest.mark.parametrize("raw, value", [
+    ("                   42 / a comment", 42), ("-7", -7), ("+3", 3),
+    ("  1.5", 1.5), ("1.0D2 / FITS double", 100.0), ("-2E-3", -0.002), ("3e1", 30.0),
+    ("'STAR    '", "STAR"), ("'O''Brien' / quote", "O'Brien"), ("T", True), ("F", False),
+    ("", None), ("   / only a comment", None), ("nan", float("nan"))])
+def test_header_values_parse_as_fits_says(raw, value):
+    got = sp._parse_value(raw)
+    if isinstance(value, float) and value != value:
+        assert got != got
+    else:
+        assert got == value and type(got) is type(value)
+
+
+@pytest.mark.parametrize("raw", ["1.0d5", "12abc", "'unterminated"])
+def test_unreadable_header_values_raise(raw):
+    with pytest.raises(ValueError):
+        sp._parse_value(raw)
