@@ -31,13 +31,16 @@ The input
 Projection
     ``e2e_projected_hours_4p5M`` = sum over the stages of seconds per observation x 4.5 million,
     with the one-time costs counted once, not per observation (``fixed_seconds`` and
-    ``fixed_cpu_seconds`` of a stage): the set-up of galpy's action finder, and the label
-    stage's start-up (the Dask cluster, each worker's imports, compiled kernels and density
-    grid), measured as the intercept of its cost against observations: the stage is run a
-    second time, in a fresh process and cluster, on its first ``2 x workers`` chunks only
-    (``fixed_from`` in the result). Ingest's start-up (worker processes, numba after 10,000
-    spectra per process) is left in its per-file cost: a short ingest would not switch to the
-    compiled resampling, so two sizes would not share one rate. Memory: the ingest and
+    ``fixed_cpu_seconds`` of a stage): the set-up of galpy's action finder, and the start-up
+    of ingest (spawning the worker processes, their imports, numba's compiled kernels) and of
+    the label stage (the Dask cluster, each worker's imports, compiled kernels and density
+    grid), each measured as the intercept of its cost against observations: the stage is run
+    a second time, in a fresh process, on its first files (ingest: ``--ingest-start`` files,
+    default 8,192) or its first ``2 x workers`` chunks (label) (``fixed_from`` in the
+    result). Both ingest runs use the compiled kernels from their first spectrum
+    (``LAMOSTCANNON_RESAMPLE_AFTER=0``), so that the two sizes share one rate; a survey run
+    switches to them after 10,000 spectra per worker, ~1.5 s of CPU more in all (20,000
+    spectra at ~0.075 ms), which the projection leaves out. Memory: the ingest and
     labelling stages hold one chunk per process (bounded by the chunk size); the per-star stages
     hold one bucket (``bucket_mb``, flat in N when the run has more than one bucket), plus the
     process base and the Gaia index and distances (``reference_mb``, which scales with the Gaia
@@ -307,12 +310,17 @@ def _mock_files() -> list[Path]:
     return [raw / "lamost" / "spectra" / name for name in names]
 
 
-def stage_ingest(n_workers: int) -> dict:
+def stage_ingest(n_workers: int, n_files: int = 0) -> dict:
+    """Ingest the mock's files (the first ``n_files`` only when > 0: the short run whose store
+    is removed afterwards)."""
     from lamostcannon import paths
     from lamostcannon.store import ingest
 
     files = _mock_files()
     store = paths.interim_dir() / "survey_spectra.zarr"
+    if n_files > 0:
+        files = files[:n_files]
+        store = paths.interim_dir() / "survey_spectra_start.zarr"
     shutil.rmtree(store, ignore_errors=True)
     c0 = _cpu_s()
     with TreeMemory() as mem:
@@ -320,9 +328,13 @@ def stage_ingest(n_workers: int) -> dict:
                                                       progress=False))
     cpu = _cpu_s() - c0
     counts = report["status"].value_counts().to_dict()
-    return {"n_in": len(files), "n_out": int(counts.get("stored", 0)), "status": counts,
-            "seconds": wall, "cpu_seconds": cpu, "load": load, **mem.summary(),
-            "disk_bytes": _disk_bytes(store)}
+    out = {"n_in": len(files), "n_out": int(counts.get("stored", 0)), "status": counts,
+           "seconds": wall, "cpu_seconds": cpu, "load": load, **mem.summary(),
+           "disk_bytes": _disk_bytes(store)}
+    if n_files > 0:
+        shutil.rmtree(store, ignore_errors=True)
+        out = {k: out[k] for k in ("n_in", "n_out", "seconds", "cpu_seconds", "load")}
+    return out
 
 
 def stage_label(n_workers: int, chunk_size: int) -> dict:
@@ -469,7 +481,7 @@ STAGES = {"mock": stage_mock, "models": stage_models, "ingest": stage_ingest,
           "plain": stage_plain}
 
 
-def _run_stage(name: str, env: dict, *args, timeout: float = 7200) -> dict:
+def _run_stage(name: str, env: dict, *args, timeout: float = 7200, label: str = "") -> dict:
     """Run one stage in a fresh Python process (its memory and CPU are its own)."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--stage", name, *map(str, args)]
     t = time.perf_counter()
@@ -479,7 +491,7 @@ def _run_stage(name: str, env: dict, *args, timeout: float = 7200) -> dict:
         raise SystemExit(f"bench_e2e: stage {name} failed (exit {proc.returncode}):\n"
                          f"{proc.stderr[-4000:]}")
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    log.info("  %s: %.1f s (process %.1f s)", name, out.get("seconds", float("nan")),
+    log.info("  %s: %.1f s (process %.1f s)", label or name, out.get("seconds", float("nan")),
              time.perf_counter() - t)
     return out
 
@@ -537,6 +549,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--chunk-size", type=int, default=2048)
     parser.add_argument("--plain", type=int, default=200, help="files for the astropy loop")
+    parser.add_argument("--ingest-start", type=int, default=8192,
+                        help="files of the short ingest run that measures ingest's start-up")
     parser.add_argument("--bucket-rows", type=int, default=None,
                         help="observations per bucket of the streaming per-star stages "
                              "(default lamostcannon.catalog.BUCKET_ROWS)")
@@ -575,7 +589,11 @@ def main(argv=None) -> dict:
     models = _run_stage("models", env, args.models)
     stages = {}
     log.info("stages (%d workers):", args.workers)
-    stages["ingest"] = _run_stage("ingest", env, args.workers)
+    # both ingest runs compile the kernels at once (module docstring, Projection)
+    env_ingest = dict(env, LAMOSTCANNON_RESAMPLE_AFTER="0")
+    stages["ingest"] = _run_stage("ingest", env_ingest, args.workers)
+    ingest_start = _run_stage("ingest", env_ingest, args.workers,
+                              min(args.ingest_start, n // 4), label="ingest_start")
     stages["label"] = _run_stage("label", env, args.workers, args.chunk_size)
     label_start = _run_stage("label_start", env, args.workers, args.chunk_size,
                              2 * args.workers)
@@ -591,6 +609,12 @@ def main(argv=None) -> dict:
                            fixed_from={"short_run": label_start,
                                        "method": "intercept of cost against observations, "
                                                  "the stage run on its first chunks and on all"})
+    # ingest's one-time cost (worker processes, their imports, numba's kernels), the same way
+    fixed_wall, fixed_cpu_ingest, _, _ = _intercept(stages["ingest"], ingest_start)
+    stages["ingest"].update(fixed_seconds=fixed_wall, fixed_cpu_seconds=fixed_cpu_ingest,
+                            fixed_from={"short_run": ingest_start,
+                                        "method": "intercept of cost against observations, "
+                                                  "the stage run on its first files and on all"})
     seconds = {k: v["seconds"] for k, v in stages.items()}
     fixed = {k: float(v.get("fixed_seconds", 0.0)) for k, v in stages.items()}
     projected = {k: (seconds[k] - fixed[k]) / n_obs * N_SURVEY + fixed[k] for k in stages}

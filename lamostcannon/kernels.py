@@ -1,10 +1,11 @@
 """Compiled inner loops (numba) of ingest and the test step.
 
-:func:`interpolate_rows` (ingest's resampling) replaces a chain of whole-array numpy operations by
-one pass over the data with the same floating-point operations in the same order per element: a
-product of a ``float64`` and a ``float32`` promotes the ``float32`` first, as numpy does, and
-nothing is fused or reassociated (compiled without ``fastmath``, LLVM neither contracts
-``a * b + c`` into one rounding nor reorders sums). It therefore gives numpy's bits; the tests
+:func:`interpolate_rows` (ingest's resampling) and :func:`normalise_rows` (the continuum's
+interpolation between its nodes and the normalisation) each replace a chain of whole-array numpy
+operations by one pass over the data with the same floating-point operations in the same order
+per element: a product of a ``float64`` and a ``float32`` promotes the ``float32`` first, as numpy
+does, and nothing is fused or reassociated (compiled without ``fastmath``, LLVM neither contracts
+``a * b + c`` into one rounding nor reorders sums). They therefore give numpy's bits; the tests
 check that on real and mock spectra.
 
 :func:`newton_fits` is the test step's bounded Newton iteration run one spectrum at a time
@@ -45,10 +46,12 @@ ENABLED = (os.environ.get("LAMOSTCANNON_NUMBA", "1") != "0"
 #: call, so that the same call takes the same path in any process (the catalogue's rows are the
 #: same in-process and on Dask).
 NEWTON_MIN_SPECTRA = 512
-#: Ingest resamples with :func:`interpolate_rows` once this process has resampled this many
-#: spectra, or at once if numba is loaded already (it saves ~0.05 ms per spectrum; the same
-#: bits either way, so when it starts does not matter).
-RESAMPLE_AFTER = 10_000
+#: Ingest resamples and normalises with :func:`interpolate_rows` and :func:`normalise_rows`
+#: once this process has resampled this many spectra, or at once if numba is loaded already
+#: (they save ~0.075 ms per spectrum; the same bits either way, so when it starts does not
+#: matter). ``LAMOSTCANNON_RESAMPLE_AFTER`` overrides it (read at import, so worker processes
+#: inherit it; ``0``: from the first spectrum, as ``bench_e2e.py`` runs ingest).
+RESAMPLE_AFTER = int(os.environ.get("LAMOSTCANNON_RESAMPLE_AFTER", "10000"))
 
 _LOCK = threading.RLock()
 _RESAMPLED = [0]
@@ -66,6 +69,13 @@ def use_for_resampling(n: int) -> bool:
         return False
     _RESAMPLED[0] += n
     return (bool(_COMPILED) or _RESAMPLED[0] > RESAMPLE_AFTER) and ready()
+
+
+def use_for_normalising(n: int) -> bool:
+    """Whether the next ``n`` spectra should be normalised with :func:`normalise_rows`: once
+    this process has resampled or normalised :data:`RESAMPLE_AFTER` spectra, or at once if
+    numba is loaded already (the same bits either way)."""
+    return use_for_resampling(n)
 
 
 def ready() -> bool:
@@ -94,6 +104,8 @@ def _warm_up() -> None:
     interpolate_rows(np.array([[0.0, 0.5, 2.0]]), np.array([3], np.int64), one, one,
                      np.ones((1, 3), bool), np.empty((1, 3)), np.empty((1, 3)),
                      np.empty(1, np.int64))
+    normalise_rows(np.ones((4, 1)), np.ones((1, 4)), np.ones((1, 1)), np.ones((1, 1)),
+                   np.empty((1, 1), np.float32), np.empty((1, 1), np.float32))
     idx = np.zeros(1, np.intp)
     newton_fits(np.ones(1), np.zeros((1, 1)), np.ones((1, 1)), np.zeros((1, 1, 1)),
                 np.zeros((1, 1, 1)), idx, idx, np.ones(1), idx, np.full((1, 1), 0.5),
@@ -185,6 +197,54 @@ def interpolate_rows(u, sizes, flux, ivar, good, out_flux, out_ivar, n_ok):
             out_ivar[r, p] = 1.0 / v
             count += 1
         n_ok[r] = count
+
+
+#: The largest float32, as a float64 (numpy's comparisons with ``np.finfo(np.float32).max``).
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
+@_jit
+def normalise_rows(nodes, a, flux, ivar, out_flux, out_ivar):
+    """Continuum interpolation and normalisation in one pass (ingest steps 4-5 after the
+    node sums): numpy's ``_interpolate_nodes`` and ``_normalise_rows`` of
+    :mod:`lamostcannon.spectra`, the same operations in the same order per element.
+
+    Pixel ``p = m k + j`` of row ``r``: ``c = ((a[j,0] n[m] + a[j,1] n[m+1]) + a[j,2] n[m+2]) +
+    a[j,3] n[m+3]`` from the row's nodes ``n = nodes[:, r]``; where ``c > 0``, ``c < inf`` and
+    ``ivar > 0``: ``flux / c`` and ``(c c) ivar``, cast to float32 if both are below the largest
+    float32; elsewhere ``1`` and ``0``.
+
+    Parameters
+    ----------
+    nodes : float64 (M, S)
+    a : float64 (k, 4)
+    flux, ivar : float64 (S, P)
+    out_flux, out_ivar : float32 (S, P), written
+    """
+    s, n_pix = flux.shape
+    k = a.shape[0]
+    n_nodes = nodes.shape[0]
+    col = np.empty(n_nodes, np.float64)
+    cont = np.empty((n_nodes - 3) * k, np.float64)
+    for r in range(s):
+        for m in range(n_nodes):
+            col[m] = nodes[m, r]
+        for m in range(n_nodes - 3):
+            for j in range(k):
+                c = col[m] * a[j, 0]
+                c = c + col[m + 1] * a[j, 1]
+                c = c + col[m + 2] * a[j, 2]
+                cont[m * k + j] = c + col[m + 3] * a[j, 3]
+        for p in range(n_pix):  # branch-free, so that it vectorises
+            c = cont[p]
+            iv = ivar[r, p]
+            ok = (c > 0.0) & (c < np.inf) & (iv > 0.0)
+            safe = c if ok else 1.0
+            nf = flux[r, p] / safe
+            ni = (safe * safe) * iv
+            ok = ok & (abs(nf) < _FLOAT32_MAX) & (ni < _FLOAT32_MAX)
+            out_flux[r, p] = np.float32(nf) if ok else np.float32(1.0)
+            out_ivar[r, p] = np.float32(ni) if ok else np.float32(0.0)
 
 
 # ------------------------------------------------------------------------------------------------

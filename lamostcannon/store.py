@@ -5,7 +5,8 @@ Format (a folder, conventionally ``<name>.zarr``)
 ::
 
     <store>/
-      zarr.json            Zarr 3 group; attributes: format, format_version, grid constants
+      zarr.json            Zarr 3 group; attributes: format, format_version, grid constants,
+                           continuum (the definition its rows were normalised with)
       flux/                Zarr 3 array (N, 3909) float32, chunks (chunk_rows, 3909),
                            Blosc LZ4 + byte shuffle (~24 kB per spectrum and array pair)
       ivar/                Zarr 3 array (N, 3909) float32, same chunks
@@ -90,7 +91,8 @@ import pandas as pd
 
 from . import __version__
 from .parallel import ordered_map
-from .spectra import (LOG10_WAVE_START, LOG10_WAVE_STEP, MIN_GOOD_PIXELS, N_PIXELS,
+from .spectra import (CONTINUUM_METHOD, LOG10_WAVE_START, LOG10_WAVE_STEP, MIN_GOOD_PIXELS,
+                      N_PIXELS,
                       _init_worker, _one_blas_thread, _process_files, _process_payload,
                       common_wavelength, find_spectra, printable_path, unencodable_name)
 
@@ -282,7 +284,8 @@ def _build_empty(path: Path, chunk_rows: int) -> None:
     group = zarr.open_group(path, mode="a", attributes={
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "log10_wave_start": LOG10_WAVE_START, "log10_wave_step": LOG10_WAVE_STEP,
-        "n_pixels": N_PIXELS, "created_by": f"lamostcannon {__version__}",
+        "n_pixels": N_PIXELS, "continuum": CONTINUUM_METHOD,
+        "created_by": f"lamostcannon {__version__}",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "description": "LAMOST continuum-normalised spectra on the common rest-frame grid; "
                        "flux = 1, ivar = 0 where there is no data"})
@@ -405,6 +408,13 @@ class SpectraStore:
                                 self.path, self.format_version, FORMAT_VERSION)
                     self._group.attrs["format_version"] = FORMAT_VERSION
                     self.format_version = FORMAT_VERSION
+                stored = attrs.get("continuum", "evaluated at every pixel (a store older than "
+                                                "the attribute)")
+                if stored != CONTINUUM_METHOD:
+                    # the two agree to ~1e-4 of the noise in the median pixel (spectra module,
+                    # step 4): said, not refused, so that an old survey store can be extended
+                    log.warning("%s: its rows were normalised with the continuum '%s'; rows "
+                                "appended now use '%s'", self.path, stored, CONTINUUM_METHOD)
         except BaseException:
             self.close()
             raise

@@ -103,18 +103,52 @@ def test_continuum_blocks_equal_the_sparse_matrix_and_a_naive_loop(rng):
     ivar = rng.uniform(0, 50, (3, sp.N_PIXELS)) * (rng.uniform(size=(3, sp.N_PIXELS)) > 0.1)
     cont = sp.continuum(flux, ivar)
     W = sp.continuum_matrix()
-    assert W.shape == (sp.N_PIXELS, sp.N_PIXELS)
-    # band: 150 A is ~172 pixels in the blue, ~72 in the red
-    assert W[0].nnz == 1 + int(np.searchsorted(lam, lam[0] + 150, "right")) - 1
+    nodes = sp.continuum_nodes()
+    k = sp.CONTINUUM_STRIDE
+    assert W.shape == (len(nodes), sp.N_PIXELS)
+    assert nodes[0] == -k and np.all(np.diff(nodes) == k) and nodes[-1] >= sp.N_PIXELS - 1 + k
+    # band: 150 A is ~172 pixels in the blue, ~72 in the red; node 1 is pixel 0
+    assert W[[1]].nnz == int(np.searchsorted(lam, lam[0] + 150, "right"))
     # the weights are multiples of 2**-20; the right-hand side is rounded to 2**-24 of its block
-    # maximum, so the continuum equals the float computation to ~1e-7 (not bit for bit)
+    # maximum, so at the nodes the continuum equals the float computation to ~1e-7
     assert np.all(W.data * 2.0 ** sp.CONTINUUM_WEIGHT_BITS == np.rint(W.data * 2.0 ** 20))
-    np.testing.assert_allclose(cont, ((W @ (ivar * flux).T) / (W @ ivar.T)).T, rtol=2e-6)
+    on = (nodes >= 0) & (nodes < sp.N_PIXELS)
+    at_nodes = ((W @ (ivar * flux).T) / (W @ ivar.T)).T[:, on]
+    np.testing.assert_allclose(cont[:, nodes[on]], at_nodes, rtol=2e-6)
+    # between the nodes, a cubic through four nodes: within 3e-4 of the Gaussian smoothing at
+    # every pixel even with 10% of the pixels masked at random (each masked pixel puts a kink
+    # where it leaves the truncated kernel), 2e-5 in the median; the noise here is 5e-2
+    d = lam[:, None] - lam[None, :]
+    dense = np.exp(-0.5 * (d / 50) ** 2) * (np.abs(d) <= 150)  # the exact Gaussian weights
+    expect = ((dense @ (ivar * flux).T) / (dense @ ivar.T)).T
+    rel = np.abs(cont / expect - 1)
+    assert rel.max() < 3e-4 and np.median(rel) < 2e-5, (rel.max(), np.median(rel))
     for i in (0, 17, 1954, 3908):
-        d = lam - lam[i]
-        w = np.exp(-0.5 * (d / 50) ** 2) * (np.abs(d) <= 150)  # the exact Gaussian weights
-        expect = np.sum(w * ivar[1] * flux[1]) / np.sum(w * ivar[1])
-        assert cont[1, i] == pytest.approx(expect, rel=2e-6)
+        w = dense[i]
+        naive = np.sum(w * ivar[1] * flux[1]) / np.sum(w * ivar[1])
+        assert cont[1, i] == pytest.approx(naive, rel=3e-4)
+
+
+def test_continuum_interpolation_is_accurate_on_real_spectra(real_lamost):
+    """Against the Gaussian smoothing computed at every pixel, on real DR10 files: the error of
+    the normalised flux is below 1% of its noise in 99.9% of the pixels and below 0.3 of the
+    noise everywhere (measured when written on this test's 216 files and on the 216 others next
+    to them: 99.9th percentile 6.5e-3 and 7.1e-3 of the noise, largest 0.049 and 0.060; on 512
+    files of every release, 7.6e-3 and 0.26)."""
+    files = sorted((real_lamost / "dr10").glob("*.fits.gz"))[::8]
+    rows = [sp.resample(sp.read_lamost(f)) for f in files]
+    flux = np.stack([r[0] for r in rows]).astype(float)
+    ivar = np.stack([r[1] for r in rows]).astype(float)
+    lam = sp.common_wavelength()
+    d = lam[:, None] - lam[None, :]
+    dense = np.exp(-0.5 * (d / 50) ** 2) * (np.abs(d) <= 150)
+    with np.errstate(all="ignore"):
+        expect = ((dense @ (np.where(ivar > 0, flux, 0) * ivar).T) / (dense @ ivar.T)).T
+        cont = sp.continuum(flux, ivar)
+        ok = ivar > 0
+        err = (np.abs(flux / cont - flux / expect) * np.sqrt(ivar) * np.abs(expect))[ok]
+    assert np.all(np.isfinite(cont[ok]))
+    assert np.quantile(err, 0.999) < 0.01 and err.max() < 0.3, (np.quantile(err, 0.999), err.max())
 
 
 def test_continuum_of_a_spectrum_does_not_depend_on_its_batch(rng):
@@ -575,3 +609,76 @@ def test_compiled_resampling_gives_numpys_bits(real_lamost, rng, monkeypatch):
             assert isinstance(a, sp.SpectrumReadError) and a.reason == b.reason
             continue
         assert a[0].tobytes() == b[0].tobytes() and a[1].tobytes() == b[1].tobytes()
+
+
+def test_compiled_normalisation_gives_numpys_bits(real_lamost, rng, monkeypatch):
+    """The compiled continuum interpolation and normalisation (:func:`kernels.normalise_rows`)
+    gives numpy's bits: real files of every release and layout, plus edge cases (a row without
+    data, masked runs longer than the kernel, a negative continuum, values that overflow
+    float32, denormal inverse variances)."""
+    from lamostcannon import kernels
+
+    if not kernels.ENABLED:
+        pytest.skip("numba kernels switched off (LAMOSTCANNON_NUMBA=0)")
+    files = [*sorted((real_lamost / "dr10").glob("*.fits.gz"))[:60],
+             *sorted((real_lamost / "dr7_plate").glob("*.fits*"))[:20],
+             *sorted((real_lamost / "formats").rglob("*.fit*"))]
+    grids = [g for g in sp._resample_many([sp.read_lamost(f) for f in files])
+             if not isinstance(g, Exception)]
+    flux = np.stack([g[0] for g in grids] + [np.ones(sp.N_PIXELS)] * 4)
+    ivar = np.stack([g[1] for g in grids] + [np.ones(sp.N_PIXELS)] * 4)
+    ivar[-4] = 0.0                                   # no data
+    ivar[-3, 300:1200] = 0.0                         # a gap far wider than the kernel
+    flux[-2, 2000:2400] = -5.0                       # a negative continuum
+    flux[-1, 100] = 1e39                             # overflows float32 once normalised
+    ivar[-1, 200:210] = 1e-320                       # denormal
+    monkeypatch.setattr(kernels, "RESAMPLE_AFTER", -1)
+    with np.errstate(all="ignore"):
+        fast = sp.normalise(flux, ivar)
+        monkeypatch.setattr(kernels, "ENABLED", False)
+        slow = sp.normalise(flux, ivar)
+    assert kernels._COMPILED  # the compiled path ran
+    assert fast[0].tobytes() == slow[0].tobytes() and fast[1].tobytes() == slow[1].tobytes()
+    assert not fast[1][-4].any() and (fast[0][-4] == 1).all()
+    assert np.isfinite(fast[0]).all() and np.isfinite(fast[1]).all()
+
+
+def test_a_store_records_its_continuum_and_says_when_appends_differ(tmp_path, caplog):
+    """Rows appended to a store written with another continuum definition are said in the log
+    (not refused: an old survey store can still be extended)."""
+    import json
+
+    from lamostcannon.store import SpectraStore
+
+    store = SpectraStore.create(tmp_path / "s.zarr")
+    store.close()
+    meta = tmp_path / "s.zarr" / "zarr.json"
+    attrs = json.loads(meta.read_text())
+    assert attrs["attributes"]["continuum"] == sp.CONTINUUM_METHOD
+    with caplog.at_level("WARNING", logger="lamostcannon.store"):
+        SpectraStore(tmp_path / "s.zarr", mode="a").close()
+    assert "continuum" not in caplog.text
+    del attrs["attributes"]["continuum"]
+    meta.write_text(json.dumps(attrs))
+    with caplog.at_level("WARNING", logger="lamostcannon.store"):
+        SpectraStore(tmp_path / "s.zarr", mode="a").close()
+    assert "evaluated at every pixel" in caplog.text and sp.CONTINUUM_METHOD in caplog.text
+
+
+@pytest.mark.parametrize("raw, value", [
+    ("                   42 / a comment", 42), ("-7", -7), ("+3", 3),
+    ("  1.5", 1.5), ("1.0D2 / FITS double", 100.0), ("-2E-3", -0.002), ("3e1", 30.0),
+    ("'STAR    '", "STAR"), ("'O''Brien' / quote", "O'Brien"), ("T", True), ("F", False),
+    ("", None), ("   / only a comment", None), ("nan", float("nan"))])
+def test_header_values_parse_as_fits_says(raw, value):
+    got = sp._parse_value(raw)
+    if isinstance(value, float) and value != value:
+        assert got != got
+    else:
+        assert got == value and type(got) is type(value)
+
+
+@pytest.mark.parametrize("raw", ["1.0d5", "12abc", "'unterminated"])
+def test_unreadable_header_values_raise(raw):
+    with pytest.raises(ValueError):
+        sp._parse_value(raw)
