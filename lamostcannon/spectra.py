@@ -66,8 +66,8 @@ Preprocessing (Wheeler et al. 2020, section 3, following Ho et al. 2017, ApJ 836
    smoothing evaluated at every pixel by 1e-4 of its noise in the median pixel and under 0.01
    of it in 99.9% of the pixels (the largest differences, ~0.05-0.3 of the noise, sit where a
    masked pixel leaves the truncated kernel). It needs a quarter of the multiplications:
-   normalising costs 0.06-0.07 ms of CPU per spectrum instead of 0.19 (measured by hand; the
-   ingest benchmarks measure the whole). The node weights are built once per process as dense
+   normalising costs 0.078 ms of CPU per spectrum instead of 0.197 in batches of 32
+   (``bench_ingest.py --baseline``, the previous code in the same run). The node weights are built once per process as dense
    row blocks that cover just the band (:func:`continuum_blocks`) and applied to many spectra
    at once with matrix products (BLAS) over 16-node tiles of each block, each tile only over
    the columns its nodes reach, in float64.
