@@ -71,11 +71,12 @@ def use_for_resampling(n: int) -> bool:
     return (bool(_COMPILED) or _RESAMPLED[0] > RESAMPLE_AFTER) and ready()
 
 
-def use_for_normalising(n: int) -> bool:
-    """Whether the next ``n`` spectra should be normalised with :func:`normalise_rows`: once
-    this process has resampled or normalised :data:`RESAMPLE_AFTER` spectra, or at once if
-    numba is loaded already (the same bits either way)."""
-    return use_for_resampling(n)
+def use_for_normalising() -> bool:
+    """Whether spectra should be normalised with :func:`normalise_rows`: once this process has
+    resampled :data:`RESAMPLE_AFTER` spectra (ingest resamples each spectrum before normalising
+    it, so it is counted once), or at once if numba is loaded already (the same bits either
+    way)."""
+    return ENABLED and (bool(_COMPILED) or _RESAMPLED[0] > RESAMPLE_AFTER) and ready()
 
 
 def ready() -> bool:

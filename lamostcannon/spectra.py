@@ -1271,7 +1271,7 @@ def normalise(flux: np.ndarray, ivar: np.ndarray) -> tuple[np.ndarray, np.ndarra
     nodes = _continuum_at_nodes(f2, i2)
     out_flux = np.empty(f2.shape, np.float32)
     out_ivar = np.empty(f2.shape, np.float32)
-    if kernels.use_for_normalising(len(f2)):  # one compiled pass, the same bits
+    if kernels.use_for_normalising():  # one compiled pass, the same bits
         kernels.normalise_rows(nodes, _cubic_weights(), f2, i2, out_flux, out_ivar)
     else:
         _normalise_rows(_interpolate_nodes(nodes), f2, i2, out_flux, out_ivar)
