@@ -586,13 +586,16 @@ def compare_with_field(catalog, binaries, elements, sigma, *, max_delta_teff=MAX
 def kde_peak(values, *, grid=None, bw_method=None):
     """Mode of a Gaussian KDE (scipy, Scott's rule by default) of the finite ``values``.
 
-    ``grid`` defaults to 2000 points on ``[0, max(values)]`` (distances are non-negative)."""
+    ``grid`` defaults to 2000 points on ``[0, max(values)]`` (distances are non-negative). NaN
+    for fewer than two finite values; the value itself when they are all equal."""
     from scipy.stats import gaussian_kde
 
     v = np.asarray(values, float)
     v = v[np.isfinite(v)]
     if v.size < 2:
         return np.nan
+    if np.ptp(v) == 0.0:  # every value the same (a KDE has no bandwidth): that value is the mode
+        return float(v[0])
     if grid is None:
         grid = np.linspace(min(0.0, v.min()), v.max(), 2000)
     dens = gaussian_kde(v, bw_method=bw_method)(grid)

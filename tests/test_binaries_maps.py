@@ -96,6 +96,11 @@ def test_field_pairs_exclude_ids(rng):
 
 def test_kde_peak_and_separation_growth(rng):
     assert binaries.kde_peak(rng.normal(2.0, 0.3, 3000)) == pytest.approx(2.0, abs=0.1)
+    # identical values (binaries with identical abundances: distance 0) have that value as mode,
+    # not scipy's singular-covariance error; too few finite values give NaN
+    assert binaries.kde_peak(np.zeros(50)) == 0.0
+    assert binaries.kde_peak([1.5, 1.5, np.nan]) == 1.5
+    assert np.isnan(binaries.kde_peak([np.nan, 3.0]))
     n = 400
     # binaries: same true chemistry; field pairs: true chemistry differs by tau = 2 sigma
     bin_pairs, field_pairs = {}, {}

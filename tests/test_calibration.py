@@ -195,6 +195,57 @@ def test_compare_with_truth_measures_the_teff_systematic_and_the_response(rng, m
     assert out["trend_cal"] < 0.005
 
 
+def _snr_gain_truth(teff, snr):
+    """A response compressed at low S/N and for hot stars: 1 at S/N 100 and 5500 K."""
+    return 1.0 + 0.5 * np.log10(np.asarray(snr, float) / 100.0) - 0.15 * _u(teff)
+
+
+def test_a_compression_that_changes_with_snr_needs_the_snr_gain(rng):
+    # a gain with S/N terms, when asked for: a teff-only gain, fitted to calibrators of every S/N,
+    # puts two held-out clusters observed at low S/N on the wrong scale (their difference
+    # compressed as the raw one is); the S/N gain restores it and leaves no trend with teff
+    def label(df, truth, r):
+        return (trend(df["teff"], df["logg"]) + _snr_gain_truth(df["teff"], df["snr_z"]) * truth
+                + r.normal(0.0, 0.02, len(df)))
+
+    cal_set = simulate(rng, noise=0.0, n_clusters=10, n_binaries=300)
+    cal_set[LABEL] = label(cal_set, cal_set["truth"], rng)
+    tests = []
+    for k, truth in enumerate((0.3, -0.1)):
+        t = simulate(np.random.default_rng(98 + k), noise=0.0, n_clusters=1, n_per=200, n_binaries=0)
+        t["snr_z"] = 30.0  # faint clusters
+        t[LABEL] = label(t, truth, np.random.default_rng(96 + k))
+        tests.append(t)
+    ref = _reference(rng)
+    ref[LABEL] = 0.0
+    teff_only, with_snr = (calibration.fit(cal_set, [LABEL], reference=ref, gain_terms=gt, seed=4,
+                                           n_boot=5, lambdas=calibration.LAMBDAS[::3])
+                           for gt in (("u", "u2"), ("l", "u", "lu")))
+    chosen = with_snr.provenance["gain_terms_of_label"][LABEL]
+    assert chosen[:2] == ["l", "u"], chosen
+
+    def scale_and_slope(cal):
+        vals = [cal.calibrate(t)[f"{LABEL}_cal"] for t in tests]
+        slopes = [binaries.teff_trend(t["teff"], v).slope_per_1000K for t, v in zip(tests, vals)]
+        return (vals[0].mean() - vals[1].mean()) / 0.4, max(map(abs, slopes))
+
+    raw_scale = (tests[0][LABEL].mean() - tests[1][LABEL].mean()) / 0.4
+    scale_snr, slope_snr = scale_and_slope(with_snr)
+    scale_teff, _ = scale_and_slope(teff_only)
+    assert raw_scale < 0.85, raw_scale                     # the compression at S/N 30
+    assert abs(scale_snr - 1.0) < 0.05, (scale_snr, scale_teff, raw_scale)
+    assert abs(scale_teff - 1.0) > 2 * abs(scale_snr - 1.0), (scale_snr, scale_teff)
+    assert slope_snr < 0.01, slope_snr
+    # the fitted gain follows the injected one across S/N (relative to its reference mean)
+    tt = np.repeat([4500.0, 5500.0, 6300.0], 3)
+    grid = {"teff": tt, "logg": _main_sequence_logg(tt, np.random.default_rng(0)),
+            "fe_h": np.zeros(tt.size), "snr_z": np.tile([30.0, 100.0, 400.0], 3)}
+    g_true = (_snr_gain_truth(grid["teff"], grid["snr_z"])
+              / _snr_gain_truth(ref["teff"], ref["snr_z"]).mean())
+    g_fit = with_snr.gain(LABEL, grid)
+    assert np.max(np.abs(g_fit / g_true - 1)) < 0.1, (g_fit, g_true)
+
+
 def test_gain_uncertainty_from_the_bootstrap_describes_the_error(rng):
     # the same simulation twice with different noise: the calibrated values of one star differ
     # by about what the propagated calibration uncertainty says
@@ -503,8 +554,12 @@ def test_gain_form_is_chosen_by_leave_one_cluster_out(rng):
         sel = cal.provenance["gain_selection"]
         assert sel["method"] == "leave-one-cluster-out" and len(sel["clusters"]) == 8
         scores = sel["labels"][LABEL]
-        assert set(scores) == {"chosen", "none", "u", "u+u2"}
+        gt = calibration.GAIN_TERMS
+        assert set(scores) == {"chosen", "none", *("+".join(gt[:j]) for j in range(1, len(gt) + 1))}
         chosen[compressed] = cal.provenance["gain_terms_of_label"][LABEL]
+        # only the gain terms a label uses stay in the calibration (and in what it needs to apply)
+        assert cal.gain_terms == tuple(chosen[compressed])
+        assert cal.provenance["gain_terms_offered"] == list(calibration.GAIN_TERMS)
         assert scores["chosen"] == chosen[compressed]
         best = min((k for k in scores if k != "chosen"), key=lambda k: scores[k]["loco_z2"])
         if compressed:
@@ -513,11 +568,17 @@ def test_gain_form_is_chosen_by_leave_one_cluster_out(rng):
     assert chosen[True] != [] and chosen[False] == [], chosen
 
 
-def test_gain_form_without_clusters_is_additive(rng):
+def test_gain_form_without_clusters_is_additive(rng, tmp_path):
     df = simulate(rng, n_clusters=0, n_binaries=300)
     cal = calibration.fit(df, [LABEL], terms=calibration.TERMS_TEFF_LOGG, seed=1, n_boot=5,
                           lambdas=calibration.LAMBDAS[::3])
     assert cal.provenance["gain_terms_of_label"][LABEL] == []
     assert np.all(cal.gain(LABEL, df) == 1.0)
+    # no gain: applying it needs teff and logg only, and the file round-trips
+    assert cal.gain_terms == () and cal.inputs == ("teff", "logg")
+    grid = {"teff": np.array([4500.0, 6000.0]), "logg": np.array([4.6, 4.3])}
+    np.testing.assert_allclose(cal.correction(LABEL, grid)[0],
+                               calibration.Calibration.read(cal.write(tmp_path / "c.json"))
+                               .correction(LABEL, grid)[0], rtol=0, atol=1e-12)
     with pytest.raises(ValueError, match="gain_labels"):
         calibration.fit(df, [LABEL], gain_labels="always")
