@@ -387,6 +387,20 @@ def survey(tmp_path_factory):
                            giant=giant, truth=truth, no_lasp=no_lasp, n_chunks=-(-N_OBS // CHUNK))
 
 
+def assert_same_rows(got, expected):
+    """The rows of another process: every column but the floating-point ones exactly (obsids,
+    flags, quality bits, model routing, names), the floating-point ones to 1e-9 relative: nothing
+    makes another process's floating point bit-identical by construction (a Dask worker, for
+    one, runs BLAS single-threaded), and one CI run saw 11 of 800 OOD scores of a Dask run differ
+    from this process's in their last bits. Same columns, same order, same NaNs."""
+    assert list(got.columns) == list(expected.columns)
+    floats = [c for c in expected.columns if expected[c].dtype.kind == "f"]
+    others = [c for c in expected.columns if c not in floats]
+    pd.testing.assert_frame_equal(got[others], expected[others], check_exact=True)
+    pd.testing.assert_frame_equal(got[floats], expected[floats], check_exact=False, rtol=1e-9,
+                                  atol=0)
+
+
 @pytest.fixture(scope="module")
 def reference_run(survey):
     """An uninterrupted in-process run (n_workers=1), the reference of the other tests."""
@@ -443,7 +457,7 @@ def test_dask_local_cluster_gives_the_same_rows(survey, reference_run):
     assert report.executor == "dask" and report.n_workers == 2
     assert report.peak_memory_mb_per_worker > 0
     dask_rows = catalog.read_parts(parts, report.n_chunks)
-    pd.testing.assert_frame_equal(dask_rows, reference_run, check_exact=True)
+    assert_same_rows(dask_rows, reference_run)
 
 
 def test_run_inference_own_local_cluster_gives_the_same_rows(survey, reference_run):
@@ -461,8 +475,7 @@ def test_run_inference_own_local_cluster_gives_the_same_rows(survey, reference_r
                                    progress=False)
     assert report.executor == "dask-local" and report.n_workers == 2
     assert {k: dask.config.get(k) for k in catalog.LOCAL_CLUSTER_CONFIG} == before
-    pd.testing.assert_frame_equal(catalog.read_parts(parts, report.n_chunks), reference_run,
-                                  check_exact=True)
+    assert_same_rows(catalog.read_parts(parts, report.n_chunks), reference_run)
 
 
 _KILL_SCRIPT = textwrap.dedent("""
@@ -500,11 +513,10 @@ def test_resume_after_sigkill_is_identical(survey, reference_run):
     assert report.chunks_done_before == done and report.chunks_run == survey.n_chunks - done
     resumed = catalog.read_parts(parts, survey.n_chunks)
     assert len(resumed) == N_OBS and resumed["obsid"].is_unique
-    pd.testing.assert_frame_equal(resumed, reference_run, check_exact=True)
+    assert_same_rows(resumed, reference_run)
     # and the assembled Parquet file is the same table
     table = catalog.assemble_observations(parts, path=survey.root / "obs_resumed.parquet")
-    pd.testing.assert_frame_equal(pd.read_parquet(survey.root / "obs_resumed.parquet"),
-                                  reference_run, check_exact=True)
+    assert_same_rows(pd.read_parquet(survey.root / "obs_resumed.parquet"), reference_run)
     assert str(table["teff"].unit) == "K"
     # ... and starts a different one again (here: another chunking) instead of refusing it
     again = catalog.run_inference(survey.store, ctx, lamost_catalog=survey.catalog,
