@@ -318,7 +318,9 @@ class Calibration:
         fe_h); inputs are clipped to them.
     terms : tuple of str, the additive basis ``f`` (:func:`design`).
     provenance : dict (package version, date, model training hash, groups used and held out, ...)
-    gain_terms : tuple of str, the basis of the gain ``1 + h`` (empty: additive only).
+    gain_terms : tuple of str, the basis of the gain ``1 + h`` (empty: additive only). After
+        :func:`fit`, only the leading terms some label uses; ``provenance["gain_terms_offered"]``
+        holds the basis it chose from, ``provenance["gain_terms_of_label"]`` each label's terms.
     """
 
     labels: dict
