@@ -248,8 +248,10 @@ def stage_models(notebook_models: str) -> dict:
         sizes = {}
         for group, giant in (("dwarf", False), ("giant", True)):
             table, flux, ivar, wave = cleaning.load_training_set(giant, reference)
-            model = cannon.CannonModel(labels.model_labels(giant), wavelength=wave).train(
-                table, flux, ivar)
+            names = labels.model_labels(giant)
+            errors = None if giant else cleaning.training_label_errors(table, names)  # as notebook 03
+            model = cannon.CannonModel(names, wavelength=wave).train(
+                table, flux, ivar, label_errors=errors)
             model.write(processed / f"model_{group}.fits", overwrite=True)
             sizes[group] = len(table)
         how = "this mock's reference set"

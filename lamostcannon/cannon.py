@@ -738,12 +738,14 @@ class CannonModel:
             noisy labels learns derivatives attenuated by the noise and reports labels
             stretched away from the mean, and more training stars do not cure it. The scatter
             ``s^2`` is fitted to the residuals at the calibrated labels. ``label_range`` and
-            the test step's starting points stay those of the labels as given. Not the default
-            of the notebooks: on the ``large`` mock it halves the held-out giants' teff error
+            the test step's starting points stay those of the labels as given. With errors for
+            every label, on the ``large`` mock it halves the held-out giants' teff error
             against the truth (115 -> 59 K with 7,200 training giants) but triples the dwarfs'
             (64 -> 216 K), whose logg errors are as large as its spread along the main sequence
             (reliability 0.24), so the calibrated logg follows teff and the model can no longer
-            tell the two apart (``benchmarks/study_label_noise.py``).
+            tell the two apart (``benchmarks/study_label_noise.py``). The notebooks give the
+            dwarf model the errors of its ``[X/Fe]`` labels only
+            (:func:`lamostcannon.cleaning.training_label_errors`, which says why).
 
         Returns
         -------

@@ -678,6 +678,56 @@ def test_training_with_label_errors_undoes_the_dilution(sim):
         CannonModel(NAMES, wavelength=wave).train(noisy, flux, ivar, label_errors=-err)
 
 
+def test_training_label_errors_are_the_abundance_ratios_only():
+    from astropy.table import Table
+
+    from lamostcannon import cleaning
+
+    tab = Table({"teff": [5000.0, 5500.0, 6000.0], "e_teff": [80.0, 90.0, 100.0],
+                 "e_logg": [0.2, 0.2, 0.2], "e_fe_h": [0.05, 0.06, 0.07],
+                 "e_o_fe": [0.1, np.nan, 0.12], "e_alpha_fe": [0.03, 0.04, -1.0]})
+    names = ("teff", "logg", "vmic", "fe_h", "o_fe", "alpha_fe", "s_fe")
+    err = cleaning.training_label_errors(tab, names)
+    assert err.shape == (3, len(names))
+    # teff, logg, vmic and [Fe/H] enter as given, whatever errors the table has
+    np.testing.assert_array_equal(err[:, :4], 0.0)
+    # NaN, negative and missing errors: that label of that star is not corrected
+    np.testing.assert_array_equal(err[:, 4], [0.1, 0.0, 0.12])
+    np.testing.assert_array_equal(err[:, 5], [0.03, 0.04, 0.0])
+    np.testing.assert_array_equal(err[:, 6], 0.0)
+    # a DataFrame works the same
+    np.testing.assert_array_equal(cleaning.training_label_errors(tab.to_pandas(), names), err)
+
+
+def test_correcting_only_the_abundance_errors_undoes_their_dilution_and_keeps_teff(sim):
+    # noisy training labels throughout, errors given for the abundance only (as the notebooks
+    # train): the held-out abundance is no longer stretched away from the mean and scatters less
+    # about the truth, and teff is no worse than without the correction
+    from lamostcannon import cleaning
+
+    rng = np.random.default_rng(11)
+    lab = sim.labels(1500)
+    flux, ivar = sim.spectra(lab, np.full(1500, 200.0))
+    sd = np.array([60.0, 0.2, 0.06, 0.06])      # mg_fe's error is 3/4 of its spread
+    noisy = lab + rng.standard_normal(lab.shape) * sd
+    table = {**{n: noisy[:, j] for j, n in enumerate(NAMES)},
+             **{f"e_{n}": np.full(1500, sd[j]) for j, n in enumerate(NAMES)}}
+    err = cleaning.training_label_errors(table, NAMES)
+    assert np.count_nonzero(err.any(axis=0)) == 1 and err[0, 3] == sd[3]
+    test_lab = sim.labels(300)
+    tflux, tivar = sim.spectra(test_lab, np.full(300, 200.0))
+    wave = np.linspace(4000, 5000, sim.n_pix)
+    got = {k: CannonModel(NAMES, wavelength=wave).train(noisy, flux, ivar, label_errors=e)
+           .test(tflux, tivar).labels for k, e in (("plain", None), ("abundance", err))}
+    j = NAMES.index("mg_fe")
+    slope = {k: np.polyfit(test_lab[:, j], v[:, j], 1)[0] for k, v in got.items()}
+    scatter = {k: np.std(v[:, j] - test_lab[:, j]) for k, v in got.items()}
+    assert slope["plain"] > 1.2 and abs(slope["abundance"] - 1.0) < 0.15, slope
+    assert scatter["abundance"] < 0.8 * scatter["plain"], scatter
+    teff = {k: np.std(v[:, 0] - test_lab[:, 0]) for k, v in got.items()}
+    assert teff["abundance"] < 1.1 * teff["plain"], teff
+
+
 def test_compiled_newton_takes_the_same_steps_as_numpy(trained, test_set, sim, monkeypatch):
     """The compiled Newton iteration (:func:`lamostcannon.kernels.newton_fits`, one spectrum at
     a time) is the batched numpy one: same accepted steps, so the same iteration counts, flags
