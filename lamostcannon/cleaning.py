@@ -851,7 +851,7 @@ def load_training_set(giant: bool, reference=None, store_path=None):
 
 
 def training_label_errors(table, label_names) -> np.ndarray:
-    """The training-label errors that the notebooks' models correct for: the ``[X/Fe]`` labels'.
+    """The training-label errors the notebooks' dwarf model corrects for: the ``[X/Fe]`` labels'.
 
     Returns the (S, L) array for ``CannonModel.train(label_errors=...)`` and
     ``validation.cross_validate(label_errors=...)``: ``e_<x>_fe`` for every abundance ratio
@@ -865,10 +865,12 @@ def training_label_errors(table, label_names) -> np.ndarray:
     stars of one composition then shows a teff trend that depends on its composition, which no
     correction in (teff, logg) can remove. Fitted instead to the abundances' regression
     calibration (:func:`lamostcannon.cannon.regression_calibrate`, linear in all labels), the
-    mock's dwarf abundances move 1.3-2.5x closer to the truth (3000 held-out field dwarfs of the
+    mock's dwarf abundances move 1.3-3x closer to the truth (3000 held-out field dwarfs of the
     ``large`` mock: [O/Fe] 0.37 -> 0.16 dex rms, [Eu/Fe] 0.52 -> 0.20, [alpha/Fe] 0.14 -> 0.07,
-    [Sc/Fe] 0.28 -> 0.09, [s/Fe] 0.25 -> 0.20) and the six clusters' teff trends agree 2-4x
-    better, while teff is unchanged (120 K). Correcting teff and logg too is worse for the
+    [Sc/Fe] 0.28 -> 0.09, [s/Fe] 0.25 -> 0.20) and the calibrating clusters' teff trends agree
+    2-4x better, while teff is unchanged (120 K). The giant model is not corrected: with its
+    abundances corrected the quadratic model's coefficients grow to several units of normalised
+    flux per standard deviation of a label and its [Fe/H] gets worse. Correcting teff and logg too is worse for the
     dwarfs: their logg error is as large as the main sequence's logg spread, the calibrated
     logg then follows teff and teff triples (``benchmarks/study_label_noise.py``).
     """
