@@ -700,8 +700,8 @@ def test_training_label_errors_are_the_abundance_ratios_only():
 
 
 def test_correcting_only_the_abundance_errors_undoes_their_dilution_and_keeps_teff(sim):
-    # noisy training labels throughout, errors given for the abundance only (as the notebooks
-    # train): the held-out abundance is no longer stretched away from the mean and scatters less
+    # noisy training labels throughout, errors given for the abundance only (as notebook 03
+    # trains the dwarfs): the held-out abundance is no longer stretched away from the mean and scatters less
     # about the truth, and teff is no worse than without the correction
     from lamostcannon import cleaning
 
