@@ -865,13 +865,13 @@ def training_label_errors(table, label_names) -> np.ndarray:
     stars of one composition then shows a teff trend that depends on its composition, which no
     correction in (teff, logg) can remove. Fitted instead to the abundances' regression
     calibration (:func:`lamostcannon.cannon.regression_calibrate`, linear in all labels), the
-    mock's dwarf abundances move 1.3-3x closer to the truth (3000 held-out field dwarfs of the
-    ``large`` mock: [O/Fe] 0.37 -> 0.16 dex rms, [Eu/Fe] 0.52 -> 0.20, [alpha/Fe] 0.14 -> 0.07,
-    [Sc/Fe] 0.28 -> 0.09, [s/Fe] 0.25 -> 0.20) and the calibrating clusters' teff trends agree
-    2-4x better, while teff is unchanged (120 K). The giant model is not corrected: with its
-    abundances corrected the quadratic model's coefficients grow to several units of normalised
-    flux per standard deviation of a label and its [Fe/H] gets worse. Correcting teff and logg too is worse for the
-    dwarfs: their logg error is as large as the main sequence's logg spread, the calibrated
+    mock's dwarf abundances move 1.3-3x closer to the truth (3000 field dwarfs of the ``large``
+    mock: [O/Fe] 0.38 -> 0.16 dex rms, [Eu/Fe] 0.52 -> 0.20, [alpha/Fe] 0.14 -> 0.07, [Sc/Fe]
+    0.27 -> 0.09, [s/Fe] 0.26 -> 0.20; teff 125 -> 122 K) and the clusters' teff trends agree
+    2-4x better (``benchmarks/study_abundance_errors.py``). The giant model is not corrected:
+    with its abundances corrected the quadratic model's coefficients grow to several units of
+    normalised flux per standard deviation of a label and its [Fe/H] gets worse (the same study,
+    ``--group giant``). Correcting teff and logg too is worse for the dwarfs: their logg error is as large as the main sequence's logg spread, the calibrated
     logg then follows teff and teff triples (``benchmarks/study_label_noise.py``).
     """
     names = [str(n) for n in label_names]
