@@ -582,3 +582,31 @@ def test_gain_form_without_clusters_is_additive(rng, tmp_path):
                                .correction(LABEL, grid)[0], rtol=0, atol=1e-12)
     with pytest.raises(ValueError, match="gain_labels"):
         calibration.fit(df, [LABEL], gain_labels="always")
+
+
+def test_binary_ceiling_oracle_removes_a_known_mean_error(rng):
+    """``benchmarks/study_binary_ceiling.py``'s oracle: the mean error given the features,
+    learned from the fitting rows only, predicted for every row with finite features."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "study_binary_ceiling.py"
+    spec = importlib.util.spec_from_file_location("study_binary_ceiling", path)
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    n = 6000
+    teff = rng.uniform(4000, 6500, n)
+    feh = rng.normal(0.0, 0.25, n)
+    mean_error = 0.08 * _u(teff) ** 2 - 0.05 * _u(teff) + 0.1 * feh
+    error = mean_error + rng.normal(0, 0.03, n)
+    features = np.column_stack([teff, feh])
+    features[5] = np.nan
+    fit_rows = np.arange(n) % 3 != 0          # a third held out of the fit
+    error[1] = np.nan                         # a missing value in the fit rows is skipped
+    got = study._mean_error(features, error, fit_rows, seed=1)
+    held = ~fit_rows & np.isfinite(features).all(axis=1)
+    assert np.isnan(got[5]) and np.isfinite(got[1]) and np.isfinite(got[held]).all()
+    # the held-out rows' mean error is recovered to well within its spread (0.09 dex)
+    rms = np.sqrt(np.mean((got[held] - mean_error[held]) ** 2))
+    assert rms < 0.015, rms
+    assert np.std(mean_error[held]) > 0.06
