@@ -7,6 +7,8 @@ The simulations draw theta and s per pixel, labels per star, and spectra from th
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import pytest
 
@@ -812,3 +814,32 @@ def test_a_broken_numba_falls_back_to_numpy(trained, test_set, monkeypatch, capl
     assert caplog.text.count("compiled kernels unavailable") == 1
     np.testing.assert_array_equal(got.labels, expect.labels)
     np.testing.assert_array_equal(got.flag, expect.flag)
+
+
+def test_default_starts_find_the_deepest_of_four_basins():
+    """A chi2 with four minima, (x0^2 - 1)^2 + (x1^2 - 1)^2 tilted so that (-1, -1) is the
+    deepest, and starting points that rank the basins the wrong way round (the best-ranked one
+    in the shallowest): each further start explores one more basin, so 2 starts stop in the
+    second-shallowest and the default (:data:`cannon.N_STARTS`) reaches the deepest."""
+    tab = cannon._tables(2)
+    index = {m: k for k, m in enumerate(tab["monos"])}
+    poly = np.zeros((1, tab["K4"]))
+    for k in (0, 1):                                  # (x_k^2 - 1)^2 = x_k^4 - 2 x_k^2 + 1
+        poly[0, index[(k, k, k, k)]] = 1.0
+        poly[0, index[(k, k)]] = -2.0
+    poly[0, index[()]] = 12.0
+    poly[0, index[(0,)]], poly[0, index[(1,)]] = 0.1, 0.2
+    cand = np.array([[1.0, 1.0], [-1.2, 1.2], [1.3, -1.3], [-1.4, -1.4]])
+    cand_m4 = np.array([[np.prod(c[list(m)]) for m in tab["monos"]] for c in cand])
+    assert np.all(np.diff(poly[0] @ cand_m4.T) > 0)  # ranked from the shallowest basin
+    lo, hi = np.full(2, -3.0), np.full(2, 3.0)
+
+    def fit(n_starts):
+        return cannon._fit_labels(poly, cand_m4, cand, lo, hi, tab, n_starts, 50)
+
+    x2, chi2_2 = fit(2)[:2]
+    x, chi2 = fit(cannon.N_STARTS)[:2]
+    assert np.all(np.sign(x2[0]) == [-1, 1]), x2
+    assert np.all(np.sign(x[0]) == [-1, -1]) and chi2[0] < chi2_2[0] - 0.3, (x, chi2)
+    assert cannon.N_STARTS >= 4
+    assert inspect.signature(cannon.CannonModel.test).parameters["n_starts"].default == cannon.N_STARTS
