@@ -36,7 +36,8 @@ score) and a warning is logged.
    4  ``AT_BOUND``          a label with CV skill was clipped at the test step's bound
                             (``min - 1`` or ``max + 1`` training standard deviations)
    8  ``NOT_CONVERGED``     the Newton iteration of the test step did not converge
-  16  ``MULTIPLE_MINIMA``   another start of the test step found a distinct minimum
+  16  ``MULTIPLE_MINIMA``   another start of the test step found a distinct minimum (delta chi2
+                            < 1, more than 2 formal errors away in some label)
   32  ``POOR_FIT``          chi2 per pixel high for a training spectrum of that S/N
   64  ``UNLIKE_TRAINING``   ``ood_score`` above the calibrated threshold
  128  ``NO_PIPELINE``       no LAMOST pipeline teff/logg: model chosen by the lower reduced chi2

@@ -821,16 +821,11 @@ def test_default_starts_find_the_deepest_of_four_basins():
     deepest, and starting points that rank the basins the wrong way round (the best-ranked one
     in the shallowest): each further start explores one more basin, so 2 starts stop in the
     second-shallowest and the default (:data:`cannon.N_STARTS`) reaches the deepest."""
-    tab = cannon._tables(2)
-    index = {m: k for k, m in enumerate(tab["monos"])}
-    poly = np.zeros((1, tab["K4"]))
-    for k in (0, 1):                                  # (x_k^2 - 1)^2 = x_k^4 - 2 x_k^2 + 1
-        poly[0, index[(k, k, k, k)]] = 1.0
-        poly[0, index[(k, k)]] = -2.0
-    poly[0, index[()]] = 12.0
-    poly[0, index[(0,)]], poly[0, index[(1,)]] = 0.1, 0.2
+    # (x_k^2 - 1)^2 = x_k^4 - 2 x_k^2 + 1 for k = 0, 1, plus a constant and the tilt
+    poly, tab = _quartic_2d({(0, 0, 0, 0): 1.0, (0, 0): -2.0, (1, 1, 1, 1): 1.0, (1, 1): -2.0,
+                             (): 12.0, (0,): 0.1, (1,): 0.2})
     cand = np.array([[1.0, 1.0], [-1.2, 1.2], [1.3, -1.3], [-1.4, -1.4]])
-    cand_m4 = np.array([[np.prod(c[list(m)]) for m in tab["monos"]] for c in cand])
+    cand_m4 = _monomials(cand, tab)
     assert np.all(np.diff(poly[0] @ cand_m4.T) > 0)  # ranked from the shallowest basin
     lo, hi = np.full(2, -3.0), np.full(2, 3.0)
 
@@ -843,3 +838,36 @@ def test_default_starts_find_the_deepest_of_four_basins():
     assert np.all(np.sign(x[0]) == [-1, -1]) and chi2[0] < chi2_2[0] - 0.3, (x, chi2)
     assert cannon.N_STARTS >= 4
     assert inspect.signature(cannon.CannonModel.test).parameters["n_starts"].default == cannon.N_STARTS
+
+
+def _quartic_2d(coefficients):
+    """A chi2 polynomial in 2 labels from {monomial (tuple of label indices): coefficient}."""
+    tab = cannon._tables(2)
+    index = {m: k for k, m in enumerate(tab["monos"])}
+    poly = np.zeros((1, tab["K4"]))
+    for mono, value in coefficients.items():
+        poly[0, index[mono]] = value
+    return poly, tab
+
+
+def _monomials(points, tab):
+    return np.array([[np.prod(p[list(m)]) for m in tab["monos"]] for p in points])
+
+
+@pytest.mark.parametrize("barrier, flagged", [(1.0, True), (0.02, False)])
+def test_multiple_minima_only_beyond_the_formal_errors(barrier, flagged, monkeypatch):
+    """Two minima 2 apart with delta chi2 0.004: ``MULTIPLE_MINIMA`` when they are many formal
+    errors apart (a deep double well: sigma 0.5), not when the second lies inside the best
+    fit's own error bars (a shallow one: sigma 3.5), unless every distinct minimum counts."""
+    # barrier * (x0^2 - 1)^2 + 0.002 x0 + x1^2 + 12
+    poly, tab = _quartic_2d({(0, 0, 0, 0): barrier, (0, 0): -2.0 * barrier, (1, 1): 1.0,
+                             (): 12.0 + barrier, (0,): 0.002})
+    cand = np.array([[-1.0, 0.0], [1.0, 0.0]])
+    lo, hi = np.full(2, -3.0), np.full(2, 3.0)
+    x, chi2, _, conv, flags, _ = cannon._fit_labels(poly, _monomials(cand, tab), cand, lo, hi,
+                                                    tab, 2, 50)
+    assert conv[0] and x[0, 0] < -0.9
+    assert bool(flags[0] & cannon.FLAG_MULTIPLE_MINIMA) == flagged
+    monkeypatch.setattr(cannon, "MULTIPLE_MINIMA_SIGMA", 0.0)
+    flags = cannon._fit_labels(poly, _monomials(cand, tab), cand, lo, hi, tab, 2, 50)[4]
+    assert flags[0] & cannon.FLAG_MULTIPLE_MINIMA
