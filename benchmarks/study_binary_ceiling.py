@@ -1,4 +1,4 @@
-"""Wide binaries without the teff cut: how far any calibration of the catalogue could go (mock only).
+"""Wide binaries without the teff cut: how far a calibration of the catalogue could go (mock only).
 
 A study run by hand, not a benchmark (``make bench`` runs only ``bench_*.py``). It needs a mock
 whose notebooks 01-05 have run (``LAMOSTCANNON_DATA``, ``LAMOSTCANNON_SIZE``). Notebook 06 asks
@@ -13,9 +13,17 @@ Per dwarf abundance with CV skill it forms:
   three observables, fitted with the truth to dwarfs in no judging binary and in no cluster. It is
   the best additive correction a function of the observables can make on average over the field;
 * ``oracle_observables_feh``: the same with [Fe/H] among the observables;
-* ``oracle_chemistry``: the same with the star's true abundances added as well. It also removes
-  the errors that depend on the star's own chemistry (a model that compresses each abundance by a
-  factor that changes with teff), which no calibration in the observables can know.
+* ``oracle_response``: the truth-given version of notebook 05's gain: in bins of teff (200 K)
+  and S/N (quartiles), the least-squares line of the inferred on the true abundance over the
+  same field dwarfs, ``a + b x``, inverted: ``(<x> - a) / b``. It undoes the compression of
+  each abundance the only way a calibration can, by dividing the noise by ``b`` as well;
+* ``oracle_own_abundance``: ``oracle_observables_feh`` with the star's true value of the
+  abundance itself added.
+  It also removes the error that depends on that value (a model that compresses each abundance
+  towards the training mean by a factor that changes with teff), which no calibration in the
+  observables can know;
+* ``oracle_chemistry``: the same with all the star's true abundances, which removes as well the
+  errors that one abundance causes in another.
 
 For each: the AUC of the judging half of the wide binaries against field pairs matched in S/N,
 distance, Delta teff and Delta [Fe/H] (:func:`lamostcannon.binaries.compare_with_field`, eq. 6
@@ -37,6 +45,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {"oracle_observables": ("teff", "logg", "ln_snr"),
             "oracle_observables_feh": ("teff", "logg", "ln_snr", "fe_h"),
+            "oracle_response": ("<response in teff and S/N bins>",),
+            "oracle_own_abundance": ("teff", "logg", "ln_snr", "fe_h", "<true abundance>"),
             "oracle_chemistry": ("teff", "logg", "ln_snr", "fe_h", "<true abundances>")}
 
 
@@ -52,6 +62,21 @@ def _mean_error(features, error, fit_rows, seed):
     out = np.full(len(error), np.nan)
     have = np.isfinite(features).all(axis=1)
     out[have] = reg.predict(features[have])
+    return out
+
+
+def _inverted_response(inferred, true, bins, fit_rows, min_stars=50, min_slope=0.2):
+    """``(inferred - a) / b`` with ``a + b * true`` the least-squares line of ``inferred`` on
+    ``true`` over the ``fit_rows`` of each bin (NaN in bins with fewer than ``min_stars``)."""
+    out = np.full(len(inferred), np.nan)
+    ok = fit_rows & np.isfinite(inferred) & np.isfinite(true)
+    for b in np.unique(bins):
+        sel = ok & (bins == b)
+        if sel.sum() < min_stars:
+            continue
+        slope, intercept = np.polyfit(true[sel], inferred[sel], 1)
+        rows = bins == b
+        out[rows] = (inferred[rows] - intercept) / max(slope, min_slope)
     return out
 
 
@@ -88,11 +113,23 @@ def study(seed: int = 1) -> dict:
     true_cols = [f"{e}_true" for e in elements]
     variants = {"raw": "", "calibrated": "_cal"}
     for variant, feats in VARIANTS.items():
+        if feats == VARIANTS["oracle_response"]:
+            ln_snr = catalog["ln_snr"].to_numpy(float)
+            edges = np.nanquantile(ln_snr[dwarf], [0.25, 0.5, 0.75])
+            bins = (np.floor(catalog["teff"].to_numpy(float) / 200.0) * 10
+                    + np.digitize(ln_snr, edges))
+            for name in elements:
+                catalog[f"{name}_{variant}"] = _inverted_response(
+                    catalog[name].to_numpy(float), catalog[f"{name}_true"].to_numpy(float), bins,
+                    fit_rows)
+            variants[variant] = f"_{variant}"
+            continue
         cols = [f for f in feats if not f.startswith("<")]
         if "<true abundances>" in feats:
             cols += true_cols
-        x = catalog[cols].to_numpy(float)
         for name in elements:
+            own = [f"{name}_true"] if "<true abundance>" in feats else []
+            x = catalog[cols + own].to_numpy(float)
             inferred = catalog[name].to_numpy(float)
             error = inferred - catalog[f"{name}_true"].to_numpy(float)
             catalog[f"{name}_{variant}"] = inferred - _mean_error(x, error, fit_rows, seed)
