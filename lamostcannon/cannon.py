@@ -148,7 +148,7 @@ FLAG_BITS = {
 #: spectra (4,000 random observations per model), the fit from 2 starts sat in a basin whose chi2
 #: exceeds the one 16 starts find by more than 1 for 5.7% of the dwarfs and 2.6% of the giants;
 #: from 4 starts for 1.5% and 0.6%, at 1.2x (dwarfs) and 1.25x (giants) the CPU time of 2 starts;
-#: 8 starts leave none of the dwarfs there but cost 1.6-1.8x. More k-means candidates (256 or
+#: 8 starts leave 0.03% and 0.15% there but cost 1.6-1.8x. More k-means candidates (256 or
 #: 1,024 instead of 64) did not help. Spectra made by the model itself at known labels (S/N >
 #: 100) came back from 2 starts more than 300 K from their teff for 12% of them, from 4 for <1%.
 #: More starts find more minima, most of them inside the best fit's error bars: counted as
@@ -2083,8 +2083,13 @@ def _fit_labels(poly, cand_m4, cand, lo, hi, tab, n_starts, max_iter, x_init=Non
         if some.size and MULTIPLE_MINIMA_SIGMA > 0:
             # a minimum inside the best fit's own error bars is the same solution: keep only
             # those more than MULTIPLE_MINIMA_SIGMA formal errors away in some label
+            # (a Hessian with NaN or inf gives NaN errors, and the flag stays)
+            h = hess[some]
+            ok_h = np.isfinite(h).all(axis=(1, 2))
+            var = np.full(h.shape[:2], np.nan)
             with np.errstate(invalid="ignore", divide="ignore"):
-                var = 2.0 * np.diagonal(np.linalg.pinv(hess[some]), axis1=1, axis2=2)
+                if ok_h.any():
+                    var[ok_h] = 2.0 * np.diagonal(np.linalg.pinv(h[ok_h]), axis1=1, axis2=2)
                 sig = np.sqrt(np.where(var > 0, var, np.nan))          # (m, L), standardised
                 far = np.max(np.abs(xs[:, some] - x[None, some]) / sig[None], axis=2)
             other[:, some] &= ~(far <= MULTIPLE_MINIMA_SIGMA)

@@ -871,3 +871,27 @@ def test_multiple_minima_only_beyond_the_formal_errors(barrier, flagged, monkeyp
     monkeypatch.setattr(cannon, "MULTIPLE_MINIMA_SIGMA", 0.0)
     flags = cannon._fit_labels(poly, _monomials(cand, tab), cand, lo, hi, tab, 2, 50)[4]
     assert flags[0] & cannon.FLAG_MULTIPLE_MINIMA
+
+
+def test_multiple_minima_with_a_non_finite_hessian_keeps_the_flag(monkeypatch):
+    """Where the best fit's Hessian is not finite its formal errors are unknown: the test
+    step neither raises nor drops ``MULTIPLE_MINIMA`` for that spectrum, and the others in the
+    chunk are judged as usual."""
+    poly, tab = _quartic_2d({(0, 0, 0, 0): 0.02, (0, 0): -0.04, (1, 1): 1.0, (): 12.02,
+                             (0,): 0.002})
+    poly = np.vstack([poly, poly])
+    cand = np.array([[-1.0, 0.0], [1.0, 0.0]])
+    real = cannon._Quartic.all
+
+    def nan_hessian_for_the_first(self, x):
+        chi2, grad, hess = real(self, x)
+        hess = hess.copy()
+        hess[0] = np.nan
+        return chi2, grad, hess
+
+    monkeypatch.setattr(cannon._Quartic, "all", nan_hessian_for_the_first)
+    flags = cannon._fit_labels(poly, _monomials(cand, tab), cand, np.full(2, -3.0),
+                               np.full(2, 3.0), tab, 2, 50)[4]
+    # the shallow well's second minimum lies inside the error bars: flagged only where the
+    # errors are unknown
+    assert flags[0] & cannon.FLAG_MULTIPLE_MINIMA and not flags[1] & cannon.FLAG_MULTIPLE_MINIMA
