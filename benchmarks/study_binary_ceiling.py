@@ -155,7 +155,8 @@ def study(seed: int = 1) -> dict:
             res[f"n_binary_{key}"] = int(sep.n_binary)
         res["praesepe_slope"], res["praesepe_slope_err"] = {}, {}
         for e, c in zip(elements, cols):
-            trend = binaries.teff_trend(members_p["teff"].to_numpy(float), members_p[c].to_numpy(float))
+            trend = binaries.teff_trend(members_p["teff"].to_numpy(float),
+                                        members_p[c].to_numpy(float))
             res["praesepe_slope"][e] = float(trend.slope_per_1000K)
             res["praesepe_slope_err"][e] = float(trend.slope_err * 1000.0)
         out["variants"][variant] = res
@@ -175,7 +176,8 @@ def main(argv=None):
     path = a.output or ROOT / "benchmarks" / "results" / f"binary_ceiling_{settings().size}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(res, indent=1))
-    print(f"{res['n_dwarfs']} dwarfs, {res['n_fit']} fit the oracles; {res['n_praesepe']} Praesepe dwarfs")
+    print(f"{res['n_dwarfs']} dwarfs, {res['n_fit']} fit the oracles; "
+          f"{res['n_praesepe']} Praesepe dwarfs")
     for variant, r in res["variants"].items():
         print(f"{variant:24s} AUC with the cut {r['auc_cut']:.3f} +- {r['auc_err_cut']:.3f} "
               f"({r['n_binary_cut']}), without {r['auc_no_cut']:.3f} +- {r['auc_err_no_cut']:.3f} "

@@ -141,7 +141,8 @@ FLAG_BITS = {
     FLAG_BAD_INPUT: ("BAD_INPUT", "NaN/inf/negative ivar or non-finite flux with ivar>0 (masked)"),
     FLAG_COV_NOT_PD: ("COV_NOT_PD", "chi2 Hessian not positive definite at the fit; cov is NaN"),
     FLAG_FEW_PIXELS: ("FEW_PIXELS", "fewer usable pixels than model terms"),
-    FLAG_MULTIPLE_MINIMA: ("MULTIPLE_MINIMA", "another start found a distinct minimum, dchi2<1, >2 sigma away"),
+    FLAG_MULTIPLE_MINIMA: ("MULTIPLE_MINIMA",
+                           "another start found a distinct minimum, dchi2<1, >2 sigma away"),
 }
 
 #: Newton runs per spectrum in :meth:`CannonModel.test` by default. On the small mock's survey
