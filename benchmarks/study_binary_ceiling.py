@@ -25,6 +25,10 @@ Per dwarf abundance with CV skill it forms:
 * ``oracle_chemistry``: the same with all the star's true abundances, which removes as well the
   errors that one abundance causes in another.
 
+It also reports the catalogue's compression: for the dwarfs, the least-squares slope of each raw
+abundance on its true value in bins of S/N and of teff (``response``; 1 where the model follows
+the true abundance, less where it compresses it).
+
 For each: the AUC of the judging half of the wide binaries against field pairs matched in S/N,
 distance, Delta teff and Delta [Fe/H] (:func:`lamostcannon.binaries.compare_with_field`, eq. 6
 with notebook 04's CV scatter, as notebook 06), with the cut and without, and held-out
@@ -43,6 +47,8 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+RESPONSE_SNR = (0, 20, 40, 80, 160, np.inf)
+RESPONSE_TEFF = (3500, 4500, 5000, 5500, 6000, 7000)
 VARIANTS = {"oracle_observables": ("teff", "logg", "ln_snr"),
             "oracle_observables_feh": ("teff", "logg", "ln_snr", "fe_h"),
             "oracle_response": ("<response in teff and S/N bins>",),
@@ -77,6 +83,22 @@ def _inverted_response(inferred, true, bins, fit_rows, min_stars=50, min_slope=0
         slope, intercept = np.polyfit(true[sel], inferred[sel], 1)
         rows = bins == b
         out[rows] = (inferred[rows] - intercept) / max(slope, min_slope)
+    return out
+
+
+def _response(frame, by, edges, elements, min_stars=50):
+    """{bin: {element: slope of the raw on the true abundance}} in bins of column ``by``."""
+    import pandas as pd
+
+    out = {}
+    for interval, g in frame.groupby(pd.cut(frame[by], edges), observed=True):
+        slopes = {}
+        for e in elements:
+            ok = np.isfinite(g[e].to_numpy(float)) & np.isfinite(g[f"{e}_true"].to_numpy(float))
+            if ok.sum() >= min_stars:
+                slopes[e] = float(np.polyfit(g[f"{e}_true"].to_numpy(float)[ok],
+                                             g[e].to_numpy(float)[ok], 1)[0])
+        out[str(interval)] = slopes
     return out
 
 
@@ -143,7 +165,9 @@ def study(seed: int = 1) -> dict:
         for suffix in list(variants.values())[1:]:
             fig9.loc[beyond, f"{name}{suffix}"] = np.nan
     out = {"elements": elements, "n_dwarfs": int(dwarf.sum()), "n_fit": int(fit_rows.sum()),
-           "cut": binaries.MAX_DELTA_TEFF, "variants": {}}
+           "cut": binaries.MAX_DELTA_TEFF, "variants": {}, "response": {}}
+    for by, edges in (("snr_z", RESPONSE_SNR), ("teff", RESPONSE_TEFF)):
+        out["response"][by] = _response(catalog[dwarf], by, edges, elements)
     members_p = catalog[catalog["source_id"].isin(praesepe)]
     for variant, suffix in variants.items():
         cols = [f"{e}{suffix}" for e in elements]
@@ -183,6 +207,10 @@ def main(argv=None):
               f"({r['n_binary_cut']}), without {r['auc_no_cut']:.3f} +- {r['auc_err_no_cut']:.3f} "
               f"({r['n_binary_no_cut']}); Praesepe slopes: "
               + ", ".join(f"{e} {s:+.3f}" for e, s in r["praesepe_slope"].items()))
+    for by, bins in res["response"].items():
+        print(f"response (slope of raw on true) by {by}:")
+        for b, slopes in bins.items():
+            print(f"  {b:>18s} " + ", ".join(f"{e} {v:.2f}" for e, v in slopes.items()))
     print(f"-> {path} ({res['seconds']} s)")
 
 

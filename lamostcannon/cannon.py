@@ -148,10 +148,11 @@ FLAG_BITS = {
 #: Newton runs per spectrum in :meth:`CannonModel.test` by default. On the small mock's survey
 #: spectra (4,000 random observations per model), the fit from 2 starts sat in a basin whose chi2
 #: exceeds the one 16 starts find by more than 1 for 5.7% of the dwarfs and 2.6% of the giants;
-#: from 4 starts for 1.5% and 0.6%, at 1.2x (dwarfs) and 1.25x (giants) the CPU time of 2 starts;
-#: 8 starts leave 0.03% and 0.15% there but cost 1.6-1.8x. More k-means candidates (256 or
-#: 1,024 instead of 64) did not help. Spectra made by the model itself at known labels (S/N >
-#: 100) came back from 2 starts more than 300 K from their teff for 12% of them, from 4 for <1%.
+#: from 4 starts for 1.5% and 0.6%, at 1.2x (dwarfs) and 1.26x (giants) the CPU time of 2 starts;
+#: 8 starts leave 0.03% and 0.15% there but cost 1.6-1.8x. Spectra made by the dwarf model itself
+#: at known labels (S/N > 100) came back from 2 starts more than 300 K from their teff for 12% of
+#: them, from 4 for 0.6% (``benchmarks/study_newton_starts.py``). More k-means candidates (256
+#: or 1,024 instead of 64) did not help (by hand).
 #: More starts find more minima, most of them inside the best fit's error bars: counted as
 #: ``MULTIPLE_MINIMA`` as before, 6.8% of the dwarfs (5.6% of the giants) would carry it from 4
 #: starts against 0.6% (0.3%) from 2; counted only beyond 2 formal errors
