@@ -163,7 +163,11 @@ def test_label_command_with_workers_matches_in_process(small_model, spectra_dir,
     np.testing.assert_allclose(a[["teff", "logg", "fe_h"]].to_numpy(),
                                b[["teff", "logg", "fe_h"]].to_numpy(), rtol=1e-9)
     assert (a["quality_flag"].to_numpy() == b["quality_flag"].to_numpy()).all()
-    np.testing.assert_allclose(a["e_teff"], b["e_teff"], rtol=1e-9)
+    # the labels are polished on the exact chi2 (float64); the errors come from the Hessian of
+    # the chi2 polynomial, built with a float32 product whose rounding depends on the chunk's size
+    # and the CPU's BLAS kernels (1.8e-6 relative between chunks of 7 and 4 on an AMD EPYC):
+    # equal to far below their meaning
+    np.testing.assert_allclose(a["e_teff"], b["e_teff"], rtol=1e-4)
 
 
 @pytest.mark.real
