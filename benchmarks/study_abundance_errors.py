@@ -3,7 +3,7 @@
 A study run by hand, not a benchmark (``make bench`` runs only ``bench_*.py``). It needs a mock
 whose notebooks 01-05 have run (``LAMOSTCANNON_DATA``, ``LAMOSTCANNON_SIZE``): the reference set
 and its spectra, the survey's spectra store, the cluster members and the mock truth. For one
-model group it trains two Cannons on the same reference stars:
+model group it trains three Cannons on the same reference stars:
 
 * ``given``: GALAH's labels as given (the paper's training);
 * ``abundances``: the ``[X/Fe]`` labels' errors given to
@@ -11,15 +11,16 @@ model group it trains two Cannons on the same reference stars:
   how notebook 03 trains the dwarf model), so the model is fitted to their regression calibration;
 * ``truth``: the same stars' true labels (the mock's truth; what no training label can beat).
 
-All three label ``--n-field`` survey observations of the group that are neither reference stars nor
-cluster members (drawn with ``--seed``) and every member observation (Cantat-Gaudin ``proba`` >=
-0.7) of the group. Reported, per model: each label's rms about the truth and the slope of inferred
-on true over the field observations, and over those with S/N above ``RESPONSE_SNR`` alone
-(the compression where noise matters least); each cluster's slope of every abundance with the inferred
-teff (dex per 1000 K); for the clusters other than Praesepe, the rms of those slopes about their
-mean (how well one cluster's trend predicts another's: what a calibration fitted on some clusters
-can remove from the rest); and the largest linear coefficient of each label (normalised flux per
-training standard deviation). Results: ``benchmarks/results/abundance_errors_<group>.json``.
+All three label ``--n-field`` survey observations of the group that are neither reference stars
+nor cluster members (drawn with ``--seed``) and every member observation (Cantat-Gaudin ``proba``
+>= 0.7) of the group. Reported, per model: each label's rms about the truth and the slope of
+inferred on true over the field observations, and over those with S/N above ``RESPONSE_SNR``
+alone (the compression where noise matters least); each cluster's slope of every abundance with
+the inferred teff (dex per 1000 K); for the clusters other than Praesepe, the rms of those slopes
+about their mean (how well one cluster's trend predicts another's: what a calibration fitted on
+some clusters can remove from the rest); and the largest linear coefficient of each label
+(normalised flux per training standard deviation). Results:
+``benchmarks/results/abundance_errors_<group>.json``.
 """
 
 from __future__ import annotations
@@ -103,7 +104,8 @@ def study(group: str = "dwarf", n_field: int = 3000, seed: int = 1) -> dict:
             ok = np.isfinite(t) & np.isfinite(y)
             res["field_rms"][n] = float(np.sqrt(np.mean((y[ok] - t[ok]) ** 2)))
             res["field_response"][n] = float(np.polyfit(t[ok], y[ok], 1)[0])
-            res["field_response_high_snr"][n] = float(np.polyfit(t[ok & bright], y[ok & bright], 1)[0])
+            hi = ok & bright
+            res["field_response_high_snr"][n] = float(np.polyfit(t[hi], y[hi], 1)[0])
             res["max_linear_theta"][n] = float(np.nanmax(np.abs(model.theta[model.pixel_ok, k + 1])))
         teff = got_m[:, names.index("teff")]
         for cluster in sorted(member_obs["cluster"].unique()):
